@@ -1,0 +1,1 @@
+"""Management: the shell, D-Bus API, rtslib export and the handler daemon."""

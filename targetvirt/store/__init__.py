@@ -1,0 +1,1 @@
+"""Metadata stores: the controller's durable tables, behind one interface."""

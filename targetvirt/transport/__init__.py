@@ -1,0 +1,1 @@
+"""Controller <-> agent transports (in-process, network)."""

@@ -1,0 +1,1 @@
+"""The TCMU data path: kernel ABI, ring, SCSI emulation, per-device command loop."""

@@ -1,0 +1,1 @@
+"""SCSI emulation for a thin-provisioned disk (sans-I/O)."""
