@@ -1,0 +1,641 @@
+"""The catalog: every pool and vdisk of one metadata store, and every change to them.
+
+The catalog is the engine's single writer.  It decides each mapping change (allocation,
+copy-on-write, unmap, snapshot, migration...) under one lock and makes it durable in
+:meth:`commit`, which always syncs the containers before the metadata that points into
+them.  Management operations commit before they return; data-path mapping changes are
+committed at flush (SYNCHRONIZE CACHE, FUA, or the periodic flush), like a disk with a
+volatile write cache.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from targetvirt import table as t
+from targetvirt.container import Container, ContainerLabel
+from targetvirt.errors import (
+    AlreadyExists,
+    Cancelled,
+    InUse,
+    InvalidArgument,
+    NotFound,
+    PoolFull,
+    ReadOnly,
+    StoreCorrupt,
+)
+from targetvirt.pool import DEFAULT_SEGMENT, Pool
+from targetvirt.store.base import Image, Store, Transaction, chunk_hash, table_root
+from targetvirt.vdisk import (
+    COW_MODES,
+    KIND_SNAPSHOT,
+    KIND_VDISK,
+    CowMode,
+    Family,
+    VDisk,
+    check_size,
+)
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
+SNAP_SEP = "@"
+
+# progress(done, total) -> None; raise Cancelled (or anything) to stop between steps
+Progress = Callable[[int, int], None]
+COMMIT_EVERY = 256  # long operations make their progress durable this often (segments)
+
+
+def check_name(name: str, what: str) -> None:
+    if not NAME_RE.match(name):
+        raise InvalidArgument(
+            f"{what} name {name!r} is invalid: use 1-64 letters, digits, '_', '.', '-', "
+            "starting with a letter or digit"
+        )
+
+
+def _no_progress(done: int, total: int) -> None:
+    pass
+
+
+@dataclass
+class PoolUsage:
+    name: str
+    segment_size: int
+    total_bytes: int
+    used_bytes: int
+    free_bytes: int
+
+
+class Catalog:
+    """Pools, containers and vdisks persisted in one :class:`Store`."""
+
+    def __init__(self, store: Store, wallclock: Callable[[], float] = time.time) -> None:
+        self.store = store
+        self.wallclock = wallclock
+        self.lock = threading.RLock()
+        self.pools: dict[str, Pool] = {}
+        self.vdisks: dict[str, VDisk] = {}
+        self._by_vid: dict[int, VDisk] = {}
+        self._families: dict[int, Family] = {}
+        self._next_id = 1
+        self._pending = Transaction()
+        self.commits = 0
+
+    # --- opening -------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, store: Store, wallclock: Callable[[], float] = time.time) -> Catalog:
+        catalog = cls(store, wallclock)
+        catalog._load(store.load())
+        return catalog
+
+    def _load(self, image: Image) -> None:
+        try:
+            self._load_records(image)
+        except (KeyError, TypeError, ValueError, AttributeError) as e:
+            raise StoreCorrupt(
+                f"a metadata record is malformed ({type(e).__name__}: {e})"
+            ) from None
+
+    def _load_records(self, image: Image) -> None:
+        recs = image.records
+        ids = [*recs.get("pool", {}), *recs.get("vdisk", {})]
+        self._next_id = max(ids, default=0) + 1
+        pools_by_pid: dict[int, Pool] = {}
+        for pid, body in sorted(recs.get("pool", {}).items()):
+            pool = Pool(body["name"], body["uuid"], body["segment_size"], pid)
+            pools_by_pid[pid] = pool
+            self.pools[pool.name] = pool
+        for body in recs.get("container", {}).values():
+            if body["pool"] not in pools_by_pid:
+                raise StoreCorrupt(f"container record names unknown pool {body['pool']}")
+            self._open_container(pools_by_pid[body["pool"]], body)
+        for vid, body in sorted(recs.get("vdisk", {}).items()):
+            self._load_vdisk(vid, body, image, pools_by_pid)
+        for pool in self.pools.values():
+            pool.load_refcounts(v.table for v in self.vdisks.values() if v.pool is pool)
+
+    def _open_container(self, pool: Pool, body: dict[str, Any]) -> None:
+        label = ContainerLabel(
+            body["kind"], pool.uuid, body["uuid"], body["cid"], pool.segment_size,
+            body["nsegments"],
+        )  # fmt: skip
+        pool.attach(Container.open(body["path"], label, body["preallocated"]))
+        if body.get("draining"):
+            pool.draining.add(label.cid)
+
+    def _load_vdisk(
+        self, vid: int, body: dict[str, Any], image: Image, pools: dict[int, Pool]
+    ) -> None:
+        if vid not in image.tables:
+            raise StoreCorrupt(f"vdisk {body.get('name')} has no table in the store")
+        data, hashes = image.tables[vid]
+        if table_root(hashes) != body["root"]:
+            raise StoreCorrupt(f"the table of vdisk {body['name']} does not match its checksum")
+        table = t.Table.from_bytes(data)
+        if len(table) != body["entries"]:
+            raise StoreCorrupt(f"the table of vdisk {body['name']} has the wrong length")
+        vdisk = VDisk(
+            self, vid=vid, name=body["name"], uuid=body["uuid"], kind=body["kind"],
+            pool=pools[body["pool"]], family=self._family(body["family"]),
+            parent=body["parent"], size=body["size"], cow=body["cow"],
+            created=body["created"], table=table, hashes=hashes,
+        )  # fmt: skip
+        self._register(vdisk)
+
+    def _family(self, fid: int) -> Family:
+        return self._families.setdefault(fid, Family(fid))
+
+    def _register(self, vdisk: VDisk) -> None:
+        self.vdisks[vdisk.name] = vdisk
+        self._by_vid[vdisk.vid] = vdisk
+        vdisk.family.members.append(vdisk)
+
+    def _unregister(self, vdisk: VDisk) -> None:
+        del self.vdisks[vdisk.name]
+        del self._by_vid[vdisk.vid]
+        vdisk.family.members.remove(vdisk)
+        if not vdisk.family.members:
+            del self._families[vdisk.family.fid]
+
+    def _new_id(self) -> int:
+        nid = self._next_id
+        self._next_id += 1
+        return nid
+
+    def close(self) -> None:
+        with self.lock:
+            self.commit()
+            for pool in self.pools.values():
+                for c in pool.containers.values():
+                    c.close()
+            self.store.close()
+
+    # --- lookups -------------------------------------------------------------------
+
+    def pool(self, name: str) -> Pool:
+        try:
+            return self.pools[name]
+        except KeyError:
+            raise NotFound(f"no pool named {name!r}") from None
+
+    def vdisk(self, name: str) -> VDisk:
+        try:
+            return self.vdisks[name]
+        except KeyError:
+            what = "snapshot" if SNAP_SEP in name else "vdisk"
+            raise NotFound(f"no {what} named {name!r}") from None
+
+    def by_vid(self, vid: int) -> VDisk:
+        return self._by_vid[vid]
+
+    def snapshots_of(self, vdisk: VDisk) -> list[VDisk]:
+        prefix = vdisk.name + SNAP_SEP
+        return [v for v in self.vdisks.values() if v.name.startswith(prefix)]
+
+    def pool_usage(self, pool: Pool) -> PoolUsage:
+        total = pool.total_segments() * pool.segment_size
+        free = pool.free_segments() * pool.segment_size
+        return PoolUsage(pool.name, pool.segment_size, total, total - free, free)
+
+    # --- durability ------------------------------------------------------------------
+
+    def commit(self) -> None:
+        """Make every change so far durable: containers first, then metadata.
+
+        If it fails nothing is lost from memory: the staged changes stay pending and the
+        next commit retries them (the caller that asked for durability gets the error).
+        """
+        with self.lock:
+            freed = {name: pool.take_quarantine() for name, pool in self.pools.items()}
+            txn, self._pending = self._pending, Transaction()
+            staged = [(v, self._stage_table(v, txn)) for v in self.vdisks.values()]
+            try:
+                if txn.empty and not any(freed.values()):
+                    return
+                for pool in self.pools.values():
+                    for c in pool.containers.values():
+                        c.sync()
+                if not txn.empty:
+                    self.store.commit(txn)
+            except BaseException:
+                self._unstage(txn, staged, freed)
+                raise
+            self.commits += 1
+            for name, entries in freed.items():
+                if name in self.pools:
+                    self._free_segments(self.pools[name], entries)
+
+    def _stage_table(self, vdisk: VDisk, txn: Transaction) -> list[int]:
+        dirty = vdisk.table.take_dirty()
+        if not dirty and not vdisk.record_dirty:
+            return dirty
+        hashes = vdisk.hashes
+        del hashes[vdisk.table.nchunks :]
+        hashes.extend([b""] * (vdisk.table.nchunks - len(hashes)))
+        for c in dirty:
+            data = vdisk.table.chunk_bytes(c)
+            hashes[c] = chunk_hash(data)
+            txn.chunk(vdisk.vid, c, hashes[c], data)
+        txn.truncate(vdisk.vid, vdisk.table.nchunks)
+        txn.put("vdisk", vdisk.vid, {**vdisk.record(), "root": table_root(hashes)})
+        vdisk.record_dirty = False
+        return dirty
+
+    def _unstage(
+        self, txn: Transaction, staged: list[tuple[VDisk, list[int]]], freed: dict[str, list[int]]
+    ) -> None:
+        for vdisk, dirty in staged:
+            vdisk.table.restore_dirty(dirty)
+            vdisk.record_dirty = True
+        for name, entries in freed.items():
+            if name in self.pools:
+                self.pools[name].requarantine(entries)
+        # keep the other operations, in order; table chunks are re-staged from memory
+        kept = Transaction([op for op in txn.ops if op[0] not in ("chunk", "truncate")])
+        kept.extend(self._pending)
+        self._pending = kept
+
+    @staticmethod
+    def _free_segments(pool: Pool, entries: list[int]) -> None:
+        """Segments whose freeing is durable: give their space back, then reuse them."""
+        for e in entries:
+            c = pool.containers.get(t.cid_of(e))
+            if c is not None and pool.refcount(e) == 0:
+                c.discard(t.pseg_of(e))
+        pool.release(entries)
+
+    # --- pools and containers ------------------------------------------------------
+
+    def create_pool(
+        self,
+        name: str,
+        path: str,
+        size: int | None,
+        *,
+        segment_size: int = DEFAULT_SEGMENT,
+        preallocate: bool = False,
+    ) -> Pool:
+        """A pool with its first container (a file of ``size`` bytes, or a block device)."""
+        check_name(name, "pool")
+        with self.lock:
+            if name in self.pools:
+                raise AlreadyExists(f"a pool named {name!r} already exists")
+            pool = Pool.new(name, segment_size)
+            pool.pid = self._new_id()
+            container = Container.create(
+                path, pool_uuid=pool.uuid, cid=0, segment_size=segment_size, size=size,
+                preallocate=preallocate,
+            )  # fmt: skip
+            pool.attach(container)
+            self.pools[name] = pool
+            self._pending.put("pool", pool.pid, self._pool_record(pool))
+            self._stage_container(pool, container)
+            self.commit()
+            return pool
+
+    @staticmethod
+    def _pool_record(pool: Pool) -> dict[str, Any]:
+        return {"name": pool.name, "uuid": pool.uuid, "segment_size": pool.segment_size}
+
+    def _stage_container(self, pool: Pool, c: Container) -> None:
+        body = {
+            "pool": pool.pid, "cid": c.cid, "uuid": c.uuid, "kind": c.kind, "path": c.path,
+            "nsegments": c.nsegments, "preallocated": c.preallocated,
+            "draining": c.cid in pool.draining,
+        }  # fmt: skip
+        self._pending.put("container", (pool.pid << 16) | c.cid, body)
+
+    def add_container(
+        self, pool_name: str, path: str, size: int | None, *, preallocate: bool = False
+    ) -> Container:
+        with self.lock:
+            pool = self.pool(pool_name)
+            container = Container.create(
+                path, pool_uuid=pool.uuid, cid=pool.next_cid(), segment_size=pool.segment_size,
+                size=size, preallocate=preallocate,
+            )  # fmt: skip
+            pool.attach(container)
+            self._stage_container(pool, container)
+            self.commit()
+            return container
+
+    def remove_container(self, pool_name: str, cid: int) -> None:
+        with self.lock:
+            pool = self.pool(pool_name)
+            pool.container(cid)
+            if len(pool.containers) == 1:
+                raise InUse(f"container {cid} is the last of pool {pool_name}; delete the pool")
+            self.commit()  # quarantined segments of this container become free
+            container = pool.detach(cid)
+            self._pending.delete("container", (pool.pid << 16) | cid)
+            self.commit()
+            container.close()
+
+    def delete_pool(self, name: str) -> None:
+        with self.lock:
+            pool = self.pool(name)
+            users = sorted(v.name for v in self.vdisks.values() if v.pool is pool)
+            if users:
+                raise InUse(f"pool {name} still holds vdisks: {', '.join(users[:5])}")
+            for cid in pool.containers:
+                self._pending.delete("container", (pool.pid << 16) | cid)
+            self._pending.delete("pool", pool.pid)
+            del self.pools[name]
+            self.commit()
+            for c in pool.containers.values():
+                c.close()
+
+    def evacuate(self, pool_name: str, cid: int, progress: Progress = _no_progress) -> int:
+        """Move every segment out of container ``cid``; returns how many moved.
+
+        The container takes no new segments from now on.  Progress is committed every
+        ``COMMIT_EVERY`` segments, so an interrupted evacuation resumes where it stopped.
+        """
+        with self.lock:
+            pool = self.pool(pool_name)
+            container = pool.container(cid)
+            if not set(pool.containers) - pool.draining - {cid}:
+                raise InUse(f"pool {pool_name} has no other container to evacuate {cid} to")
+            pool.draining.add(cid)
+            self._stage_container(pool, container)
+            self.commit()
+            work = list(self._mapped_in(pool, cid))
+        moved = 0
+        for vdisk, index in work:
+            with self.lock:
+                e = vdisk.table[index]
+                if vdisk.name in self.vdisks and e & t.MAPPED and t.cid_of(e) == cid:
+                    self.migrate(vdisk, index, commit=False)
+                    moved += 1
+                    if moved % COMMIT_EVERY == 0:
+                        self.commit()
+            progress(moved, len(work))
+        self.commit()
+        return moved
+
+    def _mapped_in(self, pool: Pool, cid: int) -> Iterator[tuple[VDisk, int]]:
+        for vdisk in list(self.vdisks.values()):
+            if vdisk.pool is pool:
+                for index, entry in vdisk.table.iter_mapped():
+                    if t.cid_of(entry) == cid:
+                        yield vdisk, index
+
+    def migrate(
+        self, vdisk: VDisk, index: int, dst: int | None = None, *, commit: bool = True
+    ) -> int:
+        """Move the segment at ``index`` to another container; repoint every sharer."""
+        with self.lock:
+            old = t.location(vdisk.table[index])
+            if not old & t.MAPPED:
+                raise InvalidArgument(f"{vdisk.name} entry {index} is not allocated")
+            pool = vdisk.pool
+            if dst is not None:
+                pool.container(dst)
+                if dst == t.cid_of(old):
+                    raise InvalidArgument(f"that segment already lives in container {dst}")
+            new = self._allocate(pool, exclude=t.cid_of(old), only=dst)
+            src = pool.containers[t.cid_of(old)]
+            src.copy_segment_to(t.pseg_of(old), pool.containers[t.cid_of(new)], t.pseg_of(new))
+            self._repoint(vdisk.family.members, index, old, new, pool)
+            if commit:
+                self.commit()
+            return new
+
+    @staticmethod
+    def _repoint(tables: list[VDisk], index: int, old: int, new: int, pool: Pool) -> None:
+        """Every table in ``tables`` that maps ``old`` at ``index`` now maps ``new``.
+
+        ``new`` arrives with refcount 1 from the allocator.
+        """
+        sharers = [
+            m for m in tables if index < len(m.table) and t.location(m.table[index]) == old
+        ]  # family members may have been resized shorter
+        for m in sharers:
+            m.table[index] = new
+            pool.decref(old)
+        for _ in sharers[1:]:
+            pool.incref(new)
+
+    def _allocate(self, pool: Pool, exclude: int | None = None, only: int | None = None) -> int:
+        try:
+            return pool.allocate(exclude, only)
+        except PoolFull:
+            if not pool.quarantined:
+                raise
+        self.commit()  # segments freed since the last commit become reusable once durable
+        return pool.allocate(exclude, only)
+
+    # --- vdisks --------------------------------------------------------------------
+
+    def create_vdisk(
+        self, name: str, pool_name: str, size: int, cow: CowMode = "redirect"
+    ) -> VDisk:
+        check_name(name, "vdisk")
+        check_size(size)
+        if cow not in COW_MODES:
+            raise InvalidArgument(f"COW mode {cow!r} is not one of {', '.join(COW_MODES)}")
+        with self.lock:
+            if name in self.vdisks:
+                raise AlreadyExists(f"a vdisk named {name!r} already exists")
+            pool = self.pool(pool_name)
+            vid = self._new_id()
+            vdisk = VDisk(
+                self, vid=vid, name=name, uuid=str(uuidlib.uuid4()), kind=KIND_VDISK, pool=pool,
+                family=self._family(vid), parent=None, size=size, cow=cow,
+                created=self.wallclock(), table=t.Table.unallocated(self._entries(pool, size)),
+            )  # fmt: skip
+            self._register(vdisk)
+            self.commit()
+            return vdisk
+
+    @staticmethod
+    def _entries(pool: Pool, size: int) -> int:
+        return -(-size // pool.segment_size)
+
+    def snapshot(self, source: str, snap: str) -> VDisk:
+        """A read-only copy of ``source``'s table, named ``source@snap``."""
+        check_name(snap, "snapshot")
+        return self._copy_many([(self.vdisk(source), f"{source}{SNAP_SEP}{snap}")], KIND_SNAPSHOT)[
+            0
+        ]
+
+    def clone(self, source: str, name: str) -> VDisk:
+        """A writable copy of a vdisk's or snapshot's table."""
+        check_name(name, "clone")
+        return self._copy_many([(self.vdisk(source), name)], KIND_VDISK)[0]
+
+    def group_snapshot(self, sources: list[str], snap: str) -> list[VDisk]:
+        """Snapshots of several vdisks at one instant, made durable in one commit."""
+        check_name(snap, "snapshot")
+        vdisks = [self.vdisk(s) for s in sources]
+        if len({v.name for v in vdisks}) != len(vdisks):
+            raise InvalidArgument("a consistency group names the same vdisk twice")
+        return self._copy_many([(v, f"{v.name}{SNAP_SEP}{snap}") for v in vdisks], KIND_SNAPSHOT)
+
+    def _copy_many(self, pairs: list[tuple[VDisk, str]], kind: str) -> list[VDisk]:
+        with self.lock:
+            taken = [name for _, name in pairs if name in self.vdisks]
+            if taken:
+                raise AlreadyExists(f"{', '.join(taken)} already exists")
+            self.commit()  # the sources are durable, so the copies can share their chunks
+            made = []
+            for src, name in pairs:
+                vid = self._new_id()
+                copy = VDisk(
+                    self, vid=vid, name=name, uuid=str(uuidlib.uuid4()), kind=kind,
+                    pool=src.pool, family=src.family, parent=src.vid, size=src.size,
+                    cow=src.cow, created=self.wallclock(), table=src.table.copy(dirty=False),
+                    hashes=list(src.hashes),
+                )  # fmt: skip
+                copy.record_dirty = True
+                src.pool.incref_table(copy.table)
+                self._register(copy)
+                self._pending.copy(src.vid, vid)
+                made.append(copy)
+            self.commit()
+            return made
+
+    def rollback(self, name: str, snap: str) -> None:
+        """Make vdisk ``name`` equal to its snapshot ``snap`` (size included)."""
+        with self.lock:
+            vdisk = self.vdisk(name)
+            snapshot = self.vdisk(snap if SNAP_SEP in snap else f"{name}{SNAP_SEP}{snap}")
+            if not snapshot.name.startswith(name + SNAP_SEP) or vdisk.readonly:
+                raise InvalidArgument(f"{snapshot.name} is not a snapshot of vdisk {name}")
+            self.commit()
+            vdisk.pool.decref_table(vdisk.table)
+            vdisk.table = snapshot.table.copy(dirty=False)
+            vdisk.hashes = list(snapshot.hashes)
+            vdisk.size = snapshot.size
+            vdisk.pool.incref_table(vdisk.table)
+            vdisk.record_dirty = True
+            self._pending.copy(snapshot.vid, vdisk.vid)
+            self.commit()
+
+    def delete(self, name: str, *, recursive: bool = False) -> None:
+        """Delete a vdisk or snapshot; segments nobody else maps are freed."""
+        with self.lock:
+            vdisk = self.vdisk(name)
+            snaps = self.snapshots_of(vdisk)
+            if snaps and not recursive:
+                raise InUse(
+                    f"{name} has snapshots ({', '.join(s.name for s in snaps[:3])}); "
+                    "delete them first or delete recursively"
+                )
+            for v in [*snaps, vdisk]:
+                v.pool.decref_table(v.table)
+                self._unregister(v)
+                self._pending.delete("vdisk", v.vid)
+                self._pending.drop(v.vid)
+            self.commit()
+
+    def resize(self, name: str, size: int) -> None:
+        check_size(size)
+        with self.lock:
+            vdisk = self.vdisk(name)
+            if vdisk.readonly:
+                raise ReadOnly(f"{name} is a snapshot and cannot be resized")
+            old = vdisk.size
+            if size > old and old & vdisk.mask and vdisk.table[old >> vdisk.shift] & t.MAPPED:
+                # bytes past the old end of its last segment must read as zeros once exposed
+                tail = min(size, ((old >> vdisk.shift) + 1) << vdisk.shift)
+                for c, coff, n in vdisk.map_write(old, tail - old, check=False):
+                    assert c is not None
+                    c.zero(coff, n)
+            n_new = self._entries(vdisk.pool, size)
+            for index in range(n_new, len(vdisk.table)):
+                self.drop_entry(vdisk, index)
+            vdisk.table.resize(n_new)
+            vdisk.size = size
+            vdisk.record_dirty = True
+            self.commit()
+
+    def flatten(self, name: str, progress: Progress = _no_progress) -> int:
+        """Give a vdisk private copies of every shared segment; returns how many were copied.
+
+        Progress is committed every ``COMMIT_EVERY`` segments: an interrupted flatten
+        leaves a consistent vdisk and simply resumes when run again.
+        """
+        with self.lock:
+            vdisk = self.vdisk(name)
+            if vdisk.readonly:
+                raise ReadOnly(f"{name} is a snapshot; clone it and flatten the clone")
+            work = [i for i, e in vdisk.table.iter_mapped() if vdisk.pool.refcount(e) > 1]
+        done = 0
+        for index in work:
+            with self.lock:
+                if self.vdisks.get(name) is not vdisk:
+                    raise Cancelled(f"{name} was deleted while being flattened")
+                e = vdisk.table[index]
+                if e & t.MAPPED and vdisk.pool.refcount(e) > 1:
+                    self._redirect(vdisk, index, e, covered=False)
+                done += 1
+                if done % COMMIT_EVERY == 0:
+                    self.commit()
+            progress(done, len(work))
+        self.commit()
+        return done
+
+    # --- data-path faults ------------------------------------------------------------
+
+    def fault(self, vdisk: VDisk, index: int, covered: bool) -> int:
+        """Make entry ``index`` privately writable; returns the entry to write through.
+
+        ``covered``: the write overwrites the whole segment, so old data need not be kept.
+        """
+        with self.lock:
+            e = vdisk.table[index]
+            if not e & t.MAPPED:
+                new = self._allocate(vdisk.pool)
+                self._zero_segment(vdisk.pool, new)
+                vdisk.table[index] = new
+                return new
+            if vdisk.pool.refcount(e) == 1:
+                return e  # another thread faulted it first
+            if vdisk.cow == "copy":
+                return self._copy_out(vdisk, index, e)
+            return self._redirect(vdisk, index, e, covered)
+
+    @staticmethod
+    def _zero_segment(pool: Pool, entry: int) -> None:
+        # Always, even under a write covering the whole segment: a commit by another thread
+        # may make the mapping durable before that write lands, and a crash must then show
+        # zeros, never a previous owner's data.  On files this is a hole punch.
+        c = pool.containers[t.cid_of(entry)]
+        c.zero(c.offset_of(t.pseg_of(entry)), pool.segment_size)
+
+    def _redirect(self, vdisk: VDisk, index: int, old: int, covered: bool) -> int:
+        pool = vdisk.pool
+        new = self._allocate(pool)
+        if covered:  # the old data is overwritten anyway: zero instead of copying
+            self._zero_segment(pool, new)
+        else:
+            src = pool.containers[t.cid_of(old)]
+            src.copy_segment_to(t.pseg_of(old), pool.containers[t.cid_of(new)], t.pseg_of(new))
+        vdisk.table[index] = new
+        pool.decref(old)
+        return new
+
+    def _copy_out(self, vdisk: VDisk, index: int, old: int) -> int:
+        pool = vdisk.pool
+        new = self._allocate(pool)
+        src = pool.containers[t.cid_of(old)]
+        src.copy_segment_to(t.pseg_of(old), pool.containers[t.cid_of(new)], t.pseg_of(new))
+        self._repoint(vdisk.family.others(vdisk), index, old, new, pool)
+        # The sharers must durably point at the copy before the writer changes `old`.
+        self.commit()
+        return old
+
+    def drop_entry(self, vdisk: VDisk, index: int) -> None:
+        """Deallocate one entry (UNMAP of a whole segment, shrink)."""
+        with self.lock:
+            e = vdisk.table[index]
+            if e & t.MAPPED:
+                vdisk.table[index] = 0
+                vdisk.pool.decref(e)

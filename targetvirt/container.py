@@ -1,0 +1,347 @@
+"""Storage containers: where physical segments live.
+
+A container is a file (sparse or preallocated) or a block device, divided into
+fixed-size physical segments after a 1 MiB header area.  The header labels the container
+with its pool and its own identity, so a swapped or missing file is detected instead of
+being used.  All I/O errors become :mod:`targetvirt.errors` errors that carry sense.
+
+fd-backed containers expose ``fd`` so the data path can ``os.preadv``/``os.pwritev``
+straight between the container and a caller's buffers.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import fcntl
+import os
+import stat
+import struct
+import uuid as uuidlib
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from targetvirt.errors import (
+    ContainerIOError,
+    ContainerWriteError,
+    InvalidArgument,
+    NotFound,
+    StoreCorrupt,
+)
+
+DATA_OFFSET = 1 << 20  # segments start at 1 MiB; the header lives below
+HEADER_MAGIC = b"TGVCONT1"
+HEADER_VERSION = 1
+# magic, version, kind, pool uuid, container uuid, cid, segment size, nsegments, data offset
+_HEADER = struct.Struct("<8sHH16s16sIIQQ")
+_CRC = struct.Struct("<I")
+HEADER_BYTES = 4096
+
+KIND_FILE = "file"
+KIND_BLOCK = "block"
+_KIND_CODES = {KIND_FILE: 1, KIND_BLOCK: 2}
+
+_FALLOC_FL_KEEP_SIZE = 0x01
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_FALLOC_FL_ZERO_RANGE = 0x10
+_BLKGETSIZE64 = 0x80081272
+_BLKDISCARD = 0x1277
+_BLKZEROOUT = 0x127F
+_SEEK_DATA = 3
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_ZERO_BUF = bytes(1 << 20)
+
+
+def _fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    if _libc.fallocate(fd, mode, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+
+
+@dataclass(frozen=True)
+class ContainerLabel:
+    """What a container's header says about it, and what the store expects of it."""
+
+    kind: str
+    pool_uuid: str
+    uuid: str
+    cid: int
+    segment_size: int
+    nsegments: int
+
+    def encode(self) -> bytes:
+        body = _HEADER.pack(
+            HEADER_MAGIC,
+            HEADER_VERSION,
+            _KIND_CODES[self.kind],
+            uuidlib.UUID(self.pool_uuid).bytes,
+            uuidlib.UUID(self.uuid).bytes,
+            self.cid,
+            self.segment_size,
+            self.nsegments,
+            DATA_OFFSET,
+        )
+        body += _CRC.pack(zlib.crc32(body))
+        return body.ljust(HEADER_BYTES, b"\0")
+
+    @classmethod
+    def decode(cls, raw: bytes, where: str) -> ContainerLabel:
+        size = _HEADER.size
+        if len(raw) < size + _CRC.size or raw[:8] != HEADER_MAGIC:
+            raise StoreCorrupt(f"{where} is not a targetvirt container (no header)")
+        (crc,) = _CRC.unpack_from(raw, size)
+        if zlib.crc32(raw[:size]) != crc:
+            raise StoreCorrupt(f"{where}: container header checksum mismatch")
+        _, version, kind, pool, cuuid, cid, segsize, nseg, data_off = _HEADER.unpack_from(raw)
+        if version != HEADER_VERSION or data_off != DATA_OFFSET:
+            raise StoreCorrupt(f"{where}: unsupported container header version {version}")
+        kinds = {v: k for k, v in _KIND_CODES.items()}
+        if kind not in kinds:
+            raise StoreCorrupt(f"{where}: unknown container kind code {kind}")
+        return cls(
+            kinds[kind], str(uuidlib.UUID(bytes=pool)), str(uuidlib.UUID(bytes=cuuid)),
+            cid, segsize, nseg,
+        )  # fmt: skip
+
+
+def segments_for(size: int, segment_size: int) -> int:
+    """How many segments fit in a container of ``size`` bytes."""
+    return max(0, (size - DATA_OFFSET) // segment_size)
+
+
+class Container:
+    """One file or block device holding ``nsegments`` physical segments."""
+
+    def __init__(self, label: ContainerLabel, path: str, fd: int, preallocated: bool) -> None:
+        self.label = label
+        self.path = path
+        self.fd = fd
+        self.preallocated = preallocated
+        self.segment_size = label.segment_size
+        self.nsegments = label.nsegments
+        self.io_errors = 0
+        self.last_error = ""
+
+    # --- identity ------------------------------------------------------------------
+
+    @property
+    def cid(self) -> int:
+        return self.label.cid
+
+    @property
+    def kind(self) -> str:
+        return self.label.kind
+
+    @property
+    def uuid(self) -> str:
+        return self.label.uuid
+
+    @property
+    def failed(self) -> bool:
+        return self.io_errors > 0
+
+    def offset_of(self, pseg: int) -> int:
+        return DATA_OFFSET + pseg * self.segment_size
+
+    def __repr__(self) -> str:
+        return f"<Container {self.cid} {self.kind} {self.path} {self.nsegments} segments>"
+
+    # --- creation and opening ----------------------------------------------------
+
+    @classmethod
+    def create(
+        cls,
+        path: str,
+        *,
+        pool_uuid: str,
+        cid: int,
+        segment_size: int,
+        size: int | None,
+        preallocate: bool = False,
+    ) -> Container:
+        """Create a file container (``size`` given) or label a block device (``size`` None)."""
+        is_block = os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode)
+        if is_block:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_EXCL)
+            size = _block_size(fd)
+            kind = KIND_BLOCK
+        else:
+            if size is None:
+                raise InvalidArgument(f"{path} is not a block device; give a size for a file")
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            except FileExistsError:
+                raise InvalidArgument(f"{path} already exists; refusing to overwrite it") from None
+            except OSError as e:
+                raise InvalidArgument(f"cannot create {path}: {e.strerror}") from None
+            kind = KIND_FILE
+        nseg = segments_for(size, segment_size)
+        if nseg < 1:
+            os.close(fd)
+            if kind == KIND_FILE:
+                os.unlink(path)
+            raise InvalidArgument(
+                f"{path}: {size} bytes hold no {segment_size}-byte segment after the 1 MiB header"
+            )
+        label = ContainerLabel(kind, pool_uuid, str(uuidlib.uuid4()), cid, segment_size, nseg)
+        try:
+            if kind == KIND_FILE:
+                os.ftruncate(fd, DATA_OFFSET + nseg * segment_size)
+                if preallocate:
+                    os.posix_fallocate(fd, DATA_OFFSET, nseg * segment_size)
+            os.pwrite(fd, label.encode(), 0)
+            os.fsync(fd)
+        except OSError as e:
+            os.close(fd)
+            if kind == KIND_FILE:
+                os.unlink(path)
+            raise InvalidArgument(f"cannot prepare container {path}: {e.strerror}") from None
+        return cls(label, path, fd, preallocate)
+
+    @classmethod
+    def open(cls, path: str, expected: ContainerLabel, preallocated: bool) -> Container:
+        """Open a container and check that it is the one the store describes."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise NotFound(f"container {expected.cid} is missing: {path} does not exist") from None
+        except OSError as e:
+            raise ContainerIOError(f"cannot open container {path}: {e.strerror}") from None
+        try:
+            raw = os.pread(fd, HEADER_BYTES, 0)
+            label = ContainerLabel.decode(raw, path)
+            if label != expected:
+                raise StoreCorrupt(
+                    f"{path} holds container {label.uuid} of pool {label.pool_uuid}, "
+                    f"not container {expected.uuid} of pool {expected.pool_uuid}"
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(label, path, fd, preallocated)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    # --- I/O -----------------------------------------------------------------------
+
+    def _error(self, e: OSError, what: str, write: bool) -> ContainerIOError:
+        if e.errno == errno.EIO:
+            self.io_errors += 1
+        self.last_error = f"{what}: {e.strerror}"
+        cls = ContainerWriteError if write else ContainerIOError
+        return cls(f"container {self.cid} ({self.path}) {what}: {e.strerror}")
+
+    def readv(self, bufs: Sequence[memoryview | bytearray], offset: int) -> None:
+        """Fill ``bufs`` from ``offset`` (absolute within the container)."""
+        want = sum(len(b) for b in bufs)
+        try:
+            got = os.preadv(self.fd, bufs, offset)
+        except OSError as e:
+            raise self._error(e, f"read at {offset}", False) from None
+        if got != want:
+            self.last_error = f"short read at {offset}"
+            raise ContainerIOError(f"container {self.cid} ({self.path}) short read at {offset}")
+
+    def writev(self, bufs: Sequence[memoryview | bytes | bytearray], offset: int) -> None:
+        want = sum(len(b) for b in bufs)
+        try:
+            got = os.pwritev(self.fd, bufs, offset)
+        except OSError as e:
+            raise self._error(e, f"write at {offset}", True) from None
+        if got != want:  # pwritev on files/devices is all-or-error unless the medium is full
+            raise ContainerWriteError(f"container {self.cid} ({self.path}) short write")
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make a byte range read as zeros, as cheaply as the medium allows."""
+        try:
+            if self.kind == KIND_BLOCK:
+                self._block_zero(offset, length)
+            else:
+                self._file_zero(offset, length)
+        except OSError as e:
+            raise self._error(e, f"zeroing {length} bytes at {offset}", True) from None
+
+    def _file_zero(self, offset: int, length: int) -> None:
+        modes = [_FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE]
+        if not self.preallocated:  # a hole is free space given back to the host
+            modes.insert(0, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE)
+        for mode in modes:
+            try:
+                _fallocate(self.fd, mode, offset, length)
+                return
+            except OSError as e:
+                if e.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                    raise
+        self._write_zeros(offset, length)
+
+    def _block_zero(self, offset: int, length: int) -> None:
+        try:
+            fcntl.ioctl(self.fd, _BLKZEROOUT, struct.pack("<QQ", offset, length))
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                raise
+            self._write_zeros(offset, length)
+
+    def _write_zeros(self, offset: int, length: int) -> None:
+        end = offset + length
+        while offset < end:
+            n = min(len(_ZERO_BUF), end - offset)
+            os.pwrite(self.fd, memoryview(_ZERO_BUF)[:n], offset)
+            offset += n
+
+    def discard(self, pseg: int) -> None:
+        """Give a free segment's space back to the medium (best effort)."""
+        offset, length = self.offset_of(pseg), self.segment_size
+        try:
+            if self.kind == KIND_BLOCK:
+                fcntl.ioctl(self.fd, _BLKDISCARD, struct.pack("<QQ", offset, length))
+            elif not self.preallocated:
+                _fallocate(self.fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError:
+            pass  # discard is advisory: the segment is free whether or not space returns
+
+    def holds_data(self, pseg: int) -> bool:
+        """Whether a segment occupies space on a sparse file (for the leak report)."""
+        if self.kind != KIND_FILE or self.preallocated:
+            return False
+        offset = self.offset_of(pseg)
+        try:
+            return os.lseek(self.fd, offset, _SEEK_DATA) < offset + self.segment_size
+        except OSError:
+            return False  # ENXIO: no data after offset
+
+    def copy_segment_to(self, pseg: int, dst: Container, dst_pseg: int) -> None:
+        """Copy one whole segment, in the kernel when both ends allow it."""
+        src_off, dst_off = self.offset_of(pseg), dst.offset_of(dst_pseg)
+        left = self.segment_size
+        try:
+            while left:
+                n = os.copy_file_range(self.fd, dst.fd, left, src_off, dst_off)
+                if n == 0:
+                    break
+                src_off, dst_off, left = src_off + n, dst_off + n, left - n
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise self._error(e, f"copying segment {pseg}", True) from None
+        if left:
+            buf = bytearray(left)
+            self.readv([buf], src_off)
+            dst.writev([buf], dst_off)
+
+    def sync(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise self._error(e, "flush", True) from None
+
+
+def _block_size(fd: int) -> int:
+    buf = fcntl.ioctl(fd, _BLKGETSIZE64, b"\0" * 8)
+    return int(struct.unpack("<Q", buf)[0])

@@ -1,0 +1,282 @@
+"""Virtual disks: byte I/O through a segment table, thin allocation and copy-on-write.
+
+A vdisk resolves a byte range into *extents* — ``(container, offset, length)``, with
+``None`` for unallocated ranges that read as zeros — so the data path can move bytes
+straight between a container and a caller's buffers with ``os.preadv``/``os.pwritev``.
+
+Writes fault when an entry is unallocated (allocate a zeroed segment) or shared (COW):
+
+* ``redirect``: the writer gets a new segment holding a copy of the old data; everyone
+  else keeps the original.
+* ``copy``: the old data is copied to a new segment that every *other* sharer takes; the
+  writer keeps its segment and its layout.  The other tables' repointing is committed
+  durably *before* the writer's data lands in place, or a crash could leave a snapshot
+  pointing at new data.
+
+Tables are only ever produced by copying entries, so every sharer of a segment maps it at
+the same index: "who else maps this" is a look at one index in the family's tables.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+
+from targetvirt import table as t
+from targetvirt.container import Container
+from targetvirt.errors import InvalidArgument, ReadOnly, lba_out_of_range
+
+if TYPE_CHECKING:
+    from targetvirt.catalog import Catalog
+    from targetvirt.pool import Pool
+
+CowMode = Literal["redirect", "copy"]
+COW_MODES: tuple[CowMode, ...] = ("redirect", "copy")
+KIND_VDISK = "vdisk"
+KIND_SNAPSHOT = "snapshot"
+
+Extent = tuple[Container | None, int, int]
+Buffer = memoryview | bytearray
+
+
+class Family:
+    """Every table copied, directly or not, from one origin: the possible sharers."""
+
+    def __init__(self, fid: int) -> None:
+        self.fid = fid
+        self.members: list[VDisk] = []
+
+    def others(self, vdisk: VDisk) -> list[VDisk]:
+        return [m for m in self.members if m is not vdisk]
+
+
+class VDisk:
+    """A vdisk, snapshot or clone: a table over a pool, plus its record."""
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        vid: int,
+        name: str,
+        uuid: str,
+        kind: str,
+        pool: Pool,
+        family: Family,
+        parent: int | None,
+        size: int,
+        cow: CowMode,
+        created: float,
+        table: t.Table,
+        hashes: list[bytes] | None = None,
+    ) -> None:
+        self.catalog = catalog
+        self.vid = vid
+        self.name = name
+        self.uuid = uuid
+        self.kind = kind
+        self.pool = pool
+        self.family = family
+        self.parent = parent
+        self.size = size
+        self.cow: CowMode = cow
+        self.created = created
+        self.table = table
+        self.hashes: list[bytes] = hashes if hashes is not None else []
+        self.record_dirty = hashes is None
+        self.segment_size = pool.segment_size
+        self.shift = self.segment_size.bit_length() - 1
+        self.mask = self.segment_size - 1
+
+    def __repr__(self) -> str:
+        return f"<VDisk {self.name} {self.kind} {self.size} bytes>"
+
+    @property
+    def readonly(self) -> bool:
+        return self.kind == KIND_SNAPSHOT
+
+    def record(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "uuid": self.uuid,
+            "kind": self.kind,
+            "pool": self.pool.pid,
+            "family": self.family.fid,
+            "parent": self.parent,
+            "size": self.size,
+            "cow": self.cow,
+            "created": self.created,
+            "entries": len(self.table),
+        }
+
+    # --- accounting ----------------------------------------------------------------
+
+    def allocated_bytes(self) -> int:
+        return self.table.mapped_count() * self.segment_size
+
+    def exclusive_bytes(self) -> int:
+        """Bytes held by segments no other table maps (freed if this one is deleted)."""
+        view = self.table.view()
+        mapped = view[(view & np.uint64(t.MAPPED)) != 0]
+        cids = (mapped >> np.uint64(t.CID_SHIFT)) & np.uint64(t.CID_MASK)
+        psegs = (mapped & np.uint64(t.PSEG_MASK)).astype(np.int64)
+        n = 0
+        for cid in np.unique(cids).tolist():
+            refs = self.pool.refs_view(int(cid))[psegs[cids == cid]]
+            n += int(np.count_nonzero(refs == 1))
+        return n * self.segment_size
+
+    # --- address resolution --------------------------------------------------------
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise lba_out_of_range(offset, length)
+
+    def map_read(self, offset: int, length: int) -> list[Extent]:
+        """Extents holding ``length`` bytes at ``offset``; (None, 0, n) reads as zeros."""
+        self._check_range(offset, length)
+        out: list[Extent] = []
+        entries, shift, mask, containers = (
+            self.table.entries, self.shift, self.mask, self.pool.containers,
+        )  # fmt: skip
+        while length:
+            intra = offset & mask
+            n = min(length, self.segment_size - intra)
+            e = entries[offset >> shift]
+            if e & t.MAPPED:
+                c = containers[(e >> t.CID_SHIFT) & t.CID_MASK]
+                out.append((c, c.offset_of(e & t.PSEG_MASK) + intra, n))
+            else:
+                out.append((None, 0, n))
+            offset += n
+            length -= n
+        return out
+
+    def map_write(self, offset: int, length: int, *, check: bool = True) -> list[Extent]:
+        """Extents to write ``length`` bytes at ``offset``, faulting (allocate/COW) as needed.
+
+        ``check=False`` lets resize zero the tail of the last segment past the old size.
+        """
+        if self.readonly:
+            raise ReadOnly(f"{self.name} is a snapshot and cannot be written")
+        if check:
+            self._check_range(offset, length)
+        out: list[Extent] = []
+        entries, shift, mask, pool = self.table.entries, self.shift, self.mask, self.pool
+        while length:
+            intra = offset & mask
+            n = min(length, self.segment_size - intra)
+            index = offset >> shift
+            e = entries[index]
+            if not e & t.MAPPED or pool.refcount(e) > 1:
+                e = self.catalog.fault(self, index, covered=(n == self.segment_size))
+            c = pool.containers[t.cid_of(e)]
+            out.append((c, c.offset_of(t.pseg_of(e)) + intra, n))
+            offset += n
+            length -= n
+        return out
+
+    # --- byte I/O --------------------------------------------------------------------
+
+    def readinto(self, offset: int, bufs: Sequence[Buffer]) -> None:
+        length = sum(len(b) for b in bufs)
+        parts = _Cursor(bufs)
+        for c, coff, n in self.map_read(offset, length):
+            views = parts.take(n)
+            if c is None:
+                for v in views:
+                    v[:] = bytes(len(v))
+            else:
+                c.readv(views, coff)
+
+    def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        self.readinto(offset, [buf])
+        return bytes(buf)
+
+    def writev(self, offset: int, bufs: Sequence[Buffer | bytes], fua: bool = False) -> None:
+        length = sum(len(b) for b in bufs)
+        parts = _Cursor(bufs)
+        for c, coff, n in self.map_write(offset, length):
+            assert c is not None
+            c.writev(parts.take(n), coff)
+        if fua:
+            self.catalog.commit()
+
+    def write(self, offset: int, data: bytes | Buffer, fua: bool = False) -> None:
+        self.writev(offset, [memoryview(data)], fua)
+
+    def unmap(self, offset: int, length: int) -> None:
+        """Deallocate whole segments in the range; zero the partial ones at its ends."""
+        if self.readonly:
+            raise ReadOnly(f"{self.name} is a snapshot and cannot be written")
+        self._check_range(offset, length)
+        end = offset + length
+        while offset < end:
+            index, intra = offset >> self.shift, offset & self.mask
+            n = min(end - offset, self.segment_size - intra)
+            seg_len = min(self.segment_size, self.size - (index << self.shift))
+            if intra == 0 and n >= seg_len:
+                self.catalog.drop_entry(self, index)
+            elif self.table[index] & t.MAPPED:
+                for c, coff, m in self.map_write(offset, n):
+                    assert c is not None
+                    c.zero(coff, m)
+            offset += n
+
+    def flush(self) -> None:
+        self.catalog.commit()
+
+    def mapped_ranges(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """Consecutive (offset, length, mapped) runs covering the range (GET LBA STATUS)."""
+        self._check_range(offset, length)
+        runs: list[tuple[int, int, bool]] = []
+        end = offset + length
+        while offset < end:
+            index = offset >> self.shift
+            n = min(end - offset, ((index + 1) << self.shift) - offset)
+            mapped = bool(self.table[index] & t.MAPPED)
+            if runs and runs[-1][2] == mapped:
+                o, m, _ = runs[-1]
+                runs[-1] = (o, m + n, mapped)
+            else:
+                runs.append((offset, n, mapped))
+            offset += n
+        return runs
+
+
+class _Cursor:
+    """Consumes a list of buffers in byte counts, yielding views (no copies)."""
+
+    __slots__ = ("_bufs", "_i", "_off")
+
+    def __init__(self, bufs: Sequence[Buffer | bytes]) -> None:
+        self._bufs = [memoryview(b).cast("B") for b in bufs]
+        self._i = 0
+        self._off = 0
+
+    def take(self, n: int) -> list[memoryview]:
+        out = []
+        while n:
+            buf = self._bufs[self._i]
+            k = min(n, len(buf) - self._off)
+            if k:
+                out.append(buf[self._off : self._off + k])
+            self._off += k
+            n -= k
+            if self._off == len(buf):
+                self._i += 1
+                self._off = 0
+        return out
+
+
+def check_size(size: int, what: str = "size") -> None:
+    if size <= 0:
+        raise InvalidArgument(f"{what} must be positive, got {size}")
+
+
+def now() -> float:
+    return time.time()
