@@ -48,7 +48,9 @@ class EngineMachine(RuleBasedStateMachine):
         self.db = os.path.join(self.dir, "meta.db")
         self.counter = 0
         self.catalog = open_catalog(self.db)
-        self.catalog.create_pool("p", self._path(), self._csize(), segment_size=SEG)
+        self.catalog.create_pool(
+            "p", self._path(), self._csize(), segment_size=SEG, preallocate=True
+        )
         self.model = Model()
 
     def _path(self) -> str:
@@ -215,9 +217,10 @@ class EngineMachine(RuleBasedStateMachine):
             return
 
     @precondition(lambda self: len(self.catalog.pool("p").containers) < 4)
-    @rule()
-    def add_container(self) -> None:
-        self.catalog.add_container("p", self._path(), self._csize())
+    @rule(preallocate=st.booleans())
+    def add_container(self, preallocate: bool) -> None:
+        # preallocated containers keep freed data in place: stale bytes must never show
+        self.catalog.add_container("p", self._path(), self._csize(), preallocate=preallocate)
 
     @rule(which=st.integers(0, 10))
     def evacuate_and_remove(self, which: int) -> None:
