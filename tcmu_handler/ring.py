@@ -312,8 +312,11 @@ class Ring:
                     nxt = 0
         except _Malformed as why:
             self._next = nxt
+            self._skip_leading()
             return Fetched(commands, tmrs, self._break(str(why)))
         self._next = nxt
+        if self._slots and self._slots[0] < 0:
+            self._skip_leading()
         return Fetched(commands, tmrs, None)
 
     def _parse_cmd(self, ent: int, length: int, cmd_id: int) -> Command:
@@ -431,8 +434,8 @@ class Ring:
         slots = self._slots
         size = self._size
         tail = self._tail
-        # Skip PAD/TMR/unknown slots to the first fetched CMD slot; one must exist,
-        # since every outstanding command owns one positive slot.
+        # Skip PAD/TMR/unknown slots to the first fetched CMD slot (normally already
+        # done); one must exist, since every outstanding command owns one slot.
         length = slots.popleft()
         while length < 0:
             tail -= length
@@ -453,15 +456,26 @@ class Ring:
         tail += length
         if tail >= size:
             tail -= size
-        # Also step over PAD/TMR slots right behind it, so ring space (e.g. the PAD
-        # at the ring end) frees without waiting for the next completion.
+        self._tail = tail
+        if slots and slots[0] < 0:
+            self._skip_leading()  # publishes the tail
+        else:
+            # Last: the kernel may act on the tail as soon as it sees it.
+            abi.CMD_TAIL.pack_into(mv, abi.CMD_TAIL_OFF, tail)
+
+    def _skip_leading(self) -> None:
+        """Move the tail over fetched PAD/TMR/unknown slots at its front, so their ring
+        space (e.g. a PAD at the ring end, a TMR with nothing behind it) is reclaimed
+        at the kernel's next reap instead of waiting for a later completion."""
+        slots = self._slots
+        size = self._size
+        tail = self._tail
         while slots and slots[0] < 0:
             tail -= slots.popleft()
             if tail >= size:
                 tail -= size
         self._tail = tail
-        # Last: the kernel may act on the tail as soon as it sees it.
-        abi.CMD_TAIL.pack_into(mv, abi.CMD_TAIL_OFF, tail)
+        abi.CMD_TAIL.pack_into(self._mv, abi.CMD_TAIL_OFF, tail)
 
     def fail_outstanding(self, status: int = abi.SAM_STAT_BUSY) -> int:
         """Complete every outstanding command with ``status`` (BUSY lets initiators
