@@ -167,14 +167,13 @@ def _iov_struct(count: int) -> struct.Struct:
 
 
 def _as_bytes_view(buffer: RingBuffer) -> memoryview:
-    mv = memoryview(buffer)
-    if mv.readonly:
-        raise RingError("the ring buffer is read-only; map the uio device PROT_READ|PROT_WRITE")
-    if not mv.c_contiguous:
-        raise RingError("the ring buffer is not contiguous")
-    if mv.format != "B" or mv.ndim != 1:
-        mv = mv.cast("B")
-    return mv
+    with memoryview(buffer) as mv:
+        if mv.readonly:
+            raise RingError("the ring buffer is read-only; map the uio device PROT_READ|PROT_WRITE")
+        if not mv.c_contiguous:
+            raise RingError("the ring buffer is not contiguous")
+        # A fresh view either way, so the one released here leaves no export behind.
+        return mv.cast("B")
 
 
 class Ring:
@@ -187,19 +186,23 @@ class Ring:
     def __init__(self, buffer: RingBuffer) -> None:
         mv = _as_bytes_view(buffer)
         total = mv.nbytes
-        if total < abi.MAILBOX_SIZE:
-            raise RingError(f"buffer of {total} bytes cannot hold the 128-byte mailbox")
-        version, flags, cmdr_off, cmdr_size, head = abi.MAILBOX.unpack_from(mv, 0)
-        (tail,) = abi.CMD_TAIL.unpack_from(mv, abi.CMD_TAIL_OFF)
-        _check_mailbox(
-            total=total,
-            version=version,
-            flags=flags,
-            cmdr_off=cmdr_off,
-            cmdr_size=cmdr_size,
-            head=head,
-            tail=tail,
-        )
+        try:
+            if total < abi.MAILBOX_SIZE:
+                raise RingError(f"buffer of {total} bytes cannot hold the 128-byte mailbox")
+            version, flags, cmdr_off, cmdr_size, head = abi.MAILBOX.unpack_from(mv, 0)
+            (tail,) = abi.CMD_TAIL.unpack_from(mv, abi.CMD_TAIL_OFF)
+            _check_mailbox(
+                total=total,
+                version=version,
+                flags=flags,
+                cmdr_off=cmdr_off,
+                cmdr_size=cmdr_size,
+                head=head,
+                tail=tail,
+            )
+        except RingError:
+            mv.release()  # else the caller cannot close the mmap it passed in
+            raise
         self._mv = mv
         self._flags: int = flags
         self._base: int = cmdr_off
