@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Final
 
 from targetvirt.clock import Clock, MonotonicClock
+from tcmu_handler.config import SUBTYPE
 from tcmu_handler.ring import UNBLOCK, RecoveryStep, ResetMode, Ring, recovery_steps
 
 SYSFS_UIO: Final = Path("/sys/class/uio")
 DEV_ROOT: Final = Path("/dev")
 CONFIGFS_ROOT: Final = Path("/sys/kernel/config")
 UIO_NAME_PREFIX: Final = "tcm-user"
-SUBTYPE: Final = "targetvirt"
 
 _UIO_DIR = re.compile(r"uio(\d+)")
 _EVENT_SIZE: Final = 4  # uio read/write must be exactly one s32
