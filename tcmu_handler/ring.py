@@ -153,6 +153,10 @@ def recovery_steps(mode: ResetMode = ResetMode.BUSY) -> tuple[RecoveryStep, ...]
 
 UNBLOCK: Final = RecoveryStep("action/block_dev", "0", "accept commands again")
 
+# iov_cnt, iov_bidi_cnt, iov_dif_cnt, hole, cdb_off, 16 pad bytes, iov[0]: one unpack
+# for the common command (fields from abi: REQ at +8, IOV at +48).
+_REQ_IOV0: Final = struct.Struct("=III4xQ16xQQ")
+
 _iov_structs: dict[int, struct.Struct] = {}
 
 
@@ -329,7 +333,8 @@ class Ring:
         if cmd_id == 0 or cmd_id in outstanding:
             raise _Malformed(f"command id {cmd_id} is zero or already outstanding")
         mv = self._mv
-        iov_cnt, bidi_cnt, _dif, cdb_off = abi.REQ.unpack_from(mv, ent + abi.REQ_OFF)
+        # length >= 112, so the request fields and iov[0] lie inside the entry.
+        iov_cnt, bidi_cnt, _dif, cdb_off, base0, len0 = _REQ_IOV0.unpack_from(mv, ent + abi.REQ_OFF)
         count = iov_cnt + bidi_cnt
         iov_end = abi.IOV_ARRAY_OFF + abi.IOV_SIZE * count
         end = ent + length
@@ -340,6 +345,10 @@ class Ring:
         cdb = bytes(mv[cdb_off:end])
         if count == 0:
             cmd = Command(cmd_id, cdb, _NO_IOVS, _NO_IOVS, mv)
+        elif count == 1 and not bidi_cnt:
+            if base0 < self._data_lo or base0 + len0 > self._data_hi:
+                raise _Malformed(f"command {cmd_id}: iovec {base0}+{len0} is outside the data area")
+            cmd = Command(cmd_id, cdb, ((base0, len0),), _NO_IOVS, mv)
         else:
             iovs = self._parse_iovs(ent + abi.IOV_ARRAY_OFF, count, cmd_id)
             if bidi_cnt:

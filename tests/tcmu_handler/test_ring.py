@@ -465,6 +465,7 @@ def test_unknown_op_is_flagged_and_skipped() -> None:
     # In 6.1 the kernel looks the slot's id up like a CMD: let it know id 77.
     emu.commands[77] = KernelCommand(99, 77, TUR, b"", 0, False, [], at, 120, [])
     b = emu.submit(TUR)
+    assert a and b
     got = ring.fetch()
     assert got.broken is None and [c.cmd_id for c in got.commands] == [a.cmd_id, b.cmd_id]
     assert emu.buf[128 + at + 7] == abi.UFLAG_UNKNOWN_OP
