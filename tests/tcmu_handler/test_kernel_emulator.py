@@ -95,7 +95,8 @@ def test_reset_ring_finishes_everything_with_busy() -> None:
     k = emu.submit(READ10, data_in=512)
     respond(emu, 0, 999)
     emu.notify()
-    assert emu.broken is not None and k is not None
+    why = emu.broken
+    assert why is not None and k is not None
     assert emu.reset_ring() == [k.tag]
     assert (emu.cmd_head, emu.cmd_tail, emu.broken, emu.blocks_in_use()) == (0, 0, None, 0)
     assert emu.completions[-1].status == 0x08
