@@ -58,7 +58,7 @@ class Pool:
         self.pid = pid
         self.segment_size = segment_size
         self.containers: dict[int, Container] = {}
-        self._refs: dict[int, array[int]] = {}
+        self.refs: dict[int, array[int]] = {}  # per container: refcount of each segment
         self._free: dict[int, array[int]] = {}
         self._quarantine: list[int] = []  # packed entries freed since the last commit
         self.draining: set[int] = set()
@@ -86,7 +86,7 @@ class Pool:
             raise InvalidArgument(f"container {container.path} has too many segments")
         cid = container.cid
         self.containers[cid] = container
-        self._refs[cid] = array("I", bytes(4 * container.nsegments))
+        self.refs[cid] = array("I", bytes(4 * container.nsegments))
         self._free[cid] = array("I", range(container.nsegments - 1, -1, -1))
 
     def detach(self, cid: int) -> Container:
@@ -97,7 +97,7 @@ class Pool:
             raise InUse(
                 f"container {cid} of pool {self.name} still holds {used} segments; evacuate it"
             )
-        del self.containers[cid], self._refs[cid], self._free[cid]
+        del self.containers[cid], self.refs[cid], self._free[cid]
         self.draining.discard(cid)
         return container
 
@@ -110,13 +110,13 @@ class Pool:
     # --- refcounts -----------------------------------------------------------------
 
     def refcount(self, entry: int) -> int:
-        return self._refs[t.cid_of(entry)][t.pseg_of(entry)]
+        return self.refs[t.cid_of(entry)][t.pseg_of(entry)]
 
     def incref(self, entry: int) -> None:
-        self._refs[t.cid_of(entry)][t.pseg_of(entry)] += 1
+        self.refs[t.cid_of(entry)][t.pseg_of(entry)] += 1
 
     def decref(self, entry: int) -> None:
-        refs = self._refs[t.cid_of(entry)]
+        refs = self.refs[t.cid_of(entry)]
         pseg = t.pseg_of(entry)
         refs[pseg] -= 1
         if refs[pseg] == 0:
@@ -125,21 +125,28 @@ class Pool:
     def _by_container(
         self, entries: npt.NDArray[np.uint64]
     ) -> Iterable[tuple[int, npt.NDArray[np.int64]]]:
+        """(container id, segment numbers) of the mapped entries, one container at a time."""
         mapped = entries[(entries & np.uint64(t.MAPPED)) != 0]
-        cids = ((mapped >> np.uint64(t.CID_SHIFT)) & np.uint64(t.CID_MASK)).astype(np.int64)
         psegs = (mapped & np.uint64(t.PSEG_MASK)).astype(np.int64)
-        for cid in np.unique(cids).tolist():
-            yield cid, psegs[cids == cid]
+        if len(self.containers) == 1:  # the common case: no per-container split needed
+            (cid,) = self.containers
+            yield cid, psegs
+            return
+        cids = (mapped >> np.uint64(t.CID_SHIFT)) & np.uint64(t.CID_MASK)
+        for cid in self.containers:
+            mine = psegs[cids == cid]
+            if mine.size:
+                yield cid, mine
 
     def incref_table(self, table: t.Table) -> None:
         """+1 on every segment a table maps (a table maps a segment at most once)."""
         for cid, psegs in self._by_container(table.view()):
-            refs = np.frombuffer(self._refs[cid], dtype=np.uint32)
+            refs = np.frombuffer(self.refs[cid], dtype=np.uint32)
             refs[psegs] += 1
 
     def decref_table(self, table: t.Table) -> None:
         for cid, psegs in self._by_container(table.view()):
-            refs = np.frombuffer(self._refs[cid], dtype=np.uint32)
+            refs = np.frombuffer(self.refs[cid], dtype=np.uint32)
             refs[psegs] -= 1
             for pseg in psegs[refs[psegs] == 0].tolist():
                 self._quarantine.append(t.pack(cid, pseg))
@@ -157,13 +164,13 @@ class Pool:
     def load_refcounts(self, tables: Iterable[t.Table]) -> None:
         """Set refcounts and free lists from the durable tables (at open)."""
         for cid, counts in self.recount(tables).items():
-            self._refs[cid] = array("I", counts.tobytes())
+            self.refs[cid] = array("I", counts.tobytes())
             free = np.flatnonzero(counts == 0)[::-1].astype(np.uint32)
             self._free[cid] = array("I", free.tobytes())
         self._quarantine.clear()
 
     def refs_view(self, cid: int) -> npt.NDArray[np.uint32]:
-        return np.frombuffer(self._refs[cid], dtype=np.uint32)
+        return np.frombuffer(self.refs[cid], dtype=np.uint32)
 
     # --- allocation ----------------------------------------------------------------
 
@@ -183,7 +190,7 @@ class Pool:
         if best < 0:
             raise PoolFull(f"pool {self.name} has no free segment")
         pseg = self._free[best].pop()
-        self._refs[best][pseg] = 1
+        self.refs[best][pseg] = 1
         return t.pack(best, pseg)
 
     @property
@@ -203,7 +210,7 @@ class Pool:
         """Return quarantined segments to the free lists (after the commit is durable)."""
         for entry in set(entries):  # a set: a segment must never enter a free list twice
             cid, pseg = t.cid_of(entry), t.pseg_of(entry)
-            if cid in self._free and self._refs[cid][pseg] == 0:
+            if cid in self._free and self.refs[cid][pseg] == 0:
                 self._free[cid].append(pseg)
 
     # --- accounting ----------------------------------------------------------------

@@ -112,7 +112,9 @@ class Table:
 
         ``dirty=False`` when the store copies the chunks itself (snapshot of a durable table).
         """
-        table = Table(array("Q", self.entries))
+        entries = array("Q")
+        entries.frombytes(memoryview(self.entries).cast("B"))  # a memcpy, unlike array(it)
+        table = Table(entries)
         if dirty:
             table.mark_all_dirty()
         return table

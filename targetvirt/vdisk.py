@@ -19,6 +19,7 @@ the same index: "who else maps this" is a look at one index in the family's tabl
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -26,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from targetvirt import table as t
-from targetvirt.container import Container
+from targetvirt.container import DATA_OFFSET, Container
 from targetvirt.errors import InvalidArgument, ReadOnly, lba_out_of_range
 
 if TYPE_CHECKING:
@@ -182,6 +183,8 @@ class VDisk:
     # --- byte I/O --------------------------------------------------------------------
 
     def readinto(self, offset: int, bufs: Sequence[Buffer]) -> None:
+        if len(bufs) == 1 and self._read_fast(offset, bufs):
+            return
         length = sum(len(b) for b in bufs)
         parts = _Cursor(bufs)
         for c, coff, n in self.map_read(offset, length):
@@ -192,19 +195,61 @@ class VDisk:
             else:
                 c.readv(views, coff)
 
+    def _read_fast(self, offset: int, bufs: Sequence[Buffer]) -> bool:
+        """One buffer inside one allocated segment: one table lookup, one preadv."""
+        n = len(bufs[0])
+        intra = offset & self.mask
+        if intra + n > self.segment_size or offset < 0 or offset + n > self.size:
+            return False
+        e = self.table.entries[offset >> self.shift]
+        if not e & t.MAPPED:
+            return False
+        c = self.pool.containers[(e >> t.CID_SHIFT) & t.CID_MASK]
+        where = DATA_OFFSET + (e & t.PSEG_MASK) * self.segment_size + intra
+        try:
+            if os.preadv(c.fd, bufs, where) == n:
+                return True
+        except OSError:
+            pass
+        c.readv(bufs, where)  # the slow path names the error (or retries a short read)
+        return True
+
     def read(self, offset: int, length: int) -> bytes:
         buf = bytearray(length)
         self.readinto(offset, [buf])
         return bytes(buf)
 
     def writev(self, offset: int, bufs: Sequence[Buffer | bytes], fua: bool = False) -> None:
-        length = sum(len(b) for b in bufs)
-        parts = _Cursor(bufs)
-        for c, coff, n in self.map_write(offset, length):
-            assert c is not None
-            c.writev(parts.take(n), coff)
+        if not (len(bufs) == 1 and self._write_fast(offset, bufs)):
+            length = sum(len(b) for b in bufs)
+            parts = _Cursor(bufs)
+            for c, coff, n in self.map_write(offset, length):
+                assert c is not None
+                c.writev(parts.take(n), coff)
         if fua:
             self.catalog.commit()
+
+    def _write_fast(self, offset: int, bufs: Sequence[Buffer | bytes]) -> bool:
+        """One buffer inside one privately owned segment: no fault, one pwritev."""
+        n = len(bufs[0])
+        intra = offset & self.mask
+        if intra + n > self.segment_size or offset < 0 or offset + n > self.size:
+            return False
+        e = self.table.entries[offset >> self.shift]
+        if not e & t.MAPPED or self.readonly:
+            return False
+        cid, pseg = (e >> t.CID_SHIFT) & t.CID_MASK, e & t.PSEG_MASK
+        if self.pool.refs[cid][pseg] != 1:
+            return False
+        c = self.pool.containers[cid]
+        where = DATA_OFFSET + pseg * self.segment_size + intra
+        try:
+            if os.pwritev(c.fd, bufs, where) == n:
+                return True
+        except OSError:
+            pass
+        c.writev(bufs, where)  # the slow path names the error
+        return True
 
     def write(self, offset: int, data: bytes | Buffer, fua: bool = False) -> None:
         self.writev(offset, [memoryview(data)], fua)
