@@ -55,7 +55,7 @@ def bench_snapshots(workdir: str, repeat: int) -> tuple[Row, Row, Row]:
     catalog.create_vdisk("tib", "big", TiB)
     fill_table(catalog, "tib")
     table = catalog.vdisk("tib").table
-    memcpy = median_time(lambda: table.entries.tobytes(), repeat)
+    memcpy = median_time(table.entries.tobytes, repeat)
     snaps, clones = [], []
     for i in range(repeat):
         t0 = time.perf_counter()
