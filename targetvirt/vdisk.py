@@ -20,6 +20,7 @@ the same index: "who else maps this" is a look at one index in the family's tabl
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any, Literal
@@ -41,6 +42,9 @@ KIND_SNAPSHOT = "snapshot"
 
 Extent = tuple[Container | None, int, int]
 Buffer = memoryview | bytearray
+
+
+_STRIPES = [threading.Lock() for _ in range(64)]
 
 
 class Family:
@@ -272,6 +276,42 @@ class VDisk:
                     c.zero(coff, m)
             offset += n
 
+    # --- the block-backend face (what the TCMU SCSI layer calls) -------------------------
+
+    def read_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        self.readinto(offset, bufs)
+
+    def write_from(self, offset: int, bufs: Sequence[memoryview], fua: bool) -> None:
+        length = bufs[0].nbytes if len(bufs) == 1 else sum(b.nbytes for b in bufs)
+        with _Stripes(self._stripes(offset, length)):
+            self.writev(offset, bufs, fua)
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        if unmap:
+            self.unmap(offset, length)
+            return
+        zeros = memoryview(bytes(min(length, 1 << 20)))
+        end = offset + length
+        while offset < end:
+            n = min(len(zeros), end - offset)
+            self.writev(offset, [zeros[:n]])
+            offset += n
+
+    def compare_and_write(self, offset: int, verify: memoryview, write: memoryview) -> int | None:
+        """SBC COMPARE AND WRITE: atomic against writes through ``write_from``."""
+        with _Stripes(self._stripes(offset, len(verify))):
+            current = self.read(offset, len(verify))
+            if current != verify:
+                return next(i for i in range(len(verify)) if current[i] != verify[i])
+            self.writev(offset, [write])
+            return None
+
+    def _stripes(self, offset: int, length: int) -> list[threading.Lock]:
+        # Writes and COMPARE AND WRITE to a segment serialize on one of a few locks.
+        first, last = offset >> self.shift, max(offset, offset + length - 1) >> self.shift
+        base = self.vid * 31
+        return [_STRIPES[(base + i) % len(_STRIPES)] for i in range(first, last + 1)]
+
     def flush(self) -> None:
         self.catalog.commit()
 
@@ -291,6 +331,23 @@ class VDisk:
                 runs.append((offset, n, mapped))
             offset += n
         return runs
+
+
+class _Stripes:
+    """Hold several stripe locks, taken in a global order so two holders cannot deadlock."""
+
+    __slots__ = ("_locks",)
+
+    def __init__(self, locks: list[threading.Lock]) -> None:
+        self._locks = sorted(set(locks), key=id) if len(locks) > 1 else locks
+
+    def __enter__(self) -> None:
+        for lock in self._locks:
+            lock.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        for lock in reversed(self._locks):
+            lock.release()
 
 
 class _Cursor:
