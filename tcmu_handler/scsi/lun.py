@@ -81,7 +81,9 @@ class LunState:
     max_unmap_descriptors: int = 256
     max_write_same_length: int = 0x40000
     max_compare_and_write_length: int = 255
-    # READ CAPACITY(16) LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT
+    # READ CAPACITY(16) LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT. 0 by default:
+    # libiscsi 1.19's GetLBAStatus.UnmapSingle expects GET LBA STATUS to round its
+    # starting LBA up to a physical block when this is > 0, which SBC-4 forbids.
     physical_block_exponent: int = 0
     # Logical block provisioning (thin): LBPME/LBPRZ and the B2h page bits
     lbpme: bool = True
@@ -148,8 +150,6 @@ class LunState:
             # Zeroing is a table operation, but a WRITE SAME with a non-zero pattern
             # writes every block: bound it to 1 GiB of data.
             max_write_same_length=(1 << 30) // block_size,
-            # 512-byte LUNs over 4 KiB storage: say so, as 512e disks do.
-            physical_block_exponent=3 if block_size == 512 else 0,
         )
 
     # --- capacity and unit attentions -------------------------------------------------

@@ -67,12 +67,6 @@ def require_writable(lun: LunState) -> None:
         raise ScsiError("the logical unit is write protected", why)
 
 
-def _transfer_limit(lun: LunState, blocks: int, tl_byte: int) -> None:
-    limit = lun.max_transfer_length
-    if limit and blocks > limit:
-        raise invalid_field_in_cdb(tl_byte, why=f"{blocks} blocks exceed MAXIMUM TRANSFER LENGTH")
-
-
 def _data_out(bufs: Buffers, length: int) -> Buffers:
     """The first ``length`` bytes of the data-out buffers (see module doc)."""
     have = total_length(bufs)
@@ -93,12 +87,10 @@ def _contiguous(bufs: Buffers, length: int) -> memoryview:
 
 
 def _read(
-    lun: LunState, lba: int, blocks: int, data_in: Buffers, backend: BlockBackend, *, tl: int
+    lun: LunState, lba: int, blocks: int, data_in: Buffers, backend: BlockBackend
 ) -> Completion:
     if lba + blocks > lun.num_blocks:
         raise lba_out_of_range(lba, blocks)
-    if lun.max_transfer_length and blocks > lun.max_transfer_length:
-        _transfer_limit(lun, blocks, tl)
     bs = lun.block_size
     length = blocks * bs
     have = total_length(data_in)
@@ -138,14 +130,11 @@ def _write(
     backend: BlockBackend,
     *,
     fua: int,
-    tl: int,
 ) -> Completion:
     if lun.read_only or lun.swp:
         require_writable(lun)
     if lba + blocks > lun.num_blocks:
         raise lba_out_of_range(lba, blocks)
-    if lun.max_transfer_length and blocks > lun.max_transfer_length:
-        _transfer_limit(lun, blocks, tl)
     bs = lun.block_size
     length = blocks * bs
     bufs = data_out if total_length(data_out) == length else _data_out(data_out, length)
@@ -158,14 +147,14 @@ def read_6(
     lun: LunState, cdb: bytes, _o: Buffers, data_in: Buffers, be: BlockBackend
 ) -> Completion:
     lba = ((cdb[1] & 0x1F) << 16) | (cdb[2] << 8) | cdb[3]
-    return _read(lun, lba, cdb[4] or 256, data_in, be, tl=4)  # SBC: 0 means 256 blocks
+    return _read(lun, lba, cdb[4] or 256, data_in, be)  # SBC: 0 means 256 blocks
 
 
 def write_6(
     lun: LunState, cdb: bytes, data_out: Buffers, _i: Buffers, be: BlockBackend
 ) -> Completion:
     lba = ((cdb[1] & 0x1F) << 16) | (cdb[2] << 8) | cdb[3]
-    return _write(lun, lba, cdb[4] or 256, data_out, be, fua=0, tl=4)
+    return _write(lun, lba, cdb[4] or 256, data_out, be, fua=0)
 
 
 def read_10(
@@ -174,7 +163,7 @@ def read_10(
     _, flags, lba, _, blocks, _ = _CDB10.unpack_from(cdb)
     if flags & 0xE0:
         reject_protect(flags)
-    return _read(lun, lba, blocks, data_in, be, tl=7)
+    return _read(lun, lba, blocks, data_in, be)
 
 
 def read_12(
@@ -183,7 +172,7 @@ def read_12(
     _, flags, lba, blocks, _, _ = _CDB12.unpack_from(cdb)
     if flags & 0xE0:
         reject_protect(flags)
-    return _read(lun, lba, blocks, data_in, be, tl=6)
+    return _read(lun, lba, blocks, data_in, be)
 
 
 def read_16(
@@ -192,7 +181,7 @@ def read_16(
     _, flags, lba, blocks, _, _ = _CDB16.unpack_from(cdb)
     if flags & 0xE0:
         reject_protect(flags)
-    return _read(lun, lba, blocks, data_in, be, tl=10)
+    return _read(lun, lba, blocks, data_in, be)
 
 
 def write_10(
@@ -201,7 +190,7 @@ def write_10(
     _, flags, lba, _, blocks, _ = _CDB10.unpack_from(cdb)
     if flags & 0xE0:
         reject_protect(flags)
-    return _write(lun, lba, blocks, data_out, be, fua=flags & FUA, tl=7)
+    return _write(lun, lba, blocks, data_out, be, fua=flags & FUA)
 
 
 def write_12(
@@ -210,7 +199,7 @@ def write_12(
     _, flags, lba, blocks, _, _ = _CDB12.unpack_from(cdb)
     if flags & 0xE0:
         reject_protect(flags)
-    return _write(lun, lba, blocks, data_out, be, fua=flags & FUA, tl=6)
+    return _write(lun, lba, blocks, data_out, be, fua=flags & FUA)
 
 
 def write_16(
@@ -219,7 +208,7 @@ def write_16(
     _, flags, lba, blocks, _, _ = _CDB16.unpack_from(cdb)
     if flags & 0xE0:
         reject_protect(flags)
-    return _write(lun, lba, blocks, data_out, be, fua=flags & FUA, tl=10)
+    return _write(lun, lba, blocks, data_out, be, fua=flags & FUA)
 
 
 # --- comparisons ---------------------------------------------------------------------------
@@ -326,14 +315,13 @@ def _write_verify(
     be: BlockBackend,
     *,
     flags: int,
-    tl: int,
 ) -> Completion:
     reject_protect(flags)
     bytchk = (flags >> 1) & 0x03
     if bytchk >= 2:
         raise invalid_field_in_cdb(1, 2, "BYTCHK must be 00b or 01b")
     # Verification is against the medium, so the write goes through the cache (FUA).
-    _write(lun, lba, blocks, data_out, be, fua=FUA, tl=tl)
+    _write(lun, lba, blocks, data_out, be, fua=FUA)
     if not blocks:
         return COMPLETED
     bs = lun.block_size
@@ -351,21 +339,21 @@ def write_verify_10(
     lun: LunState, cdb: bytes, data_out: Buffers, _i: Buffers, be: BlockBackend
 ) -> Completion:
     _, flags, lba, _, blocks, _ = _CDB10.unpack_from(cdb)
-    return _write_verify(lun, lba, blocks, data_out, be, flags=flags, tl=7)
+    return _write_verify(lun, lba, blocks, data_out, be, flags=flags)
 
 
 def write_verify_12(
     lun: LunState, cdb: bytes, data_out: Buffers, _i: Buffers, be: BlockBackend
 ) -> Completion:
     _, flags, lba, blocks, _, _ = _CDB12.unpack_from(cdb)
-    return _write_verify(lun, lba, blocks, data_out, be, flags=flags, tl=6)
+    return _write_verify(lun, lba, blocks, data_out, be, flags=flags)
 
 
 def write_verify_16(
     lun: LunState, cdb: bytes, data_out: Buffers, _i: Buffers, be: BlockBackend
 ) -> Completion:
     _, flags, lba, blocks, _, _ = _CDB16.unpack_from(cdb)
-    return _write_verify(lun, lba, blocks, data_out, be, flags=flags, tl=10)
+    return _write_verify(lun, lba, blocks, data_out, be, flags=flags)
 
 
 # --- WRITE SAME, UNMAP ---------------------------------------------------------------------
@@ -399,10 +387,17 @@ def _write_same(
     check_range(lba, blocks, lun.num_blocks)
     bs = lun.block_size
     ndob = cdb[0] == 0x93 and flags & 0x01
-    pattern = bytes(bs) if ndob else _one_block(data_out, bs)
-    if blocks:
-        unmap = bool(flags & 0x08) and unmap_allowed
-        _fill(lun, be, lba * bs, blocks * bs, pattern, unmap=unmap)
+    block = bytes(bs) if ndob else _one_block(data_out, bs)
+    if not blocks:
+        return COMPLETED
+    if flags & 0x08 and unmap_allowed:
+        # SBC-4 table "ANCHOR bit, UNMAP bit and ANC_SUP bit": UNMAP=1 asks for
+        # deallocation whatever the block holds; with LBPRZ the range then reads zeros.
+        be.write_zeroes(lba * bs, blocks * bs, True)
+        if not lun.write_cache_enabled:
+            be.flush()
+    else:
+        _fill(lun, be, lba * bs, blocks * bs, block)
     return COMPLETED
 
 
@@ -415,17 +410,11 @@ def _one_block(data_out: Buffers, bs: int) -> bytes:
     return gather(data_out, bs)
 
 
-def _fill(
-    lun: LunState, be: BlockBackend, offset: int, length: int, block: bytes, *, unmap: bool
-) -> None:
-    """Write ``block`` over a range; zeros become a write_zeroes (an UNMAP when allowed).
-
-    With UNMAP set but a non-zero block, the blocks are written: LBPRZ promises zeros
-    for deallocated blocks, so deallocation would lose the data (SBC-4 5.49).
-    """
+def _fill(lun: LunState, be: BlockBackend, offset: int, length: int, block: bytes) -> None:
+    """Write ``block`` over a range; a block of zeros becomes one mapped write_zeroes."""
     fua = not lun.write_cache_enabled
     if block.count(0) == len(block):
-        be.write_zeroes(offset, length, unmap)
+        be.write_zeroes(offset, length, False)
         if fua:
             be.flush()
         return
@@ -538,7 +527,6 @@ def orwrite_16(
     reject_protect(flags)
     require_writable(lun)
     check_range(lba, blocks, lun.num_blocks)
-    _transfer_limit(lun, blocks, 10)
     bs = lun.block_size
     length = blocks * bs
     mask = int.from_bytes(_contiguous(_data_out(data_out, length), length), "big")
@@ -691,4 +679,3 @@ def read_defect_data_12(
 ) -> Completion:
     alloc = _U32.unpack_from(cdb, 6)[0]
     return respond(bytes((0, cdb[1] & 0x1F, 0, 0, 0, 0, 0, 0)), alloc, data_in)
-
