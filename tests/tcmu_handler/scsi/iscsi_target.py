@@ -324,11 +324,15 @@ def _cdb_len(opcode: int) -> int:
 
 
 def serve(
-    port: int, lun: LunState, backend: BlockBackend, ready: threading.Event | None = None
+    port: int,
+    lun: LunState,
+    backend: BlockBackend,
+    on_ready: Callable[[int], None] | None = None,
 ) -> None:
-    srv = socket.create_server(("127.0.0.1", port), reuse_port=False)
-    if ready is not None:
-        ready.set()
+    """Accept connections forever; ``on_ready`` gets the bound port (use 0 for any)."""
+    srv = socket.create_server(("127.0.0.1", port))
+    if on_ready is not None:
+        on_ready(srv.getsockname()[1])
     while True:
         sock, _ = srv.accept()
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
