@@ -93,7 +93,7 @@ def _read(
         raise lba_out_of_range(lba, blocks)
     bs = lun.block_size
     length = blocks * bs
-    have = total_length(data_in)
+    have = len(data_in[0]) if len(data_in) == 1 else total_length(data_in)
     if have == length:
         if length:
             backend.read_into(lba * bs, data_in)
@@ -137,9 +137,10 @@ def _write(
         raise lba_out_of_range(lba, blocks)
     bs = lun.block_size
     length = blocks * bs
-    bufs = data_out if total_length(data_out) == length else _data_out(data_out, length)
+    have = len(data_out[0]) if len(data_out) == 1 else total_length(data_out)
     if length:
-        backend.write_from(lba * bs, bufs, bool(fua) or not lun.write_cache_enabled)
+        bufs = data_out if have == length else _data_out(data_out, length)
+        backend.write_from(lba * bs, bufs, True if fua else not lun.write_cache_enabled)
     return COMPLETED
 
 
