@@ -72,7 +72,10 @@ class LunState:
     vendor: str = "TGTVIRT"
     product: str = "targetvirt"
     revision: str = "0001"
-    # Block Limits VPD (all lengths in logical blocks; 0 means "not reported / no limit")
+    # Block Limits VPD (all lengths in logical blocks; 0 means "not reported / no limit").
+    # The transfer lengths are advice to initiators, not enforced: a command that reached
+    # the handler fitted in the TCMU data area, and serving it costs nothing extra
+    # (libiscsi itself sends 65536-block writes whatever the page says).
     optimal_transfer_length: int = 0
     max_transfer_length: int = 0
     unmap_granularity: int = 1
@@ -113,7 +116,7 @@ class LunState:
         _check_ascii("vendor", self.vendor, 8)
         _check_ascii("product", self.product, 16)
         _check_ascii("revision", self.revision, 4)
-        _check_ascii("serial", self.serial, 252)
+        _check_ascii("serial", self.serial, 247)  # + 8-byte vendor in a 255-byte designator
         if self.wce_default is None:
             self.wce_default = self.write_cache_enabled
 

@@ -1,7 +1,8 @@
 """SBC-4 commands: the data path and the thin-provisioning commands.
 
 LIO checks nothing for a user backstore (no LBA range, no transfer length against the
-data-out or data-in length, no maximum transfer length), so every check is here.
+data-out or data-in length, no maximum transfer length), so the range checks are here.
+MAXIMUM TRANSFER LENGTH is advertised but not enforced (see ``LunState``).
 
 Buffer length rules, the same for every command with data:
 

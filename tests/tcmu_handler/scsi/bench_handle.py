@@ -47,13 +47,14 @@ def main() -> None:
     buf = [memoryview(bytearray(4096))]
     cdb10 = struct.Struct(">BBIBHB")
     read10 = cdb10.pack(0x28, 0, 1000, 0, 8, 0)
+    write10 = cdb10.pack(0x2A, 0, 1000, 0, 8, 0)
+    read16 = struct.pack(">BBQIBB", 0x88, 0, 1000, 8, 0, 0)
+    inquiry = bytes((0x12, 0, 0, 0, 96, 0))
     cases = {
         "READ(10) 4 KiB": lambda: handle(lun, read10, [], buf, be),
-        "WRITE(10) 4 KiB": lambda: handle(lun, cdb10.pack(0x2A, 0, 1000, 0, 8, 0), buf, [], be),
-        "READ(16) 4 KiB": lambda: handle(
-            lun, struct.pack(">BBQIBB", 0x88, 0, 1000, 8, 0, 0), [], buf, be
-        ),
-        "INQUIRY": lambda: handle(lun, bytes((0x12, 0, 0, 0, 96, 0)), [], buf, be),
+        "WRITE(10) 4 KiB": lambda: handle(lun, write10, buf, [], be),
+        "READ(16) 4 KiB": lambda: handle(lun, read16, [], buf, be),
+        "INQUIRY": lambda: handle(lun, inquiry, [], buf, be),
     }
     baseline = per_call(lambda: (cdb10.unpack_from(read10), be.read_into(0, buf)))
     rows = {name: per_call(fn) for name, fn in cases.items()}
