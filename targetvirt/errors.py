@@ -225,3 +225,28 @@ def sense_of(error: BaseException) -> Sense | None:
     if isinstance(error, TargetvirtError):
         return error.sense
     return None
+
+
+def invalid_field_in_information_unit(why: str = "") -> ScsiError:
+    """The Data-Out Buffer is shorter than the CDB asks for (LIO's own reply to this)."""
+    return ScsiError(
+        "invalid field in information unit" + (f": {why}" if why else ""),
+        Sense(ILLEGAL_REQUEST, 0x0E, 0x03),
+    )
+
+
+def write_protected(*, software: bool = False) -> ScsiError:
+    """A write-type command reached a write-protected LUN (read-only export or SWP)."""
+    return ScsiError(
+        "the logical unit is " + ("software " if software else "") + "write protected",
+        Sense(DATA_PROTECT, 0x27, 0x02 if software else 0x00),
+    )
+
+
+def saving_parameters_not_supported(byte: int, bit: int | None = None) -> ScsiError:
+    return ScsiError(
+        "saving parameters is not supported",
+        Sense(ILLEGAL_REQUEST, 0x39, 0x00),
+        field_pointer=byte,
+        bit=bit,
+    )
