@@ -26,6 +26,11 @@ class BlockBackend(Protocol):
     Methods may be called from several threads at once for the same vdisk.
     """
 
+    @property
+    def size(self) -> int:
+        """Bytes of the vdisk behind the LUN (the LUN may be smaller, never larger)."""
+        ...
+
     def read_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """Fill ``bufs``, in order, with the data that starts at ``offset``.
 

@@ -1,0 +1,187 @@
+"""``targetvirt-handler``: the daemon that serves targetvirt LUNs on this host.
+
+It composes the pieces: the catalog (metadata store in the state folder), the TCMU
+service (every ``user:targetvirt`` device of this host), the ``org.kernel.TCMUService1``
+registration (so targetcli lists and validates ``user:targetvirt``), a periodic flush
+(the durability contract's "at least every few seconds"), systemd readiness and
+watchdog, and a clean shutdown on SIGTERM: devices finish or fail back their in-flight
+commands, then the metadata is committed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from targetvirt.catalog import Catalog
+from targetvirt.errors import InvalidArgument, NotFound, TargetvirtError
+from targetvirt.store.sqlite import SqliteStore
+from tcmu_handler.scsi.lun import LunState
+from tcmu_handler.service import TcmuService
+from tcmu_handler.tcmu_dbus import TcmuBusService
+
+try:  # Debian's python3-systemd; without it (e.g. in a venv off Debian) no notifications
+    from systemd.daemon import notify as _sd_notify
+except ImportError:  # pragma: no cover
+    _sd_notify = None
+
+log = logging.getLogger("targetvirt.handler")
+
+FLUSH_INTERVAL = 5.0  # seconds: the bound on unflushed data, as a disk cache would have
+
+
+class LogfmtFormatter(logging.Formatter):
+    """One event per line, ``key=value`` pairs (journald and grep friendly)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields: dict[str, Any] = {
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        if record.exc_info:
+            fields["exc"] = self.formatException(record.exc_info).replace("\n", " | ")
+        return " ".join(
+            f"{k}={json.dumps(v) if ' ' in str(v) or not v else v}" for k, v in fields.items()
+        )
+
+
+def default_dir(env: str, fallback: str) -> str:
+    return os.environ.get(env, fallback)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="targetvirt-handler", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--state-dir",
+        default=default_dir("TARGETVIRT_STATE_DIR", "/var/lib/targetvirt"),
+        help="metadata store folder (env TARGETVIRT_STATE_DIR)",
+    )
+    parser.add_argument(
+        "--run-dir",
+        default=default_dir("TARGETVIRT_RUN_DIR", "/run/targetvirt"),
+        help="runtime folder: sockets, pid (env TARGETVIRT_RUN_DIR)",
+    )
+    parser.add_argument("--workers", type=int, default=4, help="I/O threads per device")
+    parser.add_argument("--no-dbus", action="store_true", help="do not register on the system bus")
+    parser.add_argument(
+        "--log-level", default="info", choices=["debug", "info", "warning", "error"]
+    )
+    return parser.parse_args(argv)  # fmt: skip
+
+
+def open_catalog(state_dir: str) -> Catalog:
+    os.makedirs(state_dir, mode=0o700, exist_ok=True)
+    return Catalog.open(SqliteStore(os.path.join(state_dir, "targetvirt.db"), create=True))
+
+
+class Handler:
+    """The running daemon: catalog, TCMU service, D-Bus, flusher."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.catalog = open_catalog(args.state_dir)
+        self._stop = threading.Event()
+        self.tcmu: Any = None
+        self.bus: Any = None
+
+    def open_lun(self, cfg: Any, info: Any) -> tuple[Any, Any]:
+        name = cfg.vdisk + (f"@{cfg.snapshot}" if cfg.snapshot else "")
+        vdisk = self.catalog.vdisk(name)
+        if info.size > vdisk.size:
+            raise InvalidArgument(
+                f"LUN size {info.size} is larger than {name} ({vdisk.size} bytes)"
+            )
+        lun = LunState.for_vdisk(
+            vdisk.uuid, info.size // info.block_size, block_size=info.block_size,
+            segment_size=vdisk.segment_size, read_only=vdisk.readonly or cfg.read_only,
+        )  # fmt: skip
+        return vdisk, lun
+
+    def check_vdisk(self, cfg: Any) -> None:
+        name = cfg.vdisk + (f"@{cfg.snapshot}" if cfg.snapshot else "")
+        if name not in self.catalog.vdisks:
+            raise NotFound(f"no vdisk named {name!r} in targetvirt")
+
+    def start(self) -> None:
+        self.tcmu = TcmuService(self.open_lun, workers=self.args.workers)
+        self.tcmu.start()
+        if not self.args.no_dbus:
+            self._start_dbus()
+        threading.Thread(target=self._flusher, name="flusher", daemon=True).start()
+
+    def _start_dbus(self) -> None:
+        try:
+            self.bus = TcmuBusService(self.check_vdisk)
+            self.bus.start()
+        except Exception as e:  # noqa: BLE001 - the data path runs without D-Bus
+            log.warning("not registered on the system bus: %s", e)
+            self.bus = None
+
+    def _flusher(self) -> None:
+        while not self._stop.wait(FLUSH_INTERVAL):
+            try:
+                self.catalog.commit()
+            except TargetvirtError as e:
+                log.error("periodic flush failed: %s", e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.tcmu is not None:
+            self.tcmu.stop()
+        if self.bus is not None:
+            self.bus.stop()
+        self.catalog.close()
+
+
+def _notify(state: str) -> None:
+    if _sd_notify is not None:
+        _sd_notify(state)
+
+
+def _watchdog(stop: threading.Event) -> None:
+    usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+    if not usec:
+        return
+    while not stop.wait(usec / 2e6):
+        _notify("WATCHDOG=1")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    handler_ = logging.StreamHandler()
+    handler_.setFormatter(LogfmtFormatter())
+    logging.basicConfig(level=args.log_level.upper(), handlers=[handler_])
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        Path(args.run_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
+        handler = Handler(args)
+        handler.start()
+    except (TargetvirtError, OSError) as e:
+        print(f"targetvirt-handler: {e}", file=sys.stderr)
+        return 1
+    (Path(args.run_dir) / "handler.pid").write_text(f"{os.getpid()}\n")
+    _notify("READY=1")
+    log.info("ready: state=%s devices=%d", args.state_dir, len(handler.tcmu.devices))
+    threading.Thread(target=_watchdog, args=(stop,), daemon=True).start()
+    while not stop.wait(1.0):
+        pass
+    _notify("STOPPING=1")
+    t0 = time.monotonic()
+    handler.stop()
+    log.info("stopped in %.1f s", time.monotonic() - t0)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
