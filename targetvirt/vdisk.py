@@ -281,6 +281,22 @@ class VDisk:
     def read_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
         self.readinto(offset, bufs)
 
+    def try_read_into(self, offset: int, bufs: Sequence[memoryview]) -> bool:
+        """The read if it is one syscall on an allocated segment, else False (nothing done)."""
+        return len(bufs) == 1 and self._read_fast(offset, bufs)
+
+    def try_write_from(self, offset: int, bufs: Sequence[memoryview]) -> bool:
+        """The write if it needs no fault and no lock wait, else False (nothing done)."""
+        if len(bufs) != 1:
+            return False
+        stripes = self._stripes(offset, bufs[0].nbytes)
+        if len(stripes) != 1 or not stripes[0].acquire(blocking=False):
+            return False
+        try:
+            return self._write_fast(offset, bufs)
+        finally:
+            stripes[0].release()
+
     def write_from(self, offset: int, bufs: Sequence[memoryview], fua: bool) -> None:
         length = bufs[0].nbytes if len(bufs) == 1 else sum(b.nbytes for b in bufs)
         with _Stripes(self._stripes(offset, length)):

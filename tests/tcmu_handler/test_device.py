@@ -150,6 +150,14 @@ def test_serves_an_engine_vdisk_through_its_table(tmp_path: Path) -> None:
         assert vdisk.read(2040 * BLOCK, len(data)) == data
         (r,) = uio.wait_all([uio.submit(read10(2040, 128), data_in=len(data))])
         assert r.data_in == data
+        # a one-segment read of mapped data is served inline by the ring thread
+        hits = device.inline_hits
+        (r,) = uio.wait_all([uio.submit(read10(2048, 8), data_in=4096)])
+        assert r.data_in == data[4096:8192] and device.inline_hits == hits + 1
+        # an unallocated segment needs a fault: a worker does it, the result is the same
+        (w,) = uio.wait_all([uio.submit(write10(6000, 8), data_out=b"x" * 4096)])
+        assert w.status == 0 and vdisk.read(6000 * BLOCK, 4096) == b"x" * 4096
+        assert device.inline_hits == hits + 1
     finally:
         device.stop()
         catalog.close()
