@@ -36,7 +36,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-SPOOL = Path("/run/agent")
+#: Where command output is spooled (a tmpfs in the guest); $TARGETVIRT_AGENT_SPOOL
+#: overrides it, e.g. when the agent is exercised on the host by the harness's own tests.
+SPOOL = Path(os.environ.get("TARGETVIRT_AGENT_SPOOL", "/run/agent"))
+HOME = SPOOL.parent / "home" if "TARGETVIRT_AGENT_SPOOL" in os.environ else Path("/run/home")
 KILL_GRACE = 10.0  # seconds to wait for a SIGKILLed process group before calling it stuck
 
 
@@ -58,14 +61,14 @@ class Agent:
         self.env = dict(os.environ)
         self.env["PATH"] = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
         self.env["LC_ALL"] = "C.UTF-8"
-        self.env["HOME"] = "/run/home"
-        self.env["TARGETCLI_HOME"] = "/run/home/.targetcli"
+        self.env["HOME"] = str(HOME)
+        self.env["TARGETCLI_HOME"] = str(HOME / ".targetcli")
         self.env["PYTHONDONTWRITEBYTECODE"] = "1"
         self.env["PYTHONUNBUFFERED"] = "1"
 
     def serve(self) -> None:
         SPOOL.mkdir(parents=True, exist_ok=True)
-        Path("/run/home/.targetcli").mkdir(parents=True, exist_ok=True)
+        (HOME / ".targetcli").mkdir(parents=True, exist_ok=True)
         ready = {"pid": os.getpid(), "uptime": _uptime(), "python": sys.version.split()[0]}
         _write_atomic(self.channel / "ready.json", json.dumps(ready).encode())
         idle = 0

@@ -22,9 +22,15 @@ if ! mountpoint -q /sys/kernel/config; then
   mount -t configfs none /sys/kernel/config
 fi
 test -d /sys/kernel/config/target || { echo "configfs: no target/ folder" >&2; exit 1; }
-# rtslib writes /etc/target into target/dbroot on first use; the kernel refuses (EINVAL)
-# unless that folder exists, and the host may not have it (no targetcli saveconfig yet).
+# rtslib-fb sets target/dbroot (where LIO keeps APTPL persistent-reservation and ALUA
+# metadata) to /etc/target only when an RTSRoot() is made before the first storage object;
+# creating a storage object directly leaves the kernel default /var/target, which does not
+# exist, and every PROUT with APTPL then fails with NOT READY 08h/00h. The kernel accepts
+# a new dbroot only while no device exists and only if the folder exists.
 mkdir -p /etc/target/pr /etc/target/alua
+if [ "$(cat /sys/kernel/config/target/dbroot)" != /etc/target ]; then
+  echo /etc/target >/sys/kernel/config/target/dbroot
+fi
 
 step network
 ip link set lo up

@@ -14,6 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -41,6 +44,9 @@ def parse_size(text: str) -> int:
 def _rtslib() -> Any:
     import rtslib_fb  # noqa: PLC0415 - only importable where configfs exists
 
+    # An RTSRoot made before the first storage object sets target/dbroot to /etc/target
+    # (as targetcli does); storage objects alone never do (see guest-setup.sh).
+    rtslib_fb.RTSRoot()
     return rtslib_fb
 
 
@@ -147,6 +153,75 @@ def clear() -> None:
     _rtslib().RTSRoot().clear_existing(confirm=True)
 
 
+CONFIGFS = Path("/sys/kernel/config/target")
+
+
+def leftovers() -> list[str]:
+    """Cheap check (no rtslib import) for state a test left behind: iSCSI initiator
+    sessions, LIO targets, storage objects, tcmu-runner processes."""
+    found = [f"iscsi-session:{p.name}" for p in Path("/sys/class/iscsi_session").glob("*")]
+    for fabric in ("iscsi", "loopback"):
+        for t in (CONFIGFS / fabric).glob("*"):
+            if t.is_dir() and t.name != "discovery_auth":
+                found.append(f"target:{fabric}/{t.name}")
+    for hba in (CONFIGFS / "core").glob("*_*"):
+        found += [f"so:{hba.name}/{so.name}" for so in hba.iterdir() if so.is_dir()]
+    found += [f"tcmu-runner:{pid}" for pid in pids_of("tcmu-runner")]
+    for mnt in Path("/proc/mounts").read_text().splitlines():
+        source, point = mnt.split()[:2]
+        if source.startswith("/dev/sd"):
+            found.append(f"mount:{point}")
+    return found
+
+
+def pids_of(comm: str) -> list[int]:
+    pids = []
+    for p in Path("/proc").glob("[0-9]*"):
+        try:
+            if (p / "comm").read_text().strip() == comm:
+                pids.append(int(p.name))
+        except OSError:
+            continue
+    return pids
+
+
+def reset(scratch: Path = Path("/run/ram")) -> list[str]:
+    """Return the guest to its post-setup state: log the initiator out of everything,
+    remove all targets and storage objects, stop tcmu-runner, empty the scratch tmpfs.
+    Returns what it found (see leftovers)."""
+    found = leftovers()
+    if not found and not any(scratch.iterdir()):
+        return found
+    for mnt in reversed(Path("/proc/mounts").read_text().splitlines()):
+        source, point = mnt.split()[:2]
+        if source.startswith("/dev/sd") or point.startswith(str(scratch) + "/"):
+            _quiet(["umount", "-l", point], 60)
+    if any(f.startswith("iscsi-session:") for f in found):
+        _quiet(["iscsiadm", "-m", "node", "--logoutall=all"], 300)
+    _quiet(["iscsiadm", "-m", "node", "-o", "delete"], 60)
+    if any(not f.startswith("tcmu-runner:") for f in found):
+        clear()  # before stopping tcmu-runner, so it can answer REMOVED_DEVICE
+    for pid in pids_of("tcmu-runner"):
+        os.kill(pid, signal.SIGTERM)
+    for child in scratch.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+    return found
+
+
+def _quiet(argv: list[str], timeout: float) -> None:
+    """Best-effort cleanup step: report failures on stderr, never raise."""
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        print(f"reset: {' '.join(argv)} timed out after {timeout:.0f} s", file=sys.stderr)
+        return
+    if proc.returncode not in (0, 21):  # 21: iscsiadm found nothing to do
+        print(f"reset: {' '.join(argv)}: {proc.stderr.strip()}", file=sys.stderr)
+
+
 def state() -> dict[str, Any]:
     """What LIO has configured, as plain data."""
     root = _rtslib().RTSRoot()
@@ -184,6 +259,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("name")
     sub.add_parser("clear", help="remove all targets and storage objects")
     sub.add_parser("state", help="print what is configured")
+    sub.add_parser("leftovers", help="list sessions/targets/backstores/daemons left behind")
+    sub.add_parser("reset", help="remove everything leftovers lists, empty /run/ram")
     a = ap.parse_args(argv)
 
     out: dict[str, Any] = {}
@@ -207,6 +284,10 @@ def main(argv: list[str] | None = None) -> int:
         clear()
     elif a.cmd == "state":
         out = state()
+    elif a.cmd == "leftovers":
+        out = {"leftovers": leftovers()}
+    elif a.cmd == "reset":
+        out = {"leftovers": reset()}
     print(json.dumps(out))
     return 0
 
