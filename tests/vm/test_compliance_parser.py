@@ -108,6 +108,14 @@ def test_compare_against_baseline() -> None:
     assert (cmp.passed, cmp.failed, cmp.base_passed, cmp.base_failed) == (2, 1, 3, 1)
     assert not cmp.ok
     assert base.compare(base).ok
+    assert mine.compare(base, ignore={"d", "c"}).regressions == []
+
+
+def test_timing_sensitive_tests_are_ignored_by_default() -> None:
+    base = _res({"Reserve6.Logout": PASSED, "a": PASSED})
+    mine = _res({"Reserve6.Logout": FAILED, "a": PASSED})
+    assert mine.compare(base).ok
+    assert not mine.compare(base, ignore=()).ok
 
 
 def test_json_round_trip() -> None:
