@@ -86,7 +86,7 @@ class Outcome:
     name: str  # "Suite.Test"
     status: str
     messages: list[str] = field(default_factory=list)
-    failures: list[str] = field(default_factory=list)  # CUnit's "file:line - assertion"
+    failures: list[str] = field(default_factory=list)  # distinct "file:line - assertion"
     seconds: float | None = None  # wall time, when the run was time-stamped
 
 
@@ -290,7 +290,9 @@ def parse_cunit(lines: Iterable[str], times: Sequence[float] | None = None) -> R
             current = None  # a new suite while a test is open: that test never ended
         m = _ASSERT.match(line)
         if m and last is not None and last.status == FAILED:
-            last.failures.append(m["what"].strip())
+            what = m["what"].strip()  # one line per failed assert: keep distinct ones
+            if what not in last.failures and len(last.failures) < MAX_MESSAGES:
+                last.failures.append(what)
             continue
         m = _SUITE.match(line)
         if m:
