@@ -288,7 +288,7 @@ def render(raw: dict[str, dict[str, FioResult] | None], why: dict[str, str]) -> 
     rows = []
     for c, r in raw.items():
         if r is None:
-            rows.append([c, f"not available: {why.get(c, '?')}"] + [""] * (len(header) - 2))
+            rows.append([f"{c} *"] + ["n/a"] * (len(header) - 1))
             continue
         row = [c]
         for j in JOBS:
@@ -310,6 +310,7 @@ def render(raw: dict[str, dict[str, FioResult] | None], why: dict[str, str]) -> 
                 )  # fmt: skip
             rrows.append([f"{c} / {b}", *cells])
     out.append(table(rheader, rrows))
+    out += [f"* {c}: not available: {why.get(c, '?')}" for c, r in raw.items() if r is None]
     return "\n".join(out)
 
 
