@@ -9,7 +9,8 @@ Every contender's backing store lives on the same tmpfs (``--dir``, default /run
 and is exported the same way (``--fabric``: a tcm_loop target, the default, or iSCSI to
 127.0.0.1 through the Linux initiator).  Each LUN is filled once (so reads hit allocated
 data), then fio runs 4 KiB random read and write and 1 MiB sequential read and write
-(libaio, O_DIRECT, iodepth 16, ``--runtime`` seconds each).  The table shows IOPS and
+(libaio, O_DIRECT, iodepth 16, ``--runtime`` seconds each), ``--rounds`` times per job
+with the contenders interleaved (a busy host slows them alike); the median round counts.  The table shows IOPS and
 MiB/s and the ratios of each contender to fileio and to qcow; ``--json`` prints one JSON
 object with ``randread_vs_qcow``, ``randwrite_vs_qcow``, ``seqread_vs_qcow``,
 ``seqwrite_vs_qcow``, ``randread_vs_fileio``, ``randwrite_vs_fileio`` (targetvirt over the
@@ -36,6 +37,7 @@ from typing import Any
 from bench.common import MIB, FioJob, FioResult, NotAvailable, dumps, fmt, ratio, run_fio, table
 from tests.vm import lio
 from tests.vm.stack import QCOW_CREATE_OPTS
+from tests.vm.tvlun import Handler, create_lun
 
 JOBS = [
     FioJob("randread", "randread", "4k", 16, "iops"),
@@ -104,16 +106,14 @@ def contender_qcow(ctx: Ctx, name: str) -> None:
 
 
 def contender_targetvirt(ctx: Ctx, name: str) -> None:
-    """HOOK: targetvirt's TCMU handler serving a vdisk whose container is on ctx.dir.
-
-    To fill in once tcmu_handler/ exists: create a pool/container on ``ctx.dir`` (the same
-    tmpfs as the others), a vdisk of ``ctx.size`` bytes, start the handler daemon (or
-    reuse a running one), create the user backstore (``lio.create_user(name,
-    "<subtype>/<cfg>", ctx.size, control="nl_reply_supported=-1")``; tcmu-runner must not
-    claim it, see the TCMU reference 2.5) and register cleanups that undo all of it.
-    Until then it raises NotAvailable, and the table shows it as such.
-    """
-    raise NotAvailable("targetvirt TCMU handler not implemented yet")
+    """targetvirt-handler serving a thin vdisk whose pool container is on ctx.dir."""
+    handler = Handler(ctx.dir / f"{name}-tv")
+    handler.provision(name, ctx.size, pool_bytes=ctx.size + (64 << 20))
+    handler.start()
+    ctx.cleanups.append(lambda: shutil.rmtree(handler.dir, ignore_errors=True))
+    ctx.cleanups.append(handler.stop)
+    create_lun(name, name, ctx.size)
+    ctx.cleanups.append(lambda: lio.delete_storage_object(name))
 
 
 CONTENDER_FNS: dict[str, Callable[[Ctx, str], None]] = {
@@ -215,28 +215,45 @@ def fill(dev: str, size: int) -> None:
 # --------------------------------------------------------------------------- main
 
 
-def measure(
-    name: str, args: argparse.Namespace, ctx: Ctx
-) -> tuple[dict[str, FioResult] | None, str | None]:
-    """Run all jobs on one contender; returns (results, None) or (None, why not)."""
+def prepare(name: str, args: argparse.Namespace, ctx: Ctx, stack: contextlib.ExitStack) -> str:
+    """Create, export and fill one contender's LUN; returns its block device."""
     so_name = f"bench_{name}"
-    try:
-        CONTENDER_FNS[name](ctx, so_name)
-    except NotAvailable as e:
-        ctx.cleanup()
-        return None, str(e)
-    try:
-        with exported(so_name, args.fabric) as dev:
-            ctx.log(f"{name}: {dev} ({args.fabric}), filling {ctx.size // MIB} MiB")
-            fill(dev, ctx.size)
-            out = {}
-            for job in JOBS:
-                out[job.name] = run_fio(dev, job, runtime=args.runtime, ramp=args.ramp)
-                ctx.log(f"{name}: {job.name} {out[job.name].iops:,.0f} IOPS "
-                        f"{out[job.name].mib_s:,.1f} MiB/s")  # fmt: skip
-            return out, None
-    finally:
-        ctx.cleanup()
+    stack.callback(ctx.cleanup)
+    CONTENDER_FNS[name](ctx, so_name)
+    dev = stack.enter_context(exported(so_name, args.fabric))
+    ctx.log(f"{name}: {dev} ({args.fabric}), filling {ctx.size // MIB} MiB")
+    fill(dev, ctx.size)
+    return dev
+
+
+def measure_all(
+    names: list[str], args: argparse.Namespace, log: Callable[[str], None]
+) -> tuple[dict[str, dict[str, FioResult] | None], dict[str, str]]:
+    """Every job on every contender, interleaved: job by job, round by round, contender by
+    contender, so a noisy host slows all of them alike; the median round counts."""
+    raw: dict[str, dict[str, FioResult] | None] = {}
+    why: dict[str, str] = {}
+    with contextlib.ExitStack() as stack:
+        devs: dict[str, str] = {}
+        for name in names:
+            try:
+                devs[name] = prepare(name, args, Ctx(dir=args.dir, size=args.size, log=log), stack)
+            except NotAvailable as e:
+                raw[name], why[name] = None, str(e)
+                log(f"{name}: not available: {e}")
+        runs: dict[str, dict[str, list[FioResult]]] = {n: {} for n in devs}
+        for job in JOBS:
+            for r in range(args.rounds):
+                for name, dev in devs.items():
+                    res = run_fio(dev, job, runtime=args.runtime, ramp=args.ramp)
+                    runs[name].setdefault(job.name, []).append(res)
+                    log(f"{name}: {job.name} round {r + 1}: {res.iops:,.0f} IOPS "
+                        f"{res.mib_s:,.1f} MiB/s")  # fmt: skip
+        for name, per_job in runs.items():
+            raw[name] = {
+                j: sorted(rs, key=lambda x: x.iops)[len(rs) // 2] for j, rs in per_job.items()
+            }
+    return {n: raw[n] for n in names if n in raw}, why
 
 
 def report(
@@ -271,6 +288,7 @@ def report(
     data["not_available"] = why
     data["params"] = {
         "runtime_s": args.runtime,
+        "rounds": args.rounds,
         "ramp_s": args.ramp,
         "size_mib": args.size // MIB,
         "fabric": args.fabric,
@@ -320,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    ap.add_argument("--runtime", type=int, default=15, help="seconds per fio job (default 15)")
+    ap.add_argument("--runtime", type=int, default=10, help="seconds per fio run (default 10)")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds per job (median)")
     ap.add_argument("--ramp", type=int, default=2, help="fio ramp time per job (default 2)")
     ap.add_argument("--size", type=lio.parse_size, default=256 * MIB, help="LUN size (256M)")
     ap.add_argument("--dir", type=Path, default=Path("/run/ram/bench"), help="tmpfs folder")
@@ -346,14 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     def log(msg: str) -> None:
         print(f"bench.lun: {msg}", file=sys.stderr, flush=True)
 
-    raw: dict[str, dict[str, FioResult] | None] = {}
-    why: dict[str, str] = {}
-    for name in names:
-        ctx = Ctx(dir=args.dir, size=args.size, log=log)
-        raw[name], reason = measure(name, args, ctx)
-        if reason is not None:
-            why[name] = reason
-            log(f"{name}: not available: {reason}")
+    raw, why = measure_all(names, args, log)
     if args.json:
         print(dumps(report(raw, why, args)))
     else:

@@ -365,6 +365,24 @@ def qcow_backstore(size: str = "128M") -> BackstoreSetup:
     return setup
 
 
+def targetvirt_backstore(size: str = "128M", *daemon_args: str) -> BackstoreSetup:
+    """targetvirt-handler serving a thin vdisk whose pool is a file in /run/ram."""
+
+    def setup(guest: Guest, so_name: str) -> Callable[[], None]:
+        where = f"/run/ram/tv-{so_name}"
+        guest.module("tests.vm.tvlun", "up", where, so_name, size, *daemon_args, timeout=300)
+
+        def cleanup() -> None:
+            guest.module("tests.vm.tvlun", "stop", where, timeout=120, check=False)
+            guest.run(["cp", f"{where}/handler.log", str(guest.results / f"{so_name}.log")],
+                      check=False)  # fmt: skip
+            guest.run(["rm", "-rf", where], check=False)
+
+        return cleanup
+
+    return setup
+
+
 # --------------------------------------------------------------------------- running
 
 
