@@ -804,6 +804,7 @@ class Agent:
         self.lease_seconds = 0.0
         self.session = 0
         self.registrations = 0
+        self._stream_down = 0  # the session whose command stream broke, if any
         self._vdisks: dict[str, AgentVDisk] = {}
         self._containers: dict[tuple[str, int], Container] = {}
         self._session_lock = threading.RLock()
@@ -897,12 +898,7 @@ class Agent:
             self.session, self.lease_seconds = reply.session, reply.lease_seconds
             self.lease.until = sent + reply.lease_seconds
             self.registrations += 1
-            session = reply.session
-            self.link.open_commands(
-                p.Hello(self.agent_id, session),
-                functools.partial(self._on_command, session),
-                functools.partial(self._commands_lost, session),
-            )
+            self._open_stream(reply.session)
             for v in vdisks:
                 self._load_or_drop(v)
         except BaseException:
@@ -973,12 +969,26 @@ class Agent:
     def _commands_lost(self, session: int) -> None:
         if self._closed or session != self.session:
             return
+        self._stream_down = session
+        threading.Thread(
+            target=self._restore, name=f"{self.agent_id}-reconnect", daemon=True
+        ).start()
 
-        def again() -> None:
-            with contextlib.suppress(TargetvirtError):  # else the keeper or the next I/O does
-                self._lost(session)
+    def _restore(self) -> None:
+        """The command stream broke.  Ask the controller: if the session still stands,
+        reopen the stream (a command lost on the way gets us fenced anyway); if it is gone,
+        :meth:`request` registers again; if unreachable, the lease runs out by itself and
+        the keeper (or the next write) tries again."""
+        with contextlib.suppress(TargetvirtError):
+            self.renew_lease()
 
-        threading.Thread(target=again, name=f"{self.agent_id}-reconnect", daemon=True).start()
+    def _open_stream(self, session: int) -> None:
+        self._stream_down = 0
+        self.link.open_commands(
+            p.Hello(self.agent_id, session),
+            functools.partial(self._on_command, session),
+            functools.partial(self._commands_lost, session),
+        )
 
     # --- lease ---------------------------------------------------------------------------
 
@@ -996,8 +1006,11 @@ class Agent:
         sent = self.clock.now()
         session = self.session
         grant = self.request(lambda s: p.LeaseRenew(self.agent_id, s), p.LeaseGrant)
-        if self.session == session:
-            self.lease.until = max(self.lease.until, sent + grant.seconds)
+        with self._session_lock:
+            if self.session == session:
+                self.lease.until = max(self.lease.until, sent + grant.seconds)
+                if self._stream_down == session:
+                    self._open_stream(session)
 
     def start(self) -> None:
         """Run the lease keeper thread (renewal, and re-registration after a loss)."""

@@ -52,6 +52,7 @@ from targetvirt.catalog import COMMIT_EVERY, Catalog, Progress
 from targetvirt.clock import Clock, MonotonicClock
 from targetvirt.errors import (
     Cancelled,
+    ControllerUnreachable,
     InUse,
     InvalidArgument,
     ProtocolError,
@@ -159,6 +160,8 @@ class Controller:
     def handle(self, request: p.Request) -> p.Reply:
         """Answer one agent request; errors come back as ``Refused``."""
         try:
+            if self._closed:
+                raise ControllerUnreachable("the controller is stopped")
             return self._dispatch(request)
         except TargetvirtError as e:
             return p.refusal(e)
@@ -355,7 +358,7 @@ class Controller:
         """A transport opened the command stream of a session: deliver to ``sink``."""
         with self._state:
             s = self._sessions.get(sid)
-            if s is None or s.agent_id != agent_id or not s.live:
+            if s is None or s.agent_id != agent_id or not s.live or self._closed:
                 raise SessionLost(f"agent {agent_id}: session {sid:#x} is not current")
             s.sink, s.disconnected = sink, False
             backlog, s.backlog = s.backlog, []
