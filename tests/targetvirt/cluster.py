@@ -27,7 +27,7 @@ class Cluster:
         *,
         vdisks: dict[str, int] | None = None,
         agents: int = 3,
-        cow: str = "redirect",
+        cow: str | dict[str, str] = "redirect",
         lease: float = 10.0,
         ack_timeout: float = 2.0,
         frozen_timeout: float = 30.0,
@@ -44,7 +44,8 @@ class Cluster:
             self.catalog.add_container("p", self._path(f"c{i}"), size, preallocate=True)
         vdisks = vdisks if vdisks is not None else {"v": 8 * SEG}
         for name, vsize in vdisks.items():
-            self.catalog.create_vdisk(name, "p", vsize, cow)  # type: ignore[arg-type]
+            mode = cow if isinstance(cow, str) else cow[name]
+            self.catalog.create_vdisk(name, "p", vsize, mode)  # type: ignore[arg-type]
         self.controller = self._controller(self.catalog)
         self.links = [InProcessLink(self.controller, encode=encode) for _ in range(agents)]
         self.agents = [
