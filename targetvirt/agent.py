@@ -83,12 +83,19 @@ LOAD_SPAN = 1 << 16  # entries per fetch when (re)loading a whole table
 UNMAP_SPAN = 1 << 16
 _LOG_LENGTH = 64
 _SESSION_RETRIES = 3
+_SLICE = 1 << 16  # entries per slice of a bulk table pass
 
 READ, WRITE, CAW_WRITE = 0, 1, 2  # admission modes: a CAW's own write passes its own hold
 _FETCH, _FAULT, _WAIT, _DESCRIBE = "fetch", "fault", "wait", "describe"
 
 Extent = tuple[Container | None, int, int]
 R = TypeVar("R", bound=p.Reply)
+
+
+def _any_nowrite(entries: array[int]) -> bool:
+    if len(entries) == 1:
+        return bool(entries[0] & t.NOWRITE_BIT)
+    return bool(np.any(np.frombuffer(entries, dtype=np.uint64) & np.uint64(t.NOWRITE_BIT)))
 
 
 def _nbytes(bufs: Sequence[memoryview]) -> int:
@@ -163,8 +170,11 @@ class AgentVDisk:
         self._delay_until: float | None = None
         self._caw = 0
         self._dropped = False
+        self._frozen_all = False  # NOWRITE on every entry, held as one flag
+        self._nowrite_marks = False  # some entry may carry its own NOWRITE bit
         self._read_open = False
         self._write_open = False
+        self._write_fast = False  # the fast path's flag: open and not wholly frozen
         self._next_ticket = 0
         self._held: set[int] = set()
 
@@ -233,7 +243,7 @@ class AgentVDisk:
             if intra + n <= self._segment_size and offset >= 0 and self._now() < self._lease.until:
                 # fast path: a private, normal, allocated entry -- one pwritev
                 with self._lock:
-                    ok = offset + n <= self.size and self._write_open
+                    ok = offset + n <= self.size and self._write_fast
                     if ok:
                         e = self._entries[offset >> self._shift]
                         ok = e & _WRITE_STOP == t.MAPPED
@@ -319,8 +329,10 @@ class AgentVDisk:
                         continue
                     self._check_lease()
                     frozen = np.flatnonzero(self._view(lo, hi) & np.uint64(t.NOWRITE_BIT))
-                    if frozen.size:
-                        since = self._wait_writable(lo + int(frozen[0]), since)
+                    if frozen.size or self._frozen_all:
+                        since = self._wait_writable(
+                            lo + int(frozen[0]) if frozen.size else lo, since
+                        )
                         continue
                     epoch = self._epoch
                 reply = self._request(
@@ -502,6 +514,8 @@ class AgentVDisk:
             index, intra = offset >> shift, offset & mask
             n = min(length, seg - intra)
             e = entries[index]
+            if write and self._frozen_all:
+                return _Need(_WAIT, index)
             if e & t.INVALID_BIT:
                 return _Need(_FETCH, index)
             if write:
@@ -565,6 +579,8 @@ class AgentVDisk:
                 return False
             self._entries[lo:hi] = values
             self._note_change(lo, hi)
+            if not self._nowrite_marks and _any_nowrite(values):
+                self._nowrite_marks = True
             self._cond.notify_all()
             return True
 
@@ -654,18 +670,30 @@ class AgentVDisk:
             self._suspended or self._blocked or self._dropped or self._delay_until is not None
         )
         self._write_open = self._read_open and not self._caw and not self.readonly
+        self._write_fast = self._write_open and not self._frozen_all
 
     def _set_state(self, start: int, count: int, state: int) -> None:
         lo, hi = min(start, len(self._entries)), min(start + count, len(self._entries))
+        whole = lo == 0 and hi == len(self._entries)
 
         def change() -> None:
+            if whole and state == t.NOWRITE:
+                # A freeze of the whole table is one flag, not a pass over every entry:
+                # it is what a live snapshot does, inside its freeze window.
+                self._frozen_all = True
+                return
             view = self._view(lo, hi)
             if state == t.NOWRITE:
                 view |= np.uint64(t.NOWRITE_BIT)
+                self._nowrite_marks = True
             elif state == t.INVALID:
                 view |= np.uint64(t.INVALID_BIT)
             else:
-                view &= np.uint64(~t.NOWRITE_BIT & (2**64 - 1))
+                if whole:
+                    self._frozen_all = False
+                if self._nowrite_marks:
+                    view &= np.uint64(~t.NOWRITE_BIT & (2**64 - 1))
+                    self._nowrite_marks = not whole
 
         self._change(lo, hi, change, drain=state != t.NORMAL)
 
@@ -678,13 +706,22 @@ class AgentVDisk:
             for i, e in zip(indexes, entries, strict=True):
                 if i < n:
                     table[i] = e
+            if not self._nowrite_marks and _any_nowrite(entries):
+                self._nowrite_marks = True
 
         self._change(min(indexes), max(indexes) + 1, change, drain=True)
 
     def _mark_shared(self) -> None:
-        # MAPPED is bit 63, SHARED bit 58: shifting right by 5 lands one on the other
+        # MAPPED is bit 63, SHARED bit 58: shifting right by 5 lands one on the other.  In
+        # cache-sized slices with one scratch buffer: this runs inside a freeze window.
         view = self._view(0, len(self._entries))
-        view |= (view >> np.uint64(63 - 58)) & np.uint64(t.SHARED)
+        scratch = np.empty(min(len(view), _SLICE), dtype=np.uint64)
+        for start in range(0, len(view), _SLICE):
+            part = view[start : start + _SLICE]
+            s = scratch[: len(part)]
+            np.right_shift(part, np.uint64(63 - 58), out=s)
+            np.bitwise_and(s, np.uint64(t.SHARED), out=s)
+            np.bitwise_or(part, s, out=part)
 
     def _resize(self, size: int) -> None:
         n_old, n_new = len(self._entries), -(-size // self._segment_size)
@@ -705,6 +742,7 @@ class AgentVDisk:
 
         def suspend() -> None:
             self._suspended, self._blocked, self._delay_until = True, False, None
+            self._frozen_all = False  # the new session's fetches carry any freeze
 
         self._change(0, _ALL, suspend, drain=True)
 
@@ -743,6 +781,7 @@ class AgentVDisk:
         self.size = info.size
         self.readonly = info.readonly
         self._entries = array("Q", [t.INVALID_BIT]) * (-(-info.size // info.segment_size))
+        self._nowrite_marks = False
         self._note_change(0, _ALL)
         self._open_containers(info)
         self._regate()
@@ -760,9 +799,9 @@ class AgentVDisk:
     # --- inspection (tests, management) ------------------------------------------------
 
     def entry(self, index: int) -> int:
-        """The agent's annotated entry at ``index``."""
+        """The agent's annotated entry at ``index`` (a whole-table freeze included)."""
         with self._lock:
-            return self._entries[index]
+            return self._entries[index] | (t.NOWRITE_BIT if self._frozen_all else 0)
 
     @property
     def blocked(self) -> bool:

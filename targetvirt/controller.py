@@ -116,6 +116,7 @@ class Session:
 class _Freeze:
     state: int
     until: float | None = None
+    copying: bool = False  # a live copy is under way: mapped entries are about to be shared
 
 
 class Controller:
@@ -390,8 +391,10 @@ class Controller:
 
     def _push(self, pairs: Sequence[tuple[Session, p.Command]]) -> None:
         """Send every command (in list order per agent), wait for the acks, fence laggards."""
-        if not pairs:
-            return
+        self._settle(self._send(pairs))
+
+    def _send(self, pairs: Sequence[tuple[Session, p.Command]]) -> list[tuple[Session, int]]:
+        """Queue the commands; returns what :meth:`_settle` must wait for."""
         waiting: list[tuple[Session, int]] = []
         with self._state:
             for s, cmd in pairs:
@@ -406,8 +409,13 @@ class Controller:
                     s.backlog.append(sent)
                 elif not s.sink.deliver(sent):
                     s.disconnected = True
-        for s in self._await(waiting, self.clock.now() + self.ack_timeout):
-            self._fence(s)
+        return waiting
+
+    def _settle(self, waiting: list[tuple[Session, int]]) -> None:
+        """Wait for the acks of sent commands; fence the agents that fail to give them."""
+        if waiting:
+            for s in self._await(waiting, self.clock.now() + self.ack_timeout):
+                self._fence(s)
 
     def _await(self, waiting: list[tuple[Session, int]], deadline: float) -> list[Session]:
         """Wait for the acks; returns the sessions that failed (no ack, or a refusal)."""
@@ -455,12 +463,16 @@ class Controller:
 
     # --- annotation and coherence ----------------------------------------------------------
 
+    def _copying(self, name: str) -> bool:
+        freeze = self._frozen.get(name)
+        return freeze is not None and freeze.copying
+
     def _writable(self, name: str, index: int) -> bool:
         return name not in self._frozen and index not in self._holds.get(name, ())
 
     def _annotate_one(self, v: VDisk, index: int) -> int:
         e = v.table[index]
-        if e & t.MAPPED and v.pool.refcount(e) > 1:
+        if e & t.MAPPED and (v.pool.refcount(e) > 1 or self._copying(v.name)):
             e |= t.SHARED
         if not self._writable(v.name, index):
             e |= t.NOWRITE_BIT
@@ -484,6 +496,8 @@ class Controller:
         with self._state:
             frozen = v.name in self._frozen
             holds = sorted(self._holds.get(v.name, ()))
+        if self._copying(v.name):
+            out[mapped] |= np.uint64(t.SHARED)
         if frozen:
             out |= np.uint64(t.NOWRITE_BIT)
         for index in holds:
@@ -562,15 +576,27 @@ class Controller:
             self.catalog.commit()  # the sources are durable: the commit in the freeze is small
             fresh = [n for n in sources if n not in self._frozen]  # a user freeze stays
             started = self.clock.now()
-            self._freeze_now(fresh, state)
+            with self._state:
+                for name in sources:
+                    self._frozen.setdefault(name, _Freeze(state)).copying = True
+            # Agents mark every mapped entry SHARED right behind the freeze, while the
+            # catalog copies: the pass overlaps the copy instead of lengthening the window.
+            # Early marks are safe: nothing writes while frozen, fetches meanwhile come
+            # annotated SHARED (see _copying), and a failed copy leaves marks that only
+            # cost a fault that changes nothing.
+            self._settle(self._send(self._state_all(fresh, state)))
+            marks = self._send(self._to_servers(sources, lambda n: p.MarkShared(0, n)))
             frozen = self.clock.now()
             made: list[VDisk] = []
             try:
                 made = make()  # durable before anyone may write again
             finally:
-                # the new shared state and the thaw go out together: one round trip
-                marks = self._to_servers(sources, lambda n: p.MarkShared(0, n)) if made else []
-                self._thaw_now(fresh, marks)
+                with self._state:
+                    for name in sources:
+                        self._frozen[name].copying = False
+                        if name in fresh:
+                            del self._frozen[name]
+                self._settle(marks + self._send(self._state_all(fresh, t.NORMAL)))
             window = FreezeWindow(tuple(sources), mode, started, frozen, self.clock.now())
             self.windows.append(window)
             return made
