@@ -44,6 +44,7 @@ import math
 import os
 import socket
 import threading
+import time
 from array import array
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -75,6 +76,8 @@ from targetvirt.vdisk import Cursor
 _preadv = os.preadv
 _pwritev = os.pwritev
 
+# the fast paths read these as module globals (no attribute lookups)
+_MAPPED, _PSEG_MASK, _CID_SHIFT, _CID_MASK = t.MAPPED, t.PSEG_MASK, t.CID_SHIFT, t.CID_MASK
 _READ_STOP = t.MAPPED | t.INVALID_BIT  # a read goes straight through iff e & this == MAPPED
 _WRITE_STOP = t.MAPPED | t.INVALID_BIT | t.NOWRITE_BIT | t.SHARED  # same for a write
 _ALL = 1 << 62  # "every index" in the change log
@@ -143,7 +146,8 @@ class AgentVDisk:
         self.agent = agent
         self.name = name
         self._clock = agent.clock
-        self._now = agent.clock.now
+        # time.monotonic itself when the clock is the real one: one C call on the fast path
+        self._now = time.monotonic if type(agent.clock) is MonotonicClock else agent.clock.now
         self._lease = agent.lease
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
@@ -195,28 +199,37 @@ class AgentVDisk:
     def read_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """Fill ``bufs`` with the bytes at ``offset`` (unallocated ranges read as zeros)."""
         if len(bufs) == 1:
+            # fast path: one lookup, bit tests, one preadv -- no round trip, no lease
             n = bufs[0].nbytes
             intra = offset & self._mask
             if intra + n <= self._segment_size and offset >= 0:
-                # fast path: one lookup, bit tests, one preadv -- no round trip, no lease
-                with self._lock:
-                    ok = offset + n <= self.size and self._read_open
-                    if ok:
-                        e = self._entries[offset >> self._shift]
-                        ok = e & _READ_STOP == t.MAPPED
-                        if ok:
-                            g = self._gen & 1
-                            self._active[g] += 1
-                if ok:
-                    where = DATA_OFFSET + (e & t.PSEG_MASK) * self._segment_size + intra
-                    try:
-                        done = _preadv(self._fds[(e >> t.CID_SHIFT) & t.CID_MASK], bufs, where)
-                    except (OSError, IndexError):
-                        done = -1
-                    finally:
-                        self._leave(g)
-                    if done == n:
-                        return
+                lock = self._lock
+                lock.acquire()
+                if offset + n <= self.size and self._read_open:
+                    e = self._entries[offset >> self._shift]
+                    if e & _READ_STOP == _MAPPED:
+                        active, g = self._active, self._gen & 1
+                        active[g] += 1  # in flight: a drain waits for it
+                        lock.release()
+                        try:
+                            done = _preadv(
+                                self._fds[(e >> _CID_SHIFT) & _CID_MASK], bufs,
+                                DATA_OFFSET + (e & _PSEG_MASK) * self._segment_size + intra,
+                            )  # fmt: skip
+                        except (OSError, IndexError):
+                            done = -1  # the slow path names the error
+                        finally:
+                            lock.acquire()
+                            active[g] -= 1
+                            if self._draining:
+                                self._cond.notify_all()
+                            lock.release()
+                        if done == n:
+                            return
+                    else:
+                        lock.release()
+                else:
+                    lock.release()
         self._read_slow(offset, bufs)
 
     def _read_slow(self, offset: int, bufs: Sequence[memoryview]) -> None:
@@ -238,28 +251,37 @@ class AgentVDisk:
     def write_from(self, offset: int, bufs: Sequence[memoryview], fua: bool) -> None:
         """Write the concatenation of ``bufs`` at ``offset``; with ``fua``, durably."""
         if len(bufs) == 1 and not fua:
+            # fast path: a private, normal, allocated entry under a lease -- one pwritev
             n = bufs[0].nbytes
             intra = offset & self._mask
             if intra + n <= self._segment_size and offset >= 0 and self._now() < self._lease.until:
-                # fast path: a private, normal, allocated entry -- one pwritev
-                with self._lock:
-                    ok = offset + n <= self.size and self._write_fast
-                    if ok:
-                        e = self._entries[offset >> self._shift]
-                        ok = e & _WRITE_STOP == t.MAPPED
-                        if ok:
-                            g = self._gen & 1
-                            self._active[g] += 1
-                if ok:
-                    where = DATA_OFFSET + (e & t.PSEG_MASK) * self._segment_size + intra
-                    try:
-                        done = _pwritev(self._fds[(e >> t.CID_SHIFT) & t.CID_MASK], bufs, where)
-                    except (OSError, IndexError):
-                        done = -1
-                    finally:
-                        self._leave(g)
-                    if done == n:
-                        return
+                lock = self._lock
+                lock.acquire()
+                if offset + n <= self.size and self._write_fast:
+                    e = self._entries[offset >> self._shift]
+                    if e & _WRITE_STOP == _MAPPED:
+                        active, g = self._active, self._gen & 1
+                        active[g] += 1
+                        lock.release()
+                        try:
+                            done = _pwritev(
+                                self._fds[(e >> _CID_SHIFT) & _CID_MASK], bufs,
+                                DATA_OFFSET + (e & _PSEG_MASK) * self._segment_size + intra,
+                            )  # fmt: skip
+                        except (OSError, IndexError):
+                            done = -1
+                        finally:
+                            lock.acquire()
+                            active[g] -= 1
+                            if self._draining:
+                                self._cond.notify_all()
+                            lock.release()
+                        if done == n:
+                            return
+                    else:
+                        lock.release()
+                else:
+                    lock.release()
         self._write_slow(offset, bufs, fua, WRITE)
 
     def _write_slow(self, offset: int, bufs: Sequence[memoryview], fua: bool, mode: int) -> None:
@@ -595,12 +617,6 @@ class AgentVDisk:
     def _note_change(self, lo: int, hi: int) -> None:
         self._epoch += 1
         self._log.append((self._epoch, lo, hi))
-
-    def _leave(self, parity: int) -> None:
-        with self._lock:
-            self._active[parity] -= 1
-            if self._draining:
-                self._cond.notify_all()
 
     def _release(self, grant: _Grant) -> None:
         with self._cond:
