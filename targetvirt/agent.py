@@ -599,6 +599,7 @@ class AgentVDisk:
         with self._cond:
             if hi > len(self._entries) or self._conflicts(since, lo, hi):
                 return False
+            self._spell_out_freeze()
             self._entries[lo:hi] = values
             self._note_change(lo, hi)
             if not self._nowrite_marks and _any_nowrite(values):
@@ -718,6 +719,7 @@ class AgentVDisk:
             return
 
         def change() -> None:
+            self._spell_out_freeze()
             table, n = self._entries, len(self._entries)
             for i, e in zip(indexes, entries, strict=True):
                 if i < n:
@@ -726,6 +728,18 @@ class AgentVDisk:
                 self._nowrite_marks = True
 
         self._change(min(indexes), max(indexes) + 1, change, drain=True)
+
+    def _spell_out_freeze(self) -> None:
+        """Under the lock, before installing entries: turn a whole-table freeze into
+        NOWRITE bits.  An installed entry carries the state the controller wants for it
+        (its annotation), which may differ from its neighbours' (a migration hold that
+        happened to cover a one-entry table, say)."""
+        if self._frozen_all:
+            view = self._view(0, len(self._entries))
+            view |= np.uint64(t.NOWRITE_BIT)
+            self._frozen_all = False
+            self._nowrite_marks = True
+            self._regate()
 
     def _mark_shared(self) -> None:
         # MAPPED is bit 63, SHARED bit 58: shifting right by 5 lands one on the other.  In

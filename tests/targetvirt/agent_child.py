@@ -8,6 +8,9 @@ blocks numbered 1, 2, 3...: write ``seq`` goes to vdisk ``VDISKS[seq % 2]``, slo
 ``(INDEX, seq)`` repeated, so any snapshot can be decoded.  After each write returns it
 appends ``(seq, start, end)`` (CLOCK_MONOTONIC, shared by the processes of one host) to
 LOG.  It stops when the file STOP exists, flushes, prints ``done <last seq>``.
+
+Like a SCSI initiator, it retries an I/O that failed with a "try again" sense (no lease,
+controller unreachable: a controller restart) -- only acknowledged writes are logged.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ import os
 import struct
 import sys
 import time
+from collections.abc import Callable
+from functools import partial
 
 from targetvirt.agent import Agent
+from targetvirt.errors import LeaseExpired
 from targetvirt.transport.network import NetworkLink
 
 VDISKS = ("a", "b")
@@ -50,6 +56,18 @@ def target(index: int, seq: int) -> tuple[str, int, int]:
     return VDISKS[seq % 2], slot, index * REGION + slot * STRIDE
 
 
+def retrying(io: Callable[[], None]) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            io()
+            return
+        except LeaseExpired:  # ControllerUnreachable too: NOT READY, the initiator retries
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
 def main() -> int:
     sock, agent_id, index, log_path, stop = sys.argv[1:6]
     me = int(index)
@@ -66,17 +84,18 @@ def main() -> int:
         name, _, offset = target(me, seq)
         data = block(me, seq)
         start = time.monotonic()
-        vdisks[name].write_from(offset, [memoryview(data)], seq % 97 == 0)
+        vd = vdisks[name]
+        retrying(partial(vd.write_from, offset, [memoryview(data)], seq % 97 == 0))
         end = time.monotonic()
         os.write(log, RECORD.pack(seq, start, end))
         if seq % 7 == 0:  # read back through the agent's table: coherence after COW
-            vdisks[name].read_into(offset, [memoryview(check)])
+            retrying(partial(vd.read_into, offset, [memoryview(check)]))
             if check != data:
                 print(f"read back {decode_block(bytes(check))} after writing {seq}", flush=True)
                 return 1
         if seq % 50 == 0:
-            vdisks[name].flush()
-    vdisks["a"].flush()
+            retrying(vd.flush)
+    retrying(vdisks["a"].flush)
     os.close(log)
     print(f"done {seq}", flush=True)
     agent.close()

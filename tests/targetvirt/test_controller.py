@@ -224,6 +224,33 @@ def test_a_crashed_agent_is_fenced_and_the_controller_goes_on(cluster: Cluster) 
     assert read(cluster.vd(0), 0, 5) == b"after"
 
 
+def test_an_agent_that_crashes_while_draining_is_fenced(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(cluster.vd(0), 0, b"a" * 4096)
+    in_write, release = threading.Event(), threading.Event()
+    real = agent_mod._pwritev
+
+    def stuck_pwritev(fd: int, bufs: Sequence[memoryview], offset: int) -> int:
+        if bytes(bufs[0][:5]) == b"stuck":
+            in_write.set()
+            assert release.wait(10)
+        return real(fd, bufs, offset)
+
+    monkeypatch.setattr(agent_mod, "_pwritev", stuck_pwritev)
+    writer = Background(lambda: write(cluster.vd(0), 0, b"stuck"))
+    assert in_write.wait(10)
+    snap = Background(lambda: cluster.controller.snapshot("v", "s"))
+    assert snap.still_running()  # gw0 is draining the freeze: it waits for its write
+    cluster.links[0].crash()  # ...and dies in the middle of the command
+    release.set()
+    drive(cluster.clock, snap, step=0.5)
+    assert cluster.controller.fenced == ["gw0"]
+    writer.result()
+    write(cluster.vd(1), 4096, b"others go on")
+    assert read(cluster.vd(2), 4096, 12) == b"others go on"
+
+
 def test_a_fenced_agent_registers_again_and_rebuilds(cluster: Cluster) -> None:
     write(cluster.vd(0), 0, b"1" * 10)
     cluster.links[1].partition()
