@@ -1126,11 +1126,19 @@ class Agent:
         self.request(lambda s: p.Flush(self.agent_id, s), p.Done)
 
     def close(self) -> None:
+        """Stop serving: drain every vdisk, tell the controller (best effort, so it need
+        not fence us at its next command), close the link and the containers."""
         self._closed = True
         with self._keeper_cond:
             self._keeper_cond.notify_all()
-        for v in list(self._vdisks.values()):
+        vdisks = list(self._vdisks.values())
+        for v in vdisks:
             v._change(0, _ALL, functools.partial(setattr, v, "_dropped", True), drain=True)
+        session = self.session
+        if session:
+            with contextlib.suppress(TargetvirtError):
+                for v in vdisks:
+                    self.link.call(p.Detach(self.agent_id, session, v.name))
         self.link.close()
         if self._keeper is not None:
             self._keeper.join(timeout=5)
