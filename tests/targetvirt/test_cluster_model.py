@@ -310,7 +310,7 @@ class ClusterMachine(RuleBasedStateMachine):
 
 
 ClusterMachine.TestCase.settings = settings(
-    max_examples=int(os.environ.get("TV_CLUSTER_EXAMPLES", "25")),
+    max_examples=int(os.environ.get("TV_CLUSTER_EXAMPLES", "40")),
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
