@@ -172,7 +172,7 @@ def bench_live_snapshots(
             a.expect("loading")
         held = []
         for i in range(snapshots):
-            time.sleep(0.05)  # let the load re-fault its working set between snapshots
+            time.sleep(0.2)  # the load re-faults (COW) its working set between snapshots
             controller.snapshot("tib", f"s{i}")
             w = controller.windows[-1]
             held.append(w.held)

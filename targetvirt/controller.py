@@ -584,8 +584,9 @@ class Controller:
             # Early marks are safe: nothing writes while frozen, fetches meanwhile come
             # annotated SHARED (see _copying), and a failed copy leaves marks that only
             # cost a fault that changes nothing.
-            self._settle(self._send(self._state_all(fresh, state)))
+            freeze = self._send(self._state_all(fresh, state))
             marks = self._send(self._to_servers(sources, lambda n: p.MarkShared(0, n)))
+            self._settle(freeze)  # drained: the copy sees everything acknowledged, no more
             frozen = self.clock.now()
             made: list[VDisk] = []
             try:
