@@ -120,7 +120,13 @@ class _Freeze:
 
 
 class Controller:
-    """The controller role around one catalog."""
+    """The controller role around one catalog.
+
+    While agents serve vdisks, every operation that changes an existing table goes
+    through the controller (snapshot, clone, rollback, resize, delete, flatten, migrate,
+    evacuate...): it keeps the agents coherent.  ``catalog`` itself is for what changes no
+    served table: creating pools, containers and vdisks, usage, checks.
+    """
 
     def __init__(
         self,
