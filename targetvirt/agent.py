@@ -27,6 +27,9 @@ In-flight I/O is counted in two counters selected by the parity of a generation 
 a drain bumps the generation and waits for the old counter to reach zero, so a steady
 stream of new I/O cannot starve it.
 
+A live snapshot's freeze and MarkShared over a whole table are flags (O(1) in the freeze
+window); they are spelled out into entry bits at the first install that follows.
+
 Gate: while the vdisk is blocked, delayed, suspended (re-registering) or, for writes,
 inside a COMPARE AND WRITE, new I/O queues with a ticket; a flush waits for every queued
 I/O with an earlier ticket, so releasing the queue never reorders writes against a flush.
@@ -175,6 +178,7 @@ class AgentVDisk:
         self._caw = 0
         self._dropped = False
         self._frozen_all = False  # NOWRITE on every entry, held as one flag
+        self._shared_all = False  # SHARED on every mapped entry, held as one flag
         self._nowrite_marks = False  # some entry may carry its own NOWRITE bit
         self._read_open = False
         self._write_open = False
@@ -543,7 +547,7 @@ class AgentVDisk:
             if write:
                 if e & t.NOWRITE_BIT:
                     return _Need(_WAIT, index)
-                if e & (t.MAPPED | t.SHARED) != t.MAPPED:
+                if e & (t.MAPPED | t.SHARED) != t.MAPPED or self._shared_all:
                     return _Need(_FAULT, index, covered=n == seg)
             if e & t.MAPPED:
                 c = self._containers.get(t.cid_of(e))
@@ -599,7 +603,7 @@ class AgentVDisk:
         with self._cond:
             if hi > len(self._entries) or self._conflicts(since, lo, hi):
                 return False
-            self._spell_out_freeze()
+            self._spell_out()
             self._entries[lo:hi] = values
             self._note_change(lo, hi)
             if not self._nowrite_marks and _any_nowrite(values):
@@ -645,7 +649,7 @@ class AgentVDisk:
         elif isinstance(cmd, p.Update):
             self._update(cmd.indexes, cmd.entries)
         elif isinstance(cmd, p.MarkShared):
-            self._change(0, _ALL, self._mark_shared, drain=True)
+            self._change(0, _ALL, functools.partial(setattr, self, "_shared_all", True), drain=True)
         elif isinstance(cmd, p.Block):
             self._change(0, 0, functools.partial(setattr, self, "_blocked", True), drain=True)
         elif isinstance(cmd, p.Unblock):
@@ -687,7 +691,7 @@ class AgentVDisk:
             self._suspended or self._blocked or self._dropped or self._delay_until is not None
         )
         self._write_open = self._read_open and not self._caw and not self.readonly
-        self._write_fast = self._write_open and not self._frozen_all
+        self._write_fast = self._write_open and not self._frozen_all and not self._shared_all
 
     def _set_state(self, start: int, count: int, state: int) -> None:
         lo, hi = min(start, len(self._entries)), min(start + count, len(self._entries))
@@ -719,7 +723,7 @@ class AgentVDisk:
             return
 
         def change() -> None:
-            self._spell_out_freeze()
+            self._spell_out()
             table, n = self._entries, len(self._entries)
             for i, e in zip(indexes, entries, strict=True):
                 if i < n:
@@ -729,21 +733,29 @@ class AgentVDisk:
 
         self._change(min(indexes), max(indexes) + 1, change, drain=True)
 
-    def _spell_out_freeze(self) -> None:
-        """Under the lock, before installing entries: turn a whole-table freeze into
-        NOWRITE bits.  An installed entry carries the state the controller wants for it
-        (its annotation), which may differ from its neighbours' (a migration hold that
-        happened to cover a one-entry table, say)."""
+    def _spell_out(self) -> None:
+        """Under the lock, before installing entries: turn the whole-table flags into bits.
+
+        A live snapshot sets them in O(1) inside its freeze window (freeze, MarkShared);
+        the pass over every entry happens here, at the first install after it -- usually
+        the first copy-on-write fault, outside the window.  An installed entry carries the
+        state the controller wants for it (its annotation), which may differ from its
+        neighbours' (a migration hold that happened to cover a one-entry table, say).
+        """
         if self._frozen_all:
             view = self._view(0, len(self._entries))
             view |= np.uint64(t.NOWRITE_BIT)
             self._frozen_all = False
             self._nowrite_marks = True
             self._regate()
+        if self._shared_all:
+            self._mark_shared()
+            self._shared_all = False
+            self._regate()
 
     def _mark_shared(self) -> None:
         # MAPPED is bit 63, SHARED bit 58: shifting right by 5 lands one on the other.  In
-        # cache-sized slices with one scratch buffer: this runs inside a freeze window.
+        # cache-sized slices with one scratch buffer.
         view = self._view(0, len(self._entries))
         scratch = np.empty(min(len(view), _SLICE), dtype=np.uint64)
         for start in range(0, len(view), _SLICE):
@@ -773,6 +785,7 @@ class AgentVDisk:
         def suspend() -> None:
             self._suspended, self._blocked, self._delay_until = True, False, None
             self._frozen_all = False  # the new session's fetches carry any freeze
+            self._shared_all = False  # ... and the sharing
 
         self._change(0, _ALL, suspend, drain=True)
 
@@ -829,9 +842,10 @@ class AgentVDisk:
     # --- inspection (tests, management) ------------------------------------------------
 
     def entry(self, index: int) -> int:
-        """The agent's annotated entry at ``index`` (a whole-table freeze included)."""
+        """The agent's annotated entry at ``index`` (the whole-table flags included)."""
         with self._lock:
-            return self._entries[index] | (t.NOWRITE_BIT if self._frozen_all else 0)
+            e = self._entries[index] | (t.NOWRITE_BIT if self._frozen_all else 0)
+            return e | (t.SHARED if self._shared_all and e & t.MAPPED else 0)
 
     @property
     def blocked(self) -> bool:
