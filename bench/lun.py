@@ -10,11 +10,11 @@ and is exported the same way (``--fabric``: a tcm_loop target, the default, or i
 127.0.0.1 through the Linux initiator).  Each LUN is filled once (so reads hit allocated
 data), then fio runs 4 KiB random read and write and 1 MiB sequential read and write
 (libaio, O_DIRECT, iodepth 16, ``--runtime`` seconds each), ``--rounds`` times per job
-with the contenders interleaved (a busy host slows them alike); the median round counts.  The table shows IOPS and
-MiB/s and the ratios of each contender to fileio and to qcow; ``--json`` prints one JSON
-object with ``randread_vs_qcow``, ``randwrite_vs_qcow``, ``seqread_vs_qcow``,
-``seqwrite_vs_qcow``, ``randread_vs_fileio``, ``randwrite_vs_fileio`` (targetvirt over the
-baseline; null while targetvirt is not available) beside the raw figures.
+with the contenders interleaved (a busy host slows them alike); the median round counts.
+The table shows IOPS and MiB/s and the ratios of each contender to fileio and to qcow;
+``--json`` prints one JSON object with ``randread_vs_qcow``, ``randwrite_vs_qcow``,
+``seqread_vs_qcow``, ``seqwrite_vs_qcow``, ``randread_vs_fileio``, ``randwrite_vs_fileio``
+(targetvirt over the baseline; null if targetvirt is not available) beside the raw figures.
 
 Absolute numbers from a TCG guest are an order of magnitude below real hardware: compare
 only ratios from the same run.

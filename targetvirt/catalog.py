@@ -58,6 +58,9 @@ def check_name(name: str, what: str) -> None:
         )
 
 
+_ENGINE_KINDS = ("pool", "container", "vdisk")
+
+
 def _no_progress(done: int, total: int) -> None:
     pass
 
@@ -85,6 +88,8 @@ class Catalog:
         self._next_id = 1
         self._pending = Transaction()
         self.commits = 0
+        # records of kinds the engine does not interpret (the controller's agent list)
+        self._aux: dict[str, dict[int, dict[str, Any]]] = {}
 
     # --- opening -------------------------------------------------------------------
 
@@ -104,6 +109,7 @@ class Catalog:
 
     def _load_records(self, image: Image) -> None:
         recs = image.records
+        self._aux = {k: dict(v) for k, v in recs.items() if k not in _ENGINE_KINDS}
         ids = [*recs.get("pool", {}), *recs.get("vdisk", {})]
         self._next_id = max(ids, default=0) + 1
         pools_by_pid: dict[int, Pool] = {}
@@ -202,6 +208,27 @@ class Catalog:
         total = pool.total_segments() * pool.segment_size
         free = pool.free_segments() * pool.segment_size
         return PoolUsage(pool.name, pool.segment_size, total, total - free, free)
+
+    # --- other components' records ----------------------------------------------------
+
+    def records(self, kind: str) -> dict[int, dict[str, Any]]:
+        """Durable records of a kind the engine does not interpret (a copy)."""
+        if kind in _ENGINE_KINDS:
+            raise InvalidArgument(f"{kind} records belong to the engine")
+        with self.lock:
+            return {k: dict(v) for k, v in self._aux.get(kind, {}).items()}
+
+    def put_record(self, kind: str, key: int, body: dict[str, Any] | None) -> None:
+        """Stage (``None``: delete) one such record; durable at the next commit."""
+        if kind in _ENGINE_KINDS:
+            raise InvalidArgument(f"{kind} records belong to the engine")
+        with self.lock:
+            if body is None:
+                self._aux.get(kind, {}).pop(key, None)
+                self._pending.delete(kind, key)
+            else:
+                self._aux.setdefault(kind, {})[key] = dict(body)
+                self._pending.put(kind, key, body)
 
     # --- durability ------------------------------------------------------------------
 
@@ -357,15 +384,7 @@ class Catalog:
         The container takes no new segments from now on.  Progress is committed every
         ``COMMIT_EVERY`` segments, so an interrupted evacuation resumes where it stopped.
         """
-        with self.lock:
-            pool = self.pool(pool_name)
-            container = pool.container(cid)
-            if not set(pool.containers) - pool.draining - {cid}:
-                raise InUse(f"pool {pool_name} has no other container to evacuate {cid} to")
-            pool.draining.add(cid)
-            self._stage_container(pool, container)
-            self.commit()
-            work = list(self._mapped_in(pool, cid))
+        work = self.begin_evacuation(pool_name, cid)
         moved = 0
         for vdisk, index in work:
             with self.lock:
@@ -378,6 +397,18 @@ class Catalog:
             progress(moved, len(work))
         self.commit()
         return moved
+
+    def begin_evacuation(self, pool_name: str, cid: int) -> list[tuple[VDisk, int]]:
+        """Stop placing segments in container ``cid``; returns the entries that map into it."""
+        with self.lock:
+            pool = self.pool(pool_name)
+            container = pool.container(cid)
+            if not set(pool.containers) - pool.draining - {cid}:
+                raise InUse(f"pool {pool_name} has no other container to evacuate {cid} to")
+            pool.draining.add(cid)
+            self._stage_container(pool, container)
+            self.commit()
+            return list(self._mapped_in(pool, cid))
 
     def _mapped_in(self, pool: Pool, cid: int) -> Iterator[tuple[VDisk, int]]:
         for vdisk in list(self.vdisks.values()):
@@ -572,15 +603,22 @@ class Catalog:
             with self.lock:
                 if self.vdisks.get(name) is not vdisk:
                     raise Cancelled(f"{name} was deleted while being flattened")
-                e = vdisk.table[index]
-                if e & t.MAPPED and vdisk.pool.refcount(e) > 1:
-                    self._redirect(vdisk, index, e, covered=False)
+                self.unshare(vdisk, index)
                 done += 1
                 if done % COMMIT_EVERY == 0:
                     self.commit()
             progress(done, len(work))
         self.commit()
         return done
+
+    def unshare(self, vdisk: VDisk, index: int) -> bool:
+        """Give entry ``index`` a private copy if it is shared; returns whether it was."""
+        with self.lock:
+            e = vdisk.table[index]
+            if not e & t.MAPPED or vdisk.pool.refcount(e) == 1:
+                return False
+            self._redirect(vdisk, index, e, covered=False)
+            return True
 
     # --- data-path faults ------------------------------------------------------------
 

@@ -190,7 +190,7 @@ class VDisk:
         if len(bufs) == 1 and self._read_fast(offset, bufs):
             return
         length = sum(len(b) for b in bufs)
-        parts = _Cursor(bufs)
+        parts = Cursor(bufs)
         for c, coff, n in self.map_read(offset, length):
             views = parts.take(n)
             if c is None:
@@ -226,7 +226,7 @@ class VDisk:
     def writev(self, offset: int, bufs: Sequence[Buffer | bytes], fua: bool = False) -> None:
         if not (len(bufs) == 1 and self._write_fast(offset, bufs)):
             length = sum(len(b) for b in bufs)
-            parts = _Cursor(bufs)
+            parts = Cursor(bufs)
             for c, coff, n in self.map_write(offset, length):
                 assert c is not None
                 c.writev(parts.take(n), coff)
@@ -366,7 +366,7 @@ class _Stripes:
             lock.release()
 
 
-class _Cursor:
+class Cursor:
     """Consumes a list of buffers in byte counts, yielding views (no copies)."""
 
     __slots__ = ("_bufs", "_i", "_off")

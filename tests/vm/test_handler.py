@@ -40,7 +40,7 @@ def test_compliance_matches_kernel_fileio(
                 "lost_passes": cmp.lost_passes,
             },
             indent=2,
-        )  # fmt: skip
+        )
     )
     assert res.complete, res.describe()
     assert cmp.ok, cmp.describe()
@@ -97,7 +97,7 @@ def test_handler_killed_and_restarted_loses_nothing_acknowledged(
 ) -> None:
     """SIGKILL the handler under I/O, start it again: it takes the device over (block,
     reset ring, reopen), the initiator's retries go through, fio's verify passes."""
-    target, name = lun
+    target, _ = lun
     dev = iscsi_login(guest, target)
     try:
         fio = guest.spawn(["fio", "--name=kill", f"--filename={dev}", "--ioengine=libaio",
