@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.common import MIB, FioJob, FioResult, NotAvailable, dumps, fmt, ratio, run_fio, table
+from bench.common import MIB, FioJob, FioResult, NotAvailable, dumps, fmt, run_fio, table
 from tests.vm import lio
 from tests.vm.stack import QCOW_CREATE_OPTS
 from tests.vm.tvlun import Handler, create_lun
@@ -111,7 +111,7 @@ def contender_targetvirt(ctx: Ctx, name: str) -> None:
     handler.provision(name, ctx.size, pool_bytes=ctx.size + (64 << 20))
     handler.start()
     ctx.cleanups.append(lambda: shutil.rmtree(handler.dir, ignore_errors=True))
-    ctx.cleanups.append(handler.stop)
+    ctx.cleanups.append(lambda: ctx.log(f"targetvirt-handler exited {handler.stop()}"))
     create_lun(name, name, ctx.size)
     ctx.cleanups.append(lambda: lio.delete_storage_object(name))
 
@@ -253,7 +253,23 @@ def measure_all(
             raw[name] = {
                 j: sorted(rs, key=lambda x: x.iops)[len(rs) // 2] for j, rs in per_job.items()
             }
+            ROUNDS[name] = per_job
     return {n: raw[n] for n in names if n in raw}, why
+
+
+#: every round's result, per contender and job (filled by measure_all)
+ROUNDS: dict[str, dict[str, list[FioResult]]] = {}
+
+
+def round_ratio(a: str, b: str, job: FioJob) -> float | None:
+    """The median over rounds of a/b measured in the same round: robust to a host whose
+    load changes between rounds (each round runs the contenders back to back)."""
+    ra, rb = ROUNDS.get(a, {}).get(job.name), ROUNDS.get(b, {}).get(job.name)
+    if not ra or not rb:
+        return None
+    per = sorted(x.value(job.metric) / y.value(job.metric) for x, y in zip(ra, rb, strict=True)
+                 if y.value(job.metric) > 0)  # fmt: skip
+    return per[len(per) // 2] if per else None
 
 
 def report(
@@ -267,14 +283,9 @@ def report(
     for key in RATIO_KEYS:
         jobname, base = key.split("_vs_")
         job = next(j for j in JOBS if j.name == jobname)
-        data[key] = ratio(val("targetvirt", job), val(base, job))
+        data[key] = round_ratio("targetvirt", base, job)
     data["ratios"] = {
-        c: {
-            f"{j.name}_vs_{b}": ratio(val(c, j), val(b, j))
-            for b in BASELINES
-            if b != c
-            for j in JOBS
-        }
+        c: {f"{j.name}_vs_{b}": round_ratio(c, b, j) for b in BASELINES if b != c for j in JOBS}
         for c in raw
     }
     data["raw"] = {
@@ -319,15 +330,9 @@ def render(raw: dict[str, dict[str, FioResult] | None], why: dict[str, str]) -> 
         for b in BASELINES:
             if b == c:
                 continue
-            cells = []
-            for j in JOBS:
-                a, bb = raw.get(c), raw.get(b)
-                cells.append(
-                    fmt(ratio(a[j.name].value(j.metric) if a else None,
-                              bb[j.name].value(j.metric) if bb else None), 2)
-                )  # fmt: skip
-            rrows.append([f"{c} / {b}", *cells])
+            rrows.append([f"{c} / {b}", *(fmt(round_ratio(c, b, j), 2) for j in JOBS)])
     out.append(table(rheader, rrows))
+    out.append("(ratios: median over rounds of the ratio measured within each round)")
     out += [f"* {c}: not available: {why.get(c, '?')}" for c, r in raw.items() if r is None]
     return "\n".join(out)
 

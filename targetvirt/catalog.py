@@ -30,7 +30,7 @@ from targetvirt.errors import (
     ReadOnly,
     StoreCorrupt,
 )
-from targetvirt.pool import DEFAULT_SEGMENT, Pool
+from targetvirt.pool import DEFAULT_SEGMENT, Dropped, Pool
 from targetvirt.store.base import Image, Store, Transaction, chunk_hash, table_root
 from targetvirt.vdisk import (
     COW_MODES,
@@ -239,11 +239,11 @@ class Catalog:
         next commit retries them (the caller that asked for durability gets the error).
         """
         with self.lock:
-            freed = {name: pool.take_quarantine() for name, pool in self.pools.items()}
+            dropped = {name: pool.take_dropped() for name, pool in self.pools.items()}
             txn, self._pending = self._pending, Transaction()
             staged = [(v, self._stage_table(v, txn)) for v in self.vdisks.values()]
             try:
-                if txn.empty and not any(freed.values()):
+                if txn.empty and not any(d.entries or d.tables for d in dropped.values()):
                     return
                 for pool in self.pools.values():
                     for c in pool.containers.values():
@@ -251,12 +251,12 @@ class Catalog:
                 if not txn.empty:
                     self.store.commit(txn)
             except BaseException:
-                self._unstage(txn, staged, freed)
+                self._unstage(txn, staged, dropped)
                 raise
             self.commits += 1
-            for name, entries in freed.items():
+            for name, d in dropped.items():
                 if name in self.pools:
-                    self._free_segments(self.pools[name], entries)
+                    self._discard(self.pools[name], self.pools[name].settle(d))
 
     def _stage_table(self, vdisk: VDisk, txn: Transaction) -> list[int]:
         dirty = vdisk.table.take_dirty()
@@ -275,27 +275,24 @@ class Catalog:
         return dirty
 
     def _unstage(
-        self, txn: Transaction, staged: list[tuple[VDisk, list[int]]], freed: dict[str, list[int]]
+        self, txn: Transaction, staged: list[tuple[VDisk, list[int]]], dropped: dict[str, Dropped]
     ) -> None:
         for vdisk, dirty in staged:
             vdisk.table.restore_dirty(dirty)
             vdisk.record_dirty = True
-        for name, entries in freed.items():
+        for name, d in dropped.items():
             if name in self.pools:
-                self.pools[name].requarantine(entries)
+                self.pools[name].restore_dropped(d)
         # keep the other operations, in order; table chunks are re-staged from memory
         kept = Transaction([op for op in txn.ops if op[0] not in ("chunk", "truncate")])
         kept.extend(self._pending)
         self._pending = kept
 
     @staticmethod
-    def _free_segments(pool: Pool, entries: list[int]) -> None:
-        """Segments whose freeing is durable: give their space back, then reuse them."""
-        for e in entries:
-            c = pool.containers.get(t.cid_of(e))
-            if c is not None and pool.refcount(e) == 0:
-                c.discard(t.pseg_of(e))
-        pool.release(entries)
+    def _discard(pool: Pool, freed: list[int]) -> None:
+        """Give the space of segments freed by a durable commit back to the medium."""
+        for e in freed:
+            pool.containers[t.cid_of(e)].discard(t.pseg_of(e))
 
     # --- pools and containers ------------------------------------------------------
 
@@ -358,7 +355,7 @@ class Catalog:
             pool.container(cid)
             if len(pool.containers) == 1:
                 raise InUse(f"container {cid} is the last of pool {pool_name}; delete the pool")
-            self.commit()  # quarantined segments of this container become free
+            self.commit()  # references dropped from this container settle
             container = pool.detach(cid)
             self._pending.delete("container", (pool.pid << 16) | cid)
             self.commit()
@@ -457,7 +454,7 @@ class Catalog:
         try:
             return pool.allocate(exclude, only)
         except PoolFull:
-            if not pool.quarantined:
+            if not pool.unsettled:
                 raise
         self.commit()  # segments freed since the last commit become reusable once durable
         return pool.allocate(exclude, only)
@@ -597,6 +594,7 @@ class Catalog:
             vdisk = self.vdisk(name)
             if vdisk.readonly:
                 raise ReadOnly(f"{name} is a snapshot; clone it and flatten the clone")
+            self.commit()  # dropped references settle: what is shared now is really shared
             work = [i for i, e in vdisk.table.iter_mapped() if vdisk.pool.refcount(e) > 1]
         done = 0
         for index in work:

@@ -130,7 +130,7 @@ class VDisk:
         psegs = (mapped & np.uint64(t.PSEG_MASK)).astype(np.int64)
         n = 0
         for cid in np.unique(cids).tolist():
-            refs = self.pool.refs_view(int(cid))[psegs[cids == cid]]
+            refs = self.pool.settled_refs(int(cid))[psegs[cids == cid]]
             n += int(np.count_nonzero(refs == 1))
         return n * self.segment_size
 
