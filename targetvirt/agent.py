@@ -202,39 +202,44 @@ class AgentVDisk:
 
     def read_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """Fill ``bufs`` with the bytes at ``offset`` (unallocated ranges read as zeros)."""
-        if len(bufs) == 1:
-            # fast path: one lookup, bit tests, one preadv -- no round trip, no lease
-            n = bufs[0].nbytes
-            intra = offset & self._mask
-            if intra + n <= self._segment_size and offset >= 0:
-                lock = self._lock
-                lock.acquire()
-                if offset + n <= self.size and self._read_open:
-                    e = self._entries[offset >> self._shift]
-                    if e & _READ_STOP == _MAPPED:
-                        active, g = self._active, self._gen & 1
-                        active[g] += 1  # in flight: a drain waits for it
-                        lock.release()
-                        try:
-                            done = _preadv(
-                                self._fds[(e >> _CID_SHIFT) & _CID_MASK], bufs,
-                                DATA_OFFSET + (e & _PSEG_MASK) * self._segment_size + intra,
-                            )  # fmt: skip
-                        except (OSError, IndexError):
-                            done = -1  # the slow path names the error
-                        finally:
-                            lock.acquire()
-                            active[g] -= 1
-                            if self._draining:
-                                self._cond.notify_all()
-                            lock.release()
-                        if done == n:
-                            return
-                    else:
-                        lock.release()
-                else:
-                    lock.release()
-        self._read_slow(offset, bufs)
+        if not self.try_read_into(offset, bufs):
+            self._read_slow(offset, bufs)
+
+    def try_read_into(self, offset: int, bufs: Sequence[memoryview]) -> bool:
+        """The fast path alone: one lookup, bit tests, one preadv -- no round trip, no
+        lease, nothing to wait for.  False (nothing done) when it does not apply."""
+        if len(bufs) != 1:
+            return False
+        n = bufs[0].nbytes
+        intra = offset & self._mask
+        if intra + n > self._segment_size or offset < 0:
+            return False
+        lock = self._lock
+        lock.acquire()
+        if offset + n > self.size or not self._read_open:
+            lock.release()
+            return False
+        e = self._entries[offset >> self._shift]
+        if e & _READ_STOP != _MAPPED:
+            lock.release()
+            return False
+        active, g = self._active, self._gen & 1
+        active[g] += 1  # in flight: a drain waits for it
+        lock.release()
+        try:
+            done = _preadv(
+                self._fds[(e >> _CID_SHIFT) & _CID_MASK], bufs,
+                DATA_OFFSET + (e & _PSEG_MASK) * self._segment_size + intra,
+            )  # fmt: skip
+        except (OSError, IndexError):
+            done = -1  # the slow path names the error
+        finally:
+            lock.acquire()
+            active[g] -= 1
+            if self._draining:
+                self._cond.notify_all()
+            lock.release()
+        return done == n
 
     def _read_slow(self, offset: int, bufs: Sequence[memoryview]) -> None:
         grant = self._admit(offset, _nbytes(bufs), READ)
@@ -254,39 +259,44 @@ class AgentVDisk:
 
     def write_from(self, offset: int, bufs: Sequence[memoryview], fua: bool) -> None:
         """Write the concatenation of ``bufs`` at ``offset``; with ``fua``, durably."""
-        if len(bufs) == 1 and not fua:
-            # fast path: a private, normal, allocated entry under a lease -- one pwritev
-            n = bufs[0].nbytes
-            intra = offset & self._mask
-            if intra + n <= self._segment_size and offset >= 0 and self._now() < self._lease.until:
-                lock = self._lock
-                lock.acquire()
-                if offset + n <= self.size and self._write_fast:
-                    e = self._entries[offset >> self._shift]
-                    if e & _WRITE_STOP == _MAPPED:
-                        active, g = self._active, self._gen & 1
-                        active[g] += 1
-                        lock.release()
-                        try:
-                            done = _pwritev(
-                                self._fds[(e >> _CID_SHIFT) & _CID_MASK], bufs,
-                                DATA_OFFSET + (e & _PSEG_MASK) * self._segment_size + intra,
-                            )  # fmt: skip
-                        except (OSError, IndexError):
-                            done = -1
-                        finally:
-                            lock.acquire()
-                            active[g] -= 1
-                            if self._draining:
-                                self._cond.notify_all()
-                            lock.release()
-                        if done == n:
-                            return
-                    else:
-                        lock.release()
-                else:
-                    lock.release()
-        self._write_slow(offset, bufs, fua, WRITE)
+        if fua or not self.try_write_from(offset, bufs):
+            self._write_slow(offset, bufs, fua, WRITE)
+
+    def try_write_from(self, offset: int, bufs: Sequence[memoryview]) -> bool:
+        """The fast path alone: a private, normal, allocated entry under a lease -- one
+        pwritev.  False (nothing done) when it does not apply."""
+        if len(bufs) != 1:
+            return False
+        n = bufs[0].nbytes
+        intra = offset & self._mask
+        if intra + n > self._segment_size or offset < 0 or self._now() >= self._lease.until:
+            return False
+        lock = self._lock
+        lock.acquire()
+        if offset + n > self.size or not self._write_fast:
+            lock.release()
+            return False
+        e = self._entries[offset >> self._shift]
+        if e & _WRITE_STOP != _MAPPED:
+            lock.release()
+            return False
+        active, g = self._active, self._gen & 1
+        active[g] += 1
+        lock.release()
+        try:
+            done = _pwritev(
+                self._fds[(e >> _CID_SHIFT) & _CID_MASK], bufs,
+                DATA_OFFSET + (e & _PSEG_MASK) * self._segment_size + intra,
+            )  # fmt: skip
+        except (OSError, IndexError):
+            done = -1
+        finally:
+            lock.acquire()
+            active[g] -= 1
+            if self._draining:
+                self._cond.notify_all()
+            lock.release()
+        return done == n
 
     def _write_slow(self, offset: int, bufs: Sequence[memoryview], fua: bool, mode: int) -> None:
         if self.readonly:
