@@ -90,9 +90,15 @@ class Handler:
             self.proc = None
 
 
-def create_lun(so_name: str, vdisk: str, size: int) -> None:
-    """The LIO user backstore for a vdisk (nl_reply_supported=-1: immune to tcmu-runner)."""
-    lio.create_user(so_name, f"targetvirt/{vdisk}", size, control="nl_reply_supported=-1")
+def create_lun(so_name: str, vdisk: str, size: int, *, cmd_time_out: int = 180) -> None:
+    """The LIO user backstore for a vdisk (nl_reply_supported=-1: immune to tcmu-runner).
+
+    ``cmd_time_out``: how long LIO lets a command wait in the ring before failing it.  The
+    kernel's 30 s is too short for a Python daemon restarting under TCG emulation (it
+    can only be changed before the LUN is exported).
+    """
+    so = lio.create_user(so_name, f"targetvirt/{vdisk}", size, control="nl_reply_supported=-1")
+    so.set_attribute("cmd_time_out", str(cmd_time_out))
 
 
 def main(argv: list[str]) -> int:
