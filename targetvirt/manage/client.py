@@ -85,7 +85,13 @@ class ManagerClient:
                 f"cannot connect to {_bus_name(address)}: "
                 f"{(e.get_dbus_message() or str(e)).strip().splitlines()[0]}"
             ) from None
-        obj = self._bus.get_object(SERVICE, PATH, introspect=False)
+        try:
+            # This asks the bus to start the daemon if nobody owns the name (D-Bus
+            # activation through systemd, with the files packaging installs).
+            obj = self._bus.get_object(SERVICE, PATH, introspect=False)
+        except dbus.DBusException as e:
+            self._bus.close()
+            raise translate(e, address) from None
         self._iface = dbus.Interface(obj, IFACE)
 
     def close(self) -> None:

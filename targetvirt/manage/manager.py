@@ -60,6 +60,10 @@ from targetvirt.vdisk import COW_MODES, VDisk
 FREEZE_MODES = ("nowrite", "invalid")
 DEVICE_WAIT = 15.0  # seconds to wait for the handler to serve a new LUN's device
 CHAP_MAX = 255
+# The table of a vdisk lives in memory (8 bytes an entry): 2^27 entries is 1 GiB of table,
+# 128 TiB at 1 MiB segments.  The engine sets no bound; a typo like size=10E must not
+# make the daemon try to allocate exabytes of table.
+MAX_ENTRIES = 1 << 27
 
 
 class NotAvailable(TargetvirtError):
@@ -246,6 +250,15 @@ class Manager:
             raise InUse(
                 f"{lun.vdisk} is exported as LUN {lun.lun} of {target.iqn}; unexport it "
                 f"before you {doing} (targetvirt /exports delete vdisk={lun.vdisk})"
+            )
+
+    @staticmethod
+    def _check_entries(size: int, segment_size: int, pool: str) -> None:
+        if -(-size // segment_size) > MAX_ENTRIES:
+            raise InvalidArgument(
+                f"size {format_size(size)} is too large for pool {pool}: at most "
+                f"{format_size(MAX_ENTRIES * segment_size)} ({MAX_ENTRIES} segments of "
+                f"{format_size(segment_size)})"
             )
 
     @staticmethod
@@ -521,6 +534,7 @@ class Manager:
                 )
             if name in self.catalog.vdisks:
                 raise AlreadyExists(f"a vdisk named {name!r} already exists")
+            self._check_entries(size, p.segment_size, pool)
             self.catalog.create_vdisk(name, pool, size, cow)
         return {
             "name": name,
@@ -652,6 +666,7 @@ class Manager:
                 raise ReadOnly(f"{vdisk} is a snapshot and cannot be resized")
             self._not_busy(vdisk)
             self._not_frozen(vdisk, "resize it")
+            self._check_entries(size, v.segment_size, v.pool.name)
             old = v.size
             exported = self.exports.find(vdisk)
             if exported and size < old:

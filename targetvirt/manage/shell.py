@@ -26,9 +26,10 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from datetime import datetime
 from functools import partial
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from configshell_fb import ConfigNode, ConfigShell, ExecutionError
+from pyparsing import ParseBaseException
 
 from targetvirt import __version__
 from targetvirt.errors import InvalidArgument, TargetvirtError
@@ -134,12 +135,34 @@ class TvShell(ConfigShell):  # type: ignore[misc]
         self.con._stdout = out  # configshell's console writes (ls, help) go where ours go
 
     def run_cmdline(self, cmdline: str) -> None:
+        if cmdline.strip():
+            check_cmdline(self._parser, cmdline)
         try:
             super().run_cmdline(cmdline)
         finally:
             root = self._root_node
             if self.tv_interactive and getattr(root, "changed", False):
                 root.refresh_keeping_place()
+
+
+def check_cmdline(parser: Any, cmdline: str) -> None:
+    """Refuse what configshell would silently drop: trailing junk (it parses a prefix and
+    ignores the rest) and a parameter given twice (the last one would win)."""
+    try:
+        parser.parseString(cmdline, parseAll=True)
+    except ParseBaseException as e:
+        loc = int(getattr(e, "loc", 0))
+        raise InvalidArgument(
+            f"cannot parse the command line at {cmdline[loc : loc + 20]!r} (character "
+            f"{loc + 1}): use [PATH] COMMAND [PARAMETER=VALUE...]"
+        ) from None
+    seen: set[str] = set()
+    for word in cmdline.split()[1:]:
+        key, eq, _ = word.partition("=")
+        if eq and key:
+            if key in seen:
+                raise InvalidArgument(f"parameter {key}= is given twice")
+            seen.add(key)
 
 
 def build_tree(shell: TvShell) -> Root:
@@ -673,7 +696,7 @@ class Jobs(Node):
     def ui_command_cancel(self, id: str) -> None:
         """Stops a running job at its next step; what it did so far stays consistent,
         and running the operation again resumes it."""
-        self.done(self.client.cancel_job(val.parse_int(id, "id", low=1)))
+        self.done(self.client.cancel_job(val.parse_int(id, "id", low=1, high=2**32 - 1)))
 
 
 class Job(Node):
@@ -763,8 +786,13 @@ def wait_job(client: Any, job: dict[str, Any], err: IO[str]) -> dict[str, Any]:
 # --- entry point --------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="The targetvirt shell: pools, vdisks, snapshots, clones and iSCSI exports "
         "of the running targetvirt-handler. Without COMMAND it is interactive.",

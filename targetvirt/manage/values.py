@@ -10,12 +10,13 @@ import re
 
 from targetvirt.errors import InvalidArgument
 
-UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50}
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTP]?)(?:I?B)?\Z", re.IGNORECASE)
+UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTPE]?)(?:I?B)?\Z", re.IGNORECASE)
 _DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\Z", re.IGNORECASE)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _TRUE = {"1", "true", "yes", "on", "y"}
 _FALSE = {"0", "false", "no", "off", "n"}
+MAX_SIZE = (1 << 63) - 1  # what fits a signed 64-bit integer
 BLOCK = 512  # LUN block size: vdisk sizes are multiples of it
 DEFAULT_PORT = 3260
 
@@ -48,12 +49,14 @@ def parse_size(text: str, what: str = "size") -> int:
         raise InvalidArgument(f"{what} {text!r} is not a whole number of bytes")
     if size <= 0:
         raise InvalidArgument(f"{what} must be positive, got {text!r}")
+    if size > MAX_SIZE:
+        raise InvalidArgument(f"{what} {text!r} is larger than {format_size(MAX_SIZE + 1)}")
     return size
 
 
 def format_size(n: int) -> str:
     """Bytes in the largest binary unit that keeps at least one digit before the point."""
-    for unit in ("P", "T", "G", "M", "K"):
+    for unit in ("E", "P", "T", "G", "M", "K"):
         if n >= UNITS[unit]:
             value = n / UNITS[unit]
             text = f"{value:.1f}".removesuffix(".0")
