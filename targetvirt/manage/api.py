@@ -60,7 +60,6 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import dbus
@@ -70,17 +69,12 @@ from dbus.mainloop.glib import DBusGMainLoop
 from gi.repository import GLib
 
 from targetvirt.errors import InvalidArgument, TargetvirtError
+from targetvirt.manage.common import ERROR_PREFIX, IFACE, PATH, SERVICE
 from targetvirt.manage.jobs import Job
 from targetvirt.manage.manager import Manager
 
 log = logging.getLogger(__name__)
 
-SERVICE = "org.targetvirt.Manager1"
-PATH = "/org/targetvirt/Manager1"
-IFACE = "org.targetvirt.Manager1"
-ERROR_PREFIX = "org.targetvirt.Error."
-BUS_ENV = "TARGETVIRT_BUS_ADDRESS"
-BUS_FILE = "bus-address"  # in the run folder: the bus a daemon not on the system bus uses
 
 Call = Callable[[], Any]
 
@@ -420,20 +414,3 @@ class ManagerBusService:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
-
-
-def bus_address(explicit: str | None, run_dir: str | Path | None) -> str | None:
-    """The bus to use: ``explicit`` (option or $TARGETVIRT_BUS_ADDRESS), else the one a
-    daemon recorded in ``<run-dir>/bus-address``, else None (the system bus)."""
-    if explicit:
-        return explicit
-    env = os.environ.get(BUS_ENV)
-    if env:
-        return env
-    if run_dir is not None:
-        try:
-            text = (Path(run_dir) / BUS_FILE).read_text().strip()
-        except OSError:
-            return None
-        return text or None
-    return None

@@ -15,8 +15,7 @@ import dbus.mainloop
 
 from targetvirt import errors
 from targetvirt.errors import TargetvirtError
-from targetvirt.manage.api import ERROR_PREFIX, IFACE, PATH, SERVICE
-from targetvirt.manage.manager import NotAvailable
+from targetvirt.manage.common import ERROR_PREFIX, IFACE, PATH, SERVICE, NotAvailable
 
 CALL_TIMEOUT = 3600.0  # seconds: exports wait for devices, freezes for drains
 

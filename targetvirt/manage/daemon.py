@@ -25,7 +25,8 @@ import dbus
 
 from targetvirt.catalog import Catalog
 from targetvirt.errors import InvalidArgument, NotFound, TargetvirtError
-from targetvirt.manage.api import BUS_ENV, BUS_FILE, ManagerBusService
+from targetvirt.manage.api import ManagerBusService
+from targetvirt.manage.common import BUS_ENV, BUS_FILE
 from targetvirt.manage.lio import LioExporter
 from targetvirt.manage.manager import Manager
 from targetvirt.store.sqlite import SqliteStore

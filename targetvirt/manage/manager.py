@@ -39,6 +39,7 @@ from targetvirt.errors import (
     ReadOnly,
     TargetvirtError,
 )
+from targetvirt.manage.common import NotAvailable
 from targetvirt.manage.exports import (
     Exporter,
     ExportTable,
@@ -64,10 +65,6 @@ CHAP_MAX = 255
 # 128 TiB at 1 MiB segments.  The engine sets no bound; a typo like size=10E must not
 # make the daemon try to allocate exabytes of table.
 MAX_ENTRIES = 1 << 27
-
-
-class NotAvailable(TargetvirtError):
-    """The operation needs something this daemon does not have (the controller, LIO)."""
 
 
 class Operations(Protocol):

@@ -34,7 +34,7 @@ from pyparsing import ParseBaseException
 from targetvirt import __version__
 from targetvirt.errors import InvalidArgument, TargetvirtError
 from targetvirt.manage import values as val
-from targetvirt.manage.api import bus_address
+from targetvirt.manage.common import bus_address
 
 PROG = "targetvirt"
 DEFAULT_STATE = "/var/lib/targetvirt"

@@ -14,8 +14,9 @@ import dbus.mainloop
 import pytest
 
 from targetvirt.errors import InvalidArgument, NotFound
-from targetvirt.manage.api import IFACE, PATH, SERVICE, ManagerBusService, options
+from targetvirt.manage.api import ManagerBusService, options
 from targetvirt.manage.client import ManagerClient
+from targetvirt.manage.common import IFACE, PATH, SERVICE
 from targetvirt.manage.manager import Manager
 from tests.targetvirt.manage.conftest import MIB
 

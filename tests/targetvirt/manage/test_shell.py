@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from targetvirt.manage.api import BUS_FILE
+from targetvirt.manage.common import BUS_FILE
 from targetvirt.manage.manager import Manager
 from targetvirt.manage.shell import ProgressBar, main, render, wait_job
 from tests.targetvirt.manage.conftest import MIB, Shell
