@@ -384,6 +384,9 @@ class ManagerBusService:
         dbus.mainloop.glib.threads_init()
         DBusGMainLoop(set_as_default=True)
         self._conn = dbus.bus.BusConnection(self.address or dbus.bus.BUS_SYSTEM)
+        # libdbus makes a process whose system-bus connection closes call _exit(1): neither
+        # our own close() at stop nor a restart of dbus-daemon may kill the data path.
+        self._conn.set_exit_on_disconnect(False)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="dbus-call")
         self._object = ManagerObject(self._conn, self.manager, self._pool, self.allowed_uids)
         # The loop runs on the default GLib context, which other services of the daemon

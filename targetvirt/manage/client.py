@@ -79,6 +79,7 @@ class ManagerClient:
             self._bus = dbus.bus.BusConnection(
                 address or dbus.bus.BUS_SYSTEM, mainloop=dbus.mainloop.NULL_MAIN_LOOP
             )
+            self._bus.set_exit_on_disconnect(False)
         except dbus.DBusException as e:
             raise DaemonUnreachable(
                 f"cannot connect to {_bus_name(address)}: "

@@ -84,6 +84,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"serve D-Bus on this bus instead of the system bus (env {BUS_ENV})",
     )
     parser.add_argument(
+        "--lun-timeout",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="LIO's cmd_time_out for the LUNs this daemon creates: how long a command waits "
+        "for the handler (e.g. across a restart) before it fails; default LIO's 30 s",
+    )
+    parser.add_argument(
         "--no-restore",
         action="store_true",
         help="do not restore saved exports at start (the targetvirt-restore unit does it)",
@@ -145,7 +153,8 @@ class Handler:
         self.tcmu.start()
         # The handler serves devices from here on: exports may be (re)created.
         self.manager = Manager(
-            self.catalog, self.args.state_dir, exporter=LioExporter(),
+            self.catalog, self.args.state_dir,
+            exporter=LioExporter(cmd_time_out=self.args.lun_timeout),
             device_state=self.device_state,
         )  # fmt: skip
         if not self.args.no_restore:

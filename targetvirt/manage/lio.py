@@ -48,8 +48,13 @@ def _rts() -> Any:
 class LioExporter:
     """Exports through the kernel's LIO target (configfs), with rtslib-fb."""
 
-    def __init__(self, configfs: Path = CONFIGFS_TARGET) -> None:
+    def __init__(
+        self, configfs: Path = CONFIGFS_TARGET, *, cmd_time_out: int | None = None
+    ) -> None:
         self.configfs = configfs
+        # How long LIO holds a command for the handler before failing it (NOT READY):
+        # the window a handler restart must fit in.  None keeps LIO's default (30 s).
+        self.cmd_time_out = cmd_time_out
 
     def unavailable(self) -> str | None:
         if not self.configfs.is_dir():
@@ -95,9 +100,11 @@ class LioExporter:
                 return False
             rts = _rts()
             rts.RTSRoot()  # sets target/dbroot before the first storage object, as targetcli
-            rts.UserBackedStorageObject(
+            so = rts.UserBackedStorageObject(
                 name, config=spec.lun.config, size=spec.size, wwn=spec.serial, control=CONTROL
             )
+            if self.cmd_time_out is not None:  # only possible before the LUN is mapped
+                so.set_attribute("cmd_time_out", str(self.cmd_time_out))
             return True
 
     def set_size(self, lun: Lun, size: int) -> None:
