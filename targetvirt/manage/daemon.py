@@ -11,6 +11,7 @@ commands, then the metadata is committed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -30,6 +31,7 @@ from targetvirt.manage.common import BUS_ENV, BUS_FILE
 from targetvirt.manage.lio import LioExporter
 from targetvirt.manage.manager import Manager
 from targetvirt.store.sqlite import SqliteStore
+from tcmu_handler import uio
 from tcmu_handler.scsi.lun import LunState
 from tcmu_handler.service import TcmuService
 from tcmu_handler.tcmu_dbus import TcmuBusService
@@ -126,11 +128,27 @@ class Handler:
             raise InvalidArgument(
                 f"LUN size {info.size} is larger than {name} ({vdisk.size} bytes)"
             )
+        if info.block_size <= 0:
+            info = dataclasses.replace(info, block_size=self._hw_block_size(info))
         lun = LunState.for_vdisk(
             vdisk.uuid, info.size // info.block_size, block_size=info.block_size,
             segment_size=vdisk.segment_size, read_only=vdisk.readonly or cfg.read_only,
         )  # fmt: skip
         return vdisk, lun
+
+    @staticmethod
+    def _hw_block_size(info: Any) -> int:
+        """The kernel sends ADDED_DEVICE before it copies hw_block_size into the block size
+        that ``info`` shows (and does not wait for us: nl_reply_supported=-1), so a fast
+        reader sees ``SectorSize: 0``.  The attribute has been set since before enable."""
+        attrib = uio.CONFIGFS_ROOT / "target/core" / f"user_{info.hba}" / info.name / "attrib"
+        try:
+            size = int((attrib / "hw_block_size").read_text())
+        except (OSError, ValueError) as e:
+            raise InvalidArgument(f"cannot read the block size of {info.name}: {e}") from None
+        if size <= 0:
+            raise InvalidArgument(f"{info.name} has no block size yet")
+        return size
 
     def check_vdisk(self, cfg: Any) -> None:
         name = cfg.vdisk + (f"@{cfg.snapshot}" if cfg.snapshot else "")

@@ -59,7 +59,7 @@ from targetvirt.pool import DEFAULT_SEGMENT, check_segment_size
 from targetvirt.vdisk import COW_MODES, VDisk
 
 FREEZE_MODES = ("nowrite", "invalid")
-DEVICE_WAIT = 15.0  # seconds to wait for the handler to serve a new LUN's device
+DEVICE_WAIT = 60.0  # seconds to wait for the handler to serve a new LUN's device (slow VMs)
 CHAP_MAX = 255
 # The table of a vdisk lives in memory (8 bytes an entry): 2^27 entries is 1 GiB of table,
 # 128 TiB at 1 MiB segments.  The engine sets no bound; a typo like size=10E must not

@@ -321,11 +321,13 @@ def restore_after_reboot(s: Stack) -> None:
     bad = chap(db, {"node.session.auth.username": "dbuser",
                     "node.session.auth.password": "wrongsecret1"})  # fmt: skip
     assert not bad.ok
-    assert chap(db, {"node.session.auth.password": "dbsecret1234"}).ok
+    good = chap(db, {"node.session.auth.username": "dbuser",
+                     "node.session.auth.password": "dbsecret1234"})  # fmt: skip
+    assert good.ok, good.describe()  # (discovery rewrote the node record: all settings again)
     assert chap(web, {"node.session.auth.username": "webuser",
                       "node.session.auth.password": "websecret1234",
                       "node.session.auth.username_in": "tgt",
-                      "node.session.auth.password_in": "tgtsecret1234"}).ok  # fmt: skip
+                      "node.session.auth.password_in": "tgtsecret1234"}).ok, "mutual CHAP"  # fmt: skip
     sessions = g.run(["iscsiadm", "-m", "session"]).stdout
     assert db in sessions and web in sessions
     # two LUNs on tv-db (db and its read-only snapshot), one on tv-web
