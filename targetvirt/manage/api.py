@@ -414,8 +414,7 @@ class ManagerBusService:
             self._loop.quit()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        # The connection is left open (the process is about to exit, or a test goes on):
-        # closing it races with another GLib loop of the process (the TCMUService1 one
-        # runs on the same default context) dispatching its last messages, and
-        # dbus-python does not survive that.
-        self._conn = None
+        # The connection stays open, and referenced (the process is about to exit, or a
+        # test goes on): the other GLib loop of the process (TCMUService1's, on the same
+        # default context) may still dispatch its last messages (NameLost...), and
+        # dbus-python fails that loop if the connection was closed or collected.

@@ -170,7 +170,15 @@ class Quickstart:
             time.sleep(0.5)
         tail = log.read_text(errors="replace").strip().splitlines()[-15:]
         say("\n".join("    " + line for line in tail))
+        self._stop_bus()
         raise QuickstartError(f"targetvirt-handler did not come up; see {log}")
+
+    def _stop_bus(self) -> None:
+        bus_pid = self.run_dir / "bus.pid"
+        if bus_pid.exists():
+            with contextlib.suppress(OSError, ValueError):
+                os.kill(int(bus_pid.read_text()), signal.SIGTERM)
+            bus_pid.unlink()
 
     def _answers(self) -> bool:
         argv = [self.python, "-m", "targetvirt.manage.shell", "--run-dir", str(self.run_dir),
@@ -278,10 +286,7 @@ class Quickstart:
                 except OSError:
                     break
                 time.sleep(0.2)
-        bus_pid = self.run_dir / "bus.pid"
-        if bus_pid.exists():
-            with contextlib.suppress(OSError, ValueError):
-                os.kill(int(bus_pid.read_text()), signal.SIGTERM)
+        self._stop_bus()
         if self.work.exists():
             say(f"  $ rm -rf {self.work}")
             shutil.rmtree(self.work)
