@@ -95,8 +95,15 @@ class Catalog:
 
     @classmethod
     def open(cls, store: Store, wallclock: Callable[[], float] = time.time) -> Catalog:
+        """Load the catalog from ``store``, which it owns from now on: on failure the
+        store and any container opened so far are closed (a leaked SQLite connection
+        would checkpoint its stale WAL into the file whenever it is collected)."""
         catalog = cls(store, wallclock)
-        catalog._load(store.load())
+        try:
+            catalog._load(store.load())
+        except BaseException:
+            catalog._release()
+            raise
         return catalog
 
     def _load(self, image: Image) -> None:
@@ -177,10 +184,13 @@ class Catalog:
     def close(self) -> None:
         with self.lock:
             self.commit()
-            for pool in self.pools.values():
-                for c in pool.containers.values():
-                    c.close()
-            self.store.close()
+            self._release()
+
+    def _release(self) -> None:
+        for pool in self.pools.values():
+            for c in pool.containers.values():
+                c.close()
+        self.store.close()
 
     # --- lookups -------------------------------------------------------------------
 
