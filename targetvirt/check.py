@@ -8,8 +8,9 @@ tables trustworthy:
 * a segment is mapped at one index only, by tables of one family (sharing only ever
   comes from copying tables), so no vdisk can see another vdisk's data;
 
-and looks for *leaks*: free segments of sparse file containers that still occupy space
-(left behind when a crash lost an allocation that was never committed).  Repair mode
+and looks for *leaks*: free segments that still occupy space (data of sparse files,
+objects of RADOS containers), left behind when a crash lost an allocation that was
+never committed.  Repair mode
 gives that space back; it never touches a segment that any table maps.
 
 ``targetvirt-check [--repair] [--state-dir DIR]`` runs it on a store no daemon holds; the
@@ -22,6 +23,8 @@ import argparse
 import os
 import sys
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from targetvirt import table as t
 from targetvirt.catalog import Catalog
@@ -66,13 +69,14 @@ def check(catalog: Catalog, *, repair: bool = False) -> Report:
                     report.checked_entries += 1
                     _check_entry(report, v, index, entry, owners)
             for cid, c in pool.containers.items():
-                refs = pool.refs_view(cid)
-                for pseg in range(c.nsegments):
-                    if refs[pseg] == 0 and c.holds_data(pseg):
-                        report.leaked_segments += 1
-                        if repair:
-                            c.discard(pseg)
-                            report.reclaimed_segments += 1
+                free = np.flatnonzero(pool.refs_view(cid) == 0).tolist()
+                for pseg in c.segments_holding_data(free):
+                    report.leaked_segments += 1
+                    if repair:
+                        c.discard(pseg)
+                        report.reclaimed_segments += 1
+                if repair:
+                    c.sync()  # discards may be asynchronous (RADOS)
     return report
 
 
