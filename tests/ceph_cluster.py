@@ -346,8 +346,8 @@ class CephCluster:
         text = f"[client.{name}]\n\tkey = {cephx_key()}\n"
         path.write_text(text)
         os.chmod(path, 0o600)
-        text += "".join(f'\tcaps {svc} = "{cap}"\n' for svc, cap in caps.items())
-        self.mon_command(text.encode(), prefix="auth import")
+        flat = [x for kv in caps.items() for x in kv]
+        self.mon_command(text.encode(), prefix="auth add", entity=f"client.{name}", caps=flat)
         return str(path)
 
 

@@ -23,7 +23,7 @@ def _need_ceph() -> None:
 def ceph() -> Iterator[CephCluster]:
     """One memstore cluster for the whole session (tests isolate by namespace)."""
     _need_ceph()
-    from tests.ceph_cluster import CephCluster  # imports python3-rados: only when needed
+    from tests.ceph_cluster import CephCluster  # noqa: PLC0415 - python3-rados: only if used
 
     cluster = CephCluster().start()
     try:
@@ -42,7 +42,7 @@ def rados_location(ceph: CephCluster) -> str:
 def ceph_bluestore() -> Iterator[CephCluster]:
     """A bluestore cluster (keeps its data when its OSD is killed), per test module."""
     _need_ceph()
-    from tests.ceph_cluster import CephCluster
+    from tests.ceph_cluster import CephCluster  # noqa: PLC0415
 
     cluster = CephCluster(objectstore="bluestore").start()
     try:

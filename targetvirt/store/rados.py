@@ -204,7 +204,7 @@ class RadosStore:
             with rados.ReadOpCtx() as op:
                 it, _ = self._ioctx.get_omap_vals_by_keys(op, tuple(keys))
                 self._ioctx.operate_read_op(op, self.root)
-                return {k: bytes(v) for k, v in it}
+                return {k: bytes(v or b"") for k, v in it}
         except rados.ObjectNotFound:
             raise StoreError(f"no metadata store at {self.path}") from None
         except rados.Error as e:
@@ -306,8 +306,8 @@ class RadosStore:
     def _fence(self, owner: dict[str, Any]) -> None:
         """Blocklist a previous writer so nothing it still sends is ever applied."""
         addr = owner.get("addr")
-        if not isinstance(addr, str) or not addr:
-            return
+        if not isinstance(addr, str) or not addr or addr == self._cluster.handle.get_addrs():
+            return  # nothing to fence, or this very process (its handle is shared)
         try:
             self._cluster.handle.blocklist_add(addr, BLOCKLIST_SECONDS)
         except self._rados.Error as e:
@@ -379,7 +379,7 @@ class RadosStore:
                     page, _ = self._ioctx.get_omap_vals(op, after, "", PAGE)
                     genit, _ = self._ioctx.get_omap_vals_by_keys(op, ("gen",))
                     self._ioctx.operate_read_op(op, self.root)
-                    items = [(k, bytes(v)) for k, v in page]
+                    items = [(k, bytes(v or b"")) for k, v in page]
                     page_gen = dict(genit).get("gen")
             except rados.ObjectNotFound:
                 raise StoreError(f"no metadata store at {self.path}") from None
