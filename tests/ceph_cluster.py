@@ -153,8 +153,9 @@ class CephCluster:
                 "osd objectstore = bluestore",
                 f"bluestore block path = {d}/osd$id.block",
                 "bluestore block create = true",
-                "bluestore block size = 4G",
+                "bluestore block size = 2G",
                 "bluestore fsck on mount = false",
+                "bluestore fsck on mkfs = false",
                 "bluestore cache size = 64M",
             ],
         }[self.objectstore]
@@ -294,22 +295,31 @@ class CephCluster:
         self.osd = self._spawn("ceph-osd", "-c", self.conf, "-i", str(self.osd_id), "-f")
         self.wait_osd_up()
 
+    def _osd_state(self) -> tuple[dict[str, Any] | None, bool]:
+        dump = self.mon_command(prefix="osd dump")
+        osd = next((o for o in dump["osds"] if o["osd"] == self.osd_id), None)
+        return osd, bool(dump["pools"])
+
     def kill_osd(self) -> None:
-        """SIGKILL the OSD (bluestore keeps its data; memstore loses it)."""
+        """SIGKILL the OSD (bluestore keeps its data; memstore loses it).
+
+        The monitor is told at once (with one OSD, nobody would report it for minutes),
+        so that clients and the restarted OSD need not wait for it to notice.
+        """
         if self.osd is not None:
             self.osd.kill()
             self.osd.wait()
             self.osd = None
+            self.mon_command(prefix="osd down", ids=[str(self.osd_id)])
 
     def wait_osd_up(self, timeout: float = 60.0) -> None:
-        """Until the OSD is up with ``up_thru >= up_from`` (else the first write stalls)."""
+        """Until this OSD process is up and ``up_thru >= up_from`` (else writes stall)."""
         deadline = time.monotonic() + timeout
         while True:
             self._check_alive()
-            dump = self.mon_command(prefix="osd dump")
-            osd = next((o for o in dump["osds"] if o["osd"] == self.osd_id), None)
+            osd, has_pools = self._osd_state()
             # up_thru only moves once PGs peer: with no pool yet, "up" is all there is
-            if osd and osd["up"] and (osd["up_thru"] >= osd["up_from"] or not dump["pools"]):
+            if osd and osd["up"] and (osd["up_thru"] >= osd["up_from"] or not has_pools):
                 return
             if time.monotonic() > deadline:
                 raise CephError(f"osd.{self.osd_id} did not come up; see {self.dir}/log")
