@@ -13,8 +13,8 @@ objects of RADOS containers), left behind when a crash lost an allocation that w
 never committed.  Repair mode
 gives that space back; it never touches a segment that any table maps.
 
-``targetvirt-check [--repair] [--state-dir DIR]`` runs it on a store no daemon holds; the
-shell's ``check`` runs it inside the daemon.
+``targetvirt-check [--repair] [--state-dir DIR | --store rados:POOL[/NS][?opts]]`` runs it
+on a store no daemon holds; the shell's ``check`` runs it inside the daemon.
 """
 
 from __future__ import annotations
@@ -29,6 +29,8 @@ import numpy as np
 from targetvirt import table as t
 from targetvirt.catalog import Catalog
 from targetvirt.errors import StoreError, TargetvirtError
+from targetvirt.store.base import Store
+from targetvirt.store.rados import RadosStore
 from targetvirt.store.sqlite import SqliteStore
 from targetvirt.vdisk import VDisk
 
@@ -104,11 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--state-dir", default=os.environ.get("TARGETVIRT_STATE_DIR", "/var/lib/targetvirt")
     )
+    parser.add_argument(
+        "--store", help="a metadata store on RADOS (rados:<pool>[/<ns>][?options]) instead"
+    )
+    parser.add_argument("--store-name", default="targetvirt", help="its name (with --store)")
     parser.add_argument("--repair", action="store_true", help="reclaim leaked space")
     args = parser.parse_args(argv)
-    path = os.path.join(args.state_dir, "targetvirt.db")
     try:
-        store = SqliteStore(path, readonly=not args.repair)
+        store: Store
+        if args.store:
+            store = RadosStore(args.store, name=args.store_name, readonly=not args.repair)
+        else:
+            path = os.path.join(args.state_dir, "targetvirt.db")
+            store = SqliteStore(path, readonly=not args.repair)
         catalog = Catalog.open(store)
         report = check(catalog, repair=args.repair)
         if args.repair:

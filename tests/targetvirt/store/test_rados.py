@@ -17,6 +17,7 @@ import rados
 from targetvirt.catalog import Catalog
 from targetvirt.ceph import RadosLocation
 from targetvirt.check import check
+from targetvirt.check import main as check_main
 from targetvirt.errors import StoreCorrupt, StoreError, StoreLocked, TargetvirtError
 from targetvirt.store.base import Transaction
 from targetvirt.store.rados import RadosStore
@@ -346,3 +347,13 @@ def test_leaked_objects_are_found_and_reclaimed(rados_location: str) -> None:
     assert check(cat, repair=True).reclaimed_segments == 1
     assert check(cat).clean
     cat.close()
+
+
+def test_checker_command_on_a_rados_store(
+    rados_location: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    make_store(rados_location)
+    assert check_main(["--store", rados_location]) == 0
+    assert capsys.readouterr().out.strip().endswith("clean")
+    assert check_main(["--store", rados_location, "--store-name", "other"]) == 2
+    assert "no metadata store" in capsys.readouterr().err
