@@ -157,6 +157,7 @@ class RadosStore:
         self._closing = False
         self._renewer: threading.Thread | None = None
         self.lease_lost = ""  # why the lease could not be renewed ("" while held)
+        self._ioctx: Any = None
         self._cluster = Cluster.get(self.loc, StoreError)
         try:
             self._ioctx = self._cluster.ioctx(self.loc, StoreError)
@@ -630,13 +631,9 @@ class RadosStore:
 
     def close(self) -> None:
         """Release the store: a clean close tells the next writer there is nothing to clean."""
-        if self._closing:
+        if self._ioctx is None:
             return
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        if self._renewer is not None:
-            self._renewer.join()
+        self._stop_renewing()
         try:
             self._drain_gc()
             if not self.readonly and self._owner:
@@ -654,10 +651,19 @@ class RadosStore:
             with contextlib.suppress(rados.Error):
                 self._ioctx.operate_write_op(op, self.root)
 
+    def _stop_renewing(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        if self._renewer is not None:
+            self._renewer.join()
+            self._renewer = None
+
     def _shutdown(self) -> None:
-        ioctx = getattr(self, "_ioctx", None)
-        if ioctx is not None:
-            ioctx.close()
+        """Drop the connection without a word to the cluster (as a crash would)."""
+        self._stop_renewing()
+        if self._ioctx is not None:
+            self._ioctx.close()
             self._ioctx = None
         cluster = getattr(self, "_cluster", None)
         if cluster is not None:

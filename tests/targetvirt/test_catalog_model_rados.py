@@ -23,7 +23,7 @@ from tests.targetvirt.test_catalog_model import CONTAINER_SEGMENTS, MODEL_SETTIN
 
 pytestmark = pytest.mark.ceph
 # each step reads every vdisk back (one RADOS read per mapped segment): fewer examples
-EXAMPLES = int(os.environ.get("TV_CEPH_MODEL_EXAMPLES", "12"))
+EXAMPLES = int(os.environ.get("TV_CEPH_MODEL_EXAMPLES", "30"))
 
 
 class RadosEngineMachine(EngineMachine):
