@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
@@ -147,26 +148,56 @@ class Cluster:
 
     _shared: dict[tuple[str | None, ...], Cluster] = {}
     _lock = threading.Lock()
+    _listeners: list[Callable[[Cluster], None]] = []
 
     def __init__(self, key: tuple[str | None, ...], handle: rados.Rados) -> None:
         self.key = key
         self.handle = handle
         self.refs = 0
+        self.addr: str = handle.get_addrs()  # what a blocklist entry fences
+        self.fsid: str = handle.get_fsid()
 
     @classmethod
     def get(cls, loc: RadosLocation, error: type[TargetvirtError]) -> Cluster:
         """The handle for ``loc``'s settings, connecting on first use.
 
         ``error`` is the class raised when the cluster cannot be reached (a container
-        raises ContainerIOError, a store StoreError).
+        raises ContainerIOError, a store StoreError).  A new handle is announced to the
+        listeners (a store holding the writer's role records its address, so that
+        fencing this process fences every handle it uses) before anyone uses it.
         """
         with cls._lock:
             cluster = cls._shared.get(loc.cluster_key)
+            new = cluster is None
             if cluster is None:
                 cluster = cls(loc.cluster_key, _connect(loc, error))
                 cls._shared[loc.cluster_key] = cluster
             cluster.refs += 1
-            return cluster
+            listeners = list(cls._listeners) if new else []
+        try:
+            for listener in listeners:
+                listener(cluster)
+        except BaseException:
+            cluster.release()
+            raise
+        return cluster
+
+    @classmethod
+    def listen(cls, listener: Callable[[Cluster], None]) -> None:
+        with cls._lock:
+            cls._listeners.append(listener)
+
+    @classmethod
+    def unlisten(cls, listener: Callable[[Cluster], None]) -> None:
+        with cls._lock:
+            if listener in cls._listeners:
+                cls._listeners.remove(listener)
+
+    @classmethod
+    def addrs(cls, fsid: str) -> list[str]:
+        """Client addresses of this process's handles to the cluster ``fsid``."""
+        with cls._lock:
+            return sorted({c.addr for c in cls._shared.values() if c.fsid == fsid})
 
     def release(self) -> None:
         with self._lock:

@@ -154,6 +154,7 @@ class RadosStore:
         self._gc: dict[bytes, Any] = {}  # chunk hash -> its removal in flight
         self._gc_cond = threading.Condition()
         self._cond = threading.Condition()
+        self._root_lock = threading.Lock()  # one root write at a time from this process
         self._closing = False
         self._renewer: threading.Thread | None = None
         self.lease_lost = ""  # why the lease could not be renewed ("" while held)
@@ -212,18 +213,41 @@ class RadosStore:
             raise StoreError(f"cannot read metadata store {self.path}: {describe(e)}") from None
 
     def _identity(self) -> str:
-        handle = self._cluster.handle
+        cluster = self._cluster
         me = {
             "host": _host_id(),
             "hostname": socket.gethostname(),
             "pid": os.getpid(),
             "start": _start_time(os.getpid()),
-            "client": handle.get_instance_id(),
-            "addr": handle.get_addrs(),
+            "client": cluster.handle.get_instance_id(),
+            "addr": cluster.addr,
+            # every handle of this process to this cluster (containers may use other
+            # client settings): fencing the writer fences them all
+            "addrs": Cluster.addrs(cluster.fsid),
             "cookie": self._cookie,
             "since": int(time.time()),
         }
         return json.dumps(me, sort_keys=True, separators=(",", ":"))
+
+    def _handle_added(self, cluster: Cluster) -> None:
+        """A new librados handle in this process: record its address before it is used."""
+        if cluster.fsid != self._cluster.fsid or self._ioctx is None:
+            return
+        rados = self._rados
+        with self._root_lock:
+            owner = json.loads(self._owner)
+            owner["addrs"] = Cluster.addrs(cluster.fsid)
+            new = json.dumps(owner, sort_keys=True, separators=(",", ":"))
+            with rados.WriteOpCtx() as op:
+                op.omap_cmp("owner", self._owner, rados.LIBRADOS_CMPXATTR_OP_EQ)
+                self._ioctx.set_omap(op, ("owner",), (new.encode(),))
+                try:
+                    self._ioctx.operate_write_op(op, self.root)
+                except rados.Error as e:
+                    if errno_of(e) == errno.ECANCELED:
+                        raise self._superseded() from None
+                    raise self._commit_error(e) from None
+            self._owner = new
 
     @staticmethod
     def _describe_owner(owner: dict[str, Any] | None) -> str:
@@ -279,6 +303,7 @@ class RadosStore:
         except BaseException:
             self._unlock()
             raise
+        Cluster.listen(self._handle_added)
 
     def _claim(self) -> None:
         """Holding the lock: fence an unclean previous owner, then swap ``owner`` to us."""
@@ -306,17 +331,19 @@ class RadosStore:
 
     def _fence(self, owner: dict[str, Any]) -> None:
         """Blocklist a previous writer so nothing it still sends is ever applied."""
-        addr = owner.get("addr")
-        if not isinstance(addr, str) or not addr or addr == self._cluster.handle.get_addrs():
-            return  # nothing to fence, or this very process (its handle is shared)
-        try:
-            self._cluster.handle.blocklist_add(addr, BLOCKLIST_SECONDS)
-        except self._rados.Error as e:
-            raise StoreLocked(
-                f"metadata store {self.path}: cannot fence the previous writer "
-                f"{self._describe_owner(owner)}: {describe(e)} (the client needs the "
-                "'osd blocklist' monitor capability)"
-            ) from None
+        addrs = owner.get("addrs") or [owner.get("addr")]
+        mine = set(Cluster.addrs(self._cluster.fsid))  # this very process: handles are shared
+        for addr in addrs:
+            if not isinstance(addr, str) or not addr or addr in mine:
+                continue
+            try:
+                self._cluster.handle.blocklist_add(addr, BLOCKLIST_SECONDS)
+            except self._rados.Error as e:
+                raise StoreLocked(
+                    f"metadata store {self.path}: cannot fence the previous writer "
+                    f"{self._describe_owner(owner)}: {describe(e)} (the client needs the "
+                    "'osd blocklist' monitor capability)"
+                ) from None
 
     def _break_lock(self, owner: dict[str, Any]) -> None:
         client, cookie = owner.get("client"), owner.get("cookie")
@@ -558,7 +585,7 @@ class RadosStore:
         rados = self._rados
         sets = dict(staged.sets)
         sets["gen"] = str(self._gen + 1).encode()
-        with rados.WriteOpCtx() as op:
+        with self._root_lock, rados.WriteOpCtx() as op:
             op.omap_cmp("gen", str(self._gen), rados.LIBRADOS_CMPXATTR_OP_EQ)
             op.omap_cmp("owner", self._owner, rados.LIBRADOS_CMPXATTR_OP_EQ)
             self._ioctx.set_omap(op, tuple(sets), tuple(sets.values()))
@@ -652,6 +679,7 @@ class RadosStore:
                 self._ioctx.operate_write_op(op, self.root)
 
     def _stop_renewing(self) -> None:
+        Cluster.unlisten(self._handle_added)
         with self._cond:
             self._closing = True
             self._cond.notify_all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import signal
 import subprocess
@@ -357,3 +358,45 @@ def test_checker_command_on_a_rados_store(
     assert capsys.readouterr().out.strip().endswith("clean")
     assert check_main(["--store", rados_location, "--store-name", "other"]) == 2
     assert "no metadata store" in capsys.readouterr().err
+
+
+def test_fencing_covers_every_client_of_the_writer(ceph: CephCluster, rados_location: str) -> None:
+    """A writer whose containers use another cephx user is fenced on both of its clients."""
+    name = f"data{rados_location.split('/')[1][:8]}"
+    keyring = ceph.add_client(name, {"mon": "allow r", "osd": f"allow rwx pool={ceph.pool}"})
+    base = rados_location.partition("?")[0]
+    data_location = f"{base}?conf={ceph.client_conf}&id={name}&keyring={keyring}"
+    code = (
+        "import sys\n"
+        "from targetvirt.catalog import Catalog\n"
+        "from targetvirt.store.rados import RadosStore\n"
+        "cat = Catalog.open(RadosStore(sys.argv[1], create=True))\n"
+        "cat.create_pool('p', sys.argv[2], 1 << 24, segment_size=1 << 16)\n"
+        "v = cat.create_vdisk('v', 'p', 1 << 20)\n"
+        "v.write(0, b'before', fua=True)\n"
+        "print('ready', flush=True)\n"
+        "for line in sys.stdin:\n"
+        "    try:\n"
+        "        v.write(0, b'after!'); print('wrote', flush=True)\n"
+        "    except Exception as e:\n"
+        "        print(type(e).__name__, e, flush=True)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, rados_location, data_location],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert proc.stdout.readline().strip() == "ready"
+        owner = json.loads(Admin(ceph, rados_location).omap()["owner"])
+        assert len(owner["addrs"]) == 2  # the store's client and the container's
+        cat = Catalog.open(RadosStore(rados_location, takeover=True))
+        proc.stdin.write("write\n")
+        proc.stdin.flush()
+        answer = proc.stdout.readline().strip()
+        assert answer.startswith("ContainerWriteError") and "blocklisted" in answer, answer
+        assert cat.vdisk("v").read(0, 6) == b"before"
+        cat.close()
+    finally:
+        proc.kill()
+        proc.wait()
