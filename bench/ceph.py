@@ -7,7 +7,9 @@ objects of the same size, at the same queue depth:
 * through the vdisk: ``--qd`` threads, each calling ``VDisk.writev``/``readinto``
   (the data path's entry points; python-rados releases the GIL while it waits);
 * direct: the faster of one thread keeping ``--qd`` asynchronous librados operations in
-  flight and ``--qd`` threads of synchronous calls (each measured, best kept).
+  flight and ``--qd`` threads of synchronous calls.
+
+Each side's best of three rounds, the rounds interleaved (the machine may be shared).
 
 Rows: 1 MiB sequential writes (allocated segments) and reads; 4 KiB random writes and
 reads over the allocated area; the first write to fresh segments (allocation included)
@@ -159,13 +161,26 @@ def bench(location: str, client: Any, args: argparse.Namespace) -> list[Row]:
     return rows
 
 
-def best_direct(
-    qd: int, n: int, aio: Callable[[int, Callable[..., None]], Any], sync: Callable[[int], None]
-) -> tuple[float, str]:
-    """The faster of two direct ways: ``qd`` aio in flight, or ``qd`` threads of sync calls."""
-    t_aio = min(run_aio(qd, n, aio) for _ in range(2))
-    t_sync = min(run_threads(qd, n, sync) for _ in range(2))
-    return (t_aio, "aio") if t_aio <= t_sync else (t_sync, f"{qd} threads")
+def compare(
+    qd: int,
+    n: int,
+    ours: Callable[[int], None],
+    aio: Callable[[int, Callable[..., None]], Any],
+    sync: Callable[[int], None],
+    rounds: int = 3,
+) -> tuple[float, float, str]:
+    """Best times of ours and of direct librados (aio or threads), rounds interleaved.
+
+    The machine may be shared: interleaving lets a slow spell hit every side alike, and
+    the best of a few rounds is what each side can do.
+    """
+    t_ours, t_aio, t_sync = [], [], []
+    for _ in range(rounds):
+        t_ours.append(run_threads(qd, n, ours))
+        t_aio.append(run_aio(qd, n, aio))
+        t_sync.append(run_threads(qd, n, sync))
+    direct, how = min((min(t_aio), "aio"), (min(t_sync), f"{qd} threads"))
+    return min(t_ours), direct, how
 
 
 def bench_sequential(v: VDisk, ioctx: Any, qd: int, nseg: int) -> list[Row]:
@@ -183,15 +198,13 @@ def bench_sequential(v: VDisk, ioctx: Any, qd: int, nseg: int) -> list[Row]:
 
     names = [f"direct.{i:012x}" for i in range(nseg)]
     first = run_threads(qd, nseg, our_write)  # allocates: zero (remove) + write per segment
-    ours_w = min(run_threads(qd, nseg, our_write) for _ in range(2))
-    direct_w, how_w = best_direct(
-        qd, nseg,
+    ours_w, direct_w, how_w = compare(
+        qd, nseg, our_write,
         lambda i, cb: ioctx.aio_write_full(names[i], chunk, oncomplete=cb),
         lambda i: ioctx.write_full(names[i], chunk),
     )  # fmt: skip
-    ours_r = min(run_threads(qd, nseg, our_read) for _ in range(2))
-    direct_r, how_r = best_direct(
-        qd, nseg,
+    ours_r, direct_r, how_r = compare(
+        qd, nseg, our_read,
         lambda i, cb: ioctx.aio_read(names[i], MiB, 0, cb),
         lambda i: ioctx.read(names[i], MiB, 0),
     )  # fmt: skip
@@ -233,8 +246,7 @@ def bench_random(v: VDisk, ioctx: Any, qd: int, nseg: int, ops: int) -> list[Row
          lambda i, cb: ioctx.aio_read(objs[i], KiB4, offsets[i] % MiB, cb),
          lambda i: ioctx.read(objs[i], KiB4, offsets[i] % MiB)),
     ):  # fmt: skip
-        t_ours = min(run_threads(qd, ops, ours) for _ in range(2))
-        t_direct, how = best_direct(qd, ops, aio, sync)
+        t_ours, t_direct, how = compare(qd, ops, ours, aio, sync)
         rows.append(
             Row(f"4 KiB random {name}", ops / t_ours, "IOPS", f"librados {name} ({how})",
                 ops / t_direct, t_direct / t_ours, ">= 0.5")

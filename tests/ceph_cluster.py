@@ -61,7 +61,7 @@ def _free_port_range(width: int) -> int:
     for _ in range(50):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
-            base = s.getsockname()[1]
+            base = int(s.getsockname()[1])
         if base + width >= 65535:
             continue
         socks = []

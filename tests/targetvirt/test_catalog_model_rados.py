@@ -44,5 +44,6 @@ class RadosEngineMachine(EngineMachine):
 
 def test_engine_model_on_rados(ceph: CephCluster) -> None:
     run_state_machine_as_test(
-        lambda: RadosEngineMachine(ceph), settings=settings(MODEL_SETTINGS, max_examples=EXAMPLES)
+        lambda: RadosEngineMachine(ceph),  # type: ignore[arg-type]  # any factory will do
+        settings=settings(MODEL_SETTINGS, max_examples=EXAMPLES),
     )
