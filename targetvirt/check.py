@@ -10,8 +10,8 @@ tables trustworthy:
 
 and looks for *leaks*: free segments that still occupy space (data of sparse files,
 objects of RADOS containers), left behind when a crash lost an allocation that was
-never committed.  Repair mode
-gives that space back; it never touches a segment that any table maps.
+never committed.  Repair mode gives that space back; it never touches a segment that any
+table maps.
 
 ``targetvirt-check [--repair] [--state-dir DIR | --store rados:POOL[/NS][?opts]]`` runs it
 on a store no daemon holds; the shell's ``check`` runs it inside the daemon.
