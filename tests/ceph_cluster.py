@@ -42,6 +42,7 @@ from typing import Any
 import rados
 
 MON_TIMEOUT = 30.0
+OP_TIMEOUT = 60  # seconds a client of a test cluster waits for an operation
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -157,6 +158,10 @@ class CephCluster:
                 "bluestore fsck on mount = false",
                 "bluestore fsck on mkfs = false",
                 "bluestore cache size = 64M",
+                # small writes go straight to the device, not through the deferred-write
+                # log: one SIGKILL in ~60 once left a checksum-failing (unfound) object
+                "bluestore prefer deferred size hdd = 0",
+                "bluestore prefer deferred size ssd = 0",
             ],
         }[self.objectstore]
         lines = [
@@ -200,8 +205,11 @@ class CephCluster:
             *store,
         ]
         Path(self.conf).write_text("\n".join(lines) + "\n")
+        # A test must fail, not hang, when the cluster cannot serve an operation (an
+        # unfound object blocks its readers forever): clients give up after a minute.
         Path(self.client_conf).write_text(
             f"[global]\nmon host = v2:127.0.0.1:{self.port}\nkeyring = {self.keyring}\n"
+            f"rados osd op timeout = {OP_TIMEOUT}\nrados mon op timeout = {OP_TIMEOUT}\n"
         )
         Path(self.keyring).write_text(
             f'[mon.]\n\tkey = {cephx_key()}\n\tcaps mon = "allow *"\n'
