@@ -35,14 +35,13 @@ import subprocess
 import tempfile
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import rados
 
 MON_TIMEOUT = 30.0
-OP_TIMEOUT = 60  # seconds a client of a test cluster waits for an operation
+OP_TIMEOUT = 30  # seconds a client of a test cluster waits for an operation
 _PR_SET_PDEATHSIG = 1
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
@@ -105,6 +104,7 @@ class CephCluster:
         self.mon: subprocess.Popen[bytes] | None = None
         self.osd: subprocess.Popen[bytes] | None = None
         self._admin: rados.Rados | None = None
+        self._ioctxs: list[rados.Ioctx] = []
 
     # --- life cycle ----------------------------------------------------------------
 
@@ -122,6 +122,10 @@ class CephCluster:
 
     def stop(self) -> None:
         """Kill both daemons (by pid) and remove the folder."""
+        for ioctx in self._ioctxs:  # python-rados aborts on an ioctx outliving its handle
+            with contextlib.suppress(Exception):
+                ioctx.close()
+        self._ioctxs.clear()
         if self._admin is not None:
             with contextlib.suppress(Exception):
                 self._admin.shutdown()
@@ -158,10 +162,6 @@ class CephCluster:
                 "bluestore fsck on mount = false",
                 "bluestore fsck on mkfs = false",
                 "bluestore cache size = 64M",
-                # small writes go straight to the device, not through the deferred-write
-                # log: one SIGKILL in ~60 once left a checksum-failing (unfound) object
-                "bluestore prefer deferred size hdd = 0",
-                "bluestore prefer deferred size ssd = 0",
             ],
         }[self.objectstore]
         lines = [
@@ -270,6 +270,14 @@ class CephCluster:
                     time.sleep(0.05)
         return self._admin
 
+    def open_ioctx(self, pool: str, namespace: str = "") -> rados.Ioctx:
+        """An admin I/O context (closed by :meth:`stop`; python-rados must never see an
+        ioctx outlive its cluster handle)."""
+        ioctx = self.admin.open_ioctx(pool)
+        ioctx.set_namespace(namespace)
+        self._ioctxs.append(ioctx)
+        return ioctx
+
     def mon_command(self, inbuf: bytes = b"", **cmd: Any) -> Any:
         """Run one monitor command; returns its parsed JSON output (or None)."""
         cmd.setdefault("format", "json")
@@ -308,11 +316,28 @@ class CephCluster:
         osd = next((o for o in dump["osds"] if o["osd"] == self.osd_id), None)
         return osd, bool(dump["pools"])
 
+    def unfound_objects(self) -> list[str]:
+        """Objects the OSD declared unfound (see :meth:`kill_osd`), from the cluster log."""
+        log = self.dir / "log" / "cluster.log"
+        if not log.exists():
+            return []
+        return [
+            line.split("missing primary copy of ", 1)[1].split(",")[0]
+            for line in log.read_text(errors="replace").splitlines()
+            if "missing primary copy of" in line
+        ]
+
     def kill_osd(self) -> None:
         """SIGKILL the OSD (bluestore keeps its data; memstore loses it).
 
         The monitor is told at once (with one OSD, nobody would report it for minutes),
         so that clients and the restarted OSD need not wait for it to notice.
+
+        Known issue of Ceph 16.2.15 here: about one SIGKILL + restart in 20 to 70 leaves
+        a block of a recently written object failing its bluestore checksum; the OSD then
+        declares the object unfound and its readers wait forever.  Reproduced with plain
+        librados (write_full / partial writes / removes, no targetvirt), on ext4 and on
+        tmpfs.  :meth:`unfound_objects` tells the tests when it happened.
         """
         if self.osd is not None:
             self.osd.kill()
@@ -367,9 +392,3 @@ class CephCluster:
         flat = [x for kv in caps.items() for x in kv]
         self.mon_command(text.encode(), prefix="auth add", entity=f"client.{name}", caps=flat)
         return str(path)
-
-
-@contextlib.contextmanager
-def running(objectstore: str = "memstore") -> Iterator[CephCluster]:
-    with CephCluster(objectstore=objectstore) as cluster:
-        yield cluster

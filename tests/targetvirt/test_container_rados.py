@@ -37,12 +37,7 @@ def new_container(location: str, nseg: int = 8, cid: int = 0) -> RadosContainer:
 
 def objects(ceph: CephCluster, location: str) -> set[str]:
     loc = RadosLocation.parse(location)
-    ioctx = ceph.admin.open_ioctx(loc.pool)
-    ioctx.set_namespace(loc.namespace)
-    try:
-        return {o.key for o in ioctx.list_objects()}
-    finally:
-        ioctx.close()
+    return {o.key for o in ceph.open_ioctx(loc.pool, loc.namespace).list_objects()}
 
 
 def test_location_parsing_round_trips() -> None:
@@ -159,12 +154,10 @@ def test_label_is_checked_on_open(ceph: CephCluster, rados_location: str) -> Non
     with pytest.raises(StoreCorrupt, match="not container"):
         Container.open(rados_location, wrong_pool, False)
     loc = RadosLocation.parse(rados_location)
-    ioctx = ceph.admin.open_ioctx(loc.pool)
-    ioctx.set_namespace(loc.namespace)
+    ioctx = ceph.open_ioctx(loc.pool, loc.namespace)
     raw = bytearray(ioctx.read(f"tvc.{label.uuid}.label", 4096, 0))
     raw[40] ^= 1
     ioctx.write_full(f"tvc.{label.uuid}.label", bytes(raw))
-    ioctx.close()
     with pytest.raises(StoreCorrupt, match="checksum"):
         Container.open(rados_location, label, False)
 

@@ -10,6 +10,7 @@ OSD (bluestore) killed too, or killed and restarted under a live workload.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -18,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -205,6 +206,24 @@ def test_sigkill_on_rados_loses_nothing_flushed(tmp_path: Path, rados_location: 
     crash_loop(tmp_path, CEPH_KILLS, rados_location)
 
 
+@contextlib.contextmanager
+def ceph_may_lose_objects(cluster: CephCluster) -> Iterator[None]:
+    """Turn a failure caused by Ceph's own known loss (see CephCluster.kill_osd) into xfail.
+
+    Only when the OSD declared an object unfound: every other failure stands.
+    """
+    try:
+        yield
+    except Exception:
+        lost = cluster.unfound_objects()
+        if lost:
+            pytest.xfail(
+                f"Ceph 16.2 bluestore lost {lost[0]} to an OSD SIGKILL (known Ceph issue, "
+                "reproduced without targetvirt; see CephCluster.kill_osd)"
+            )
+        raise
+
+
 @pytest.mark.slow
 @pytest.mark.ceph
 def test_osd_and_workload_killed_together_lose_nothing_flushed(
@@ -217,10 +236,11 @@ def test_osd_and_workload_killed_together_lose_nothing_flushed(
     """
     ns = f"crash{random.Random().getrandbits(32):08x}"
     location = f"rados:{ceph_bluestore.pool}/{ns}?conf={ceph_bluestore.client_conf}"
-    crash_loop(
-        tmp_path, OSD_KILLS, location, seed=99,
-        before_kill=ceph_bluestore.kill_osd, after_kill=ceph_bluestore.start_osd,
-    )  # fmt: skip
+    with ceph_may_lose_objects(ceph_bluestore):
+        crash_loop(
+            tmp_path, OSD_KILLS, location, seed=99,
+            before_kill=ceph_bluestore.kill_osd, after_kill=ceph_bluestore.start_osd,
+        )  # fmt: skip
 
 
 @pytest.mark.ceph
@@ -255,26 +275,27 @@ def test_osd_restart_under_io_loses_nothing(ceph_bluestore: CephCluster) -> None
 
     worker = threading.Thread(target=workload)
     worker.start()
-    try:
-        for _ in range(20):
-            progress.acquire()
-        ceph_bluestore.kill_osd()
-        time.sleep(0.3)  # operations are now stuck in librados
-        ceph_bluestore.start_osd()
-        for _ in range(20):  # and they complete, then new ones too
-            assert progress.acquire(timeout=120), "the workload never resumed"
-    finally:
-        stop.set()
-        worker.join()
-    assert not failure, failure
-    catalog.commit()
-    assert v.read(0, v.size) == model
-    snaps = {n: catalog.vdisk(n).read(0, v.size) for n in catalog.vdisks if "@" in n}
-    catalog.close()
-    catalog = Catalog.open(RadosStore(location))
-    try:
-        assert catalog.vdisk("v").read(0, v.size) == model
-        assert {n: catalog.vdisk(n).read(0, v.size) for n in snaps} == snaps
-        assert check(catalog).clean
-    finally:
+    with ceph_may_lose_objects(ceph_bluestore):
+        try:
+            for _ in range(20):
+                progress.acquire()
+            ceph_bluestore.kill_osd()
+            time.sleep(0.3)  # operations are now stuck in librados
+            ceph_bluestore.start_osd()
+            for _ in range(20):  # and they complete, then new ones too
+                assert progress.acquire(timeout=120), "the workload never resumed"
+        finally:
+            stop.set()
+            worker.join()
+        assert not failure, failure
+        catalog.commit()
+        assert v.read(0, v.size) == model
+        snaps = {n: catalog.vdisk(n).read(0, v.size) for n in catalog.vdisks if "@" in n}
         catalog.close()
+        catalog = Catalog.open(RadosStore(location))
+        try:
+            assert catalog.vdisk("v").read(0, v.size) == model
+            assert {n: catalog.vdisk(n).read(0, v.size) for n in snaps} == snaps
+            assert check(catalog).clean
+        finally:
+            catalog.close()

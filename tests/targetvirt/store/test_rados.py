@@ -53,8 +53,7 @@ class Admin:
 
     def __init__(self, ceph: CephCluster, location: str) -> None:
         loc = RadosLocation.parse(location)
-        self.io = ceph.admin.open_ioctx(loc.pool)
-        self.io.set_namespace(loc.namespace)
+        self.io = ceph.open_ioctx(loc.pool, loc.namespace)
 
     def omap(self, obj: str = "targetvirt.root") -> dict[str, bytes]:
         with rados.ReadOpCtx() as op:
