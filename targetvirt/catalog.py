@@ -30,7 +30,7 @@ from targetvirt.errors import (
     ReadOnly,
     StoreCorrupt,
 )
-from targetvirt.pool import DEFAULT_SEGMENT, Pool
+from targetvirt.pool import DEFAULT_SEGMENT, Dropped, Pool
 from targetvirt.store.base import Image, Store, Transaction, chunk_hash, table_root
 from targetvirt.vdisk import (
     COW_MODES,
@@ -56,6 +56,9 @@ def check_name(name: str, what: str) -> None:
             f"{what} name {name!r} is invalid: use 1-64 letters, digits, '_', '.', '-', "
             "starting with a letter or digit"
         )
+
+
+_ENGINE_KINDS = ("pool", "container", "vdisk")
 
 
 def _no_progress(done: int, total: int) -> None:
@@ -85,13 +88,22 @@ class Catalog:
         self._next_id = 1
         self._pending = Transaction()
         self.commits = 0
+        # records of kinds the engine does not interpret (the controller's agent list)
+        self._aux: dict[str, dict[int, dict[str, Any]]] = {}
 
     # --- opening -------------------------------------------------------------------
 
     @classmethod
     def open(cls, store: Store, wallclock: Callable[[], float] = time.time) -> Catalog:
+        """Load the catalog from ``store``, which it owns from now on: on failure the
+        store and any container opened so far are closed (a leaked SQLite connection
+        would checkpoint its stale WAL into the file whenever it is collected)."""
         catalog = cls(store, wallclock)
-        catalog._load(store.load())
+        try:
+            catalog._load(store.load())
+        except BaseException:
+            catalog._release()
+            raise
         return catalog
 
     def _load(self, image: Image) -> None:
@@ -104,6 +116,7 @@ class Catalog:
 
     def _load_records(self, image: Image) -> None:
         recs = image.records
+        self._aux = {k: dict(v) for k, v in recs.items() if k not in _ENGINE_KINDS}
         ids = [*recs.get("pool", {}), *recs.get("vdisk", {})]
         self._next_id = max(ids, default=0) + 1
         pools_by_pid: dict[int, Pool] = {}
@@ -172,10 +185,13 @@ class Catalog:
     def close(self) -> None:
         with self.lock:
             self.commit()
-            for pool in self.pools.values():
-                for c in pool.containers.values():
-                    c.close()
-            self.store.close()
+            self._release()
+
+    def _release(self) -> None:
+        for pool in self.pools.values():
+            for c in pool.containers.values():
+                c.close()
+        self.store.close()
 
     # --- lookups -------------------------------------------------------------------
 
@@ -204,6 +220,27 @@ class Catalog:
         free = pool.free_segments() * pool.segment_size
         return PoolUsage(pool.name, pool.segment_size, total, total - free, free)
 
+    # --- other components' records ----------------------------------------------------
+
+    def records(self, kind: str) -> dict[int, dict[str, Any]]:
+        """Durable records of a kind the engine does not interpret (a copy)."""
+        if kind in _ENGINE_KINDS:
+            raise InvalidArgument(f"{kind} records belong to the engine")
+        with self.lock:
+            return {k: dict(v) for k, v in self._aux.get(kind, {}).items()}
+
+    def put_record(self, kind: str, key: int, body: dict[str, Any] | None) -> None:
+        """Stage (``None``: delete) one such record; durable at the next commit."""
+        if kind in _ENGINE_KINDS:
+            raise InvalidArgument(f"{kind} records belong to the engine")
+        with self.lock:
+            if body is None:
+                self._aux.get(kind, {}).pop(key, None)
+                self._pending.delete(kind, key)
+            else:
+                self._aux.setdefault(kind, {})[key] = dict(body)
+                self._pending.put(kind, key, body)
+
     # --- durability ------------------------------------------------------------------
 
     def commit(self) -> None:
@@ -213,11 +250,11 @@ class Catalog:
         next commit retries them (the caller that asked for durability gets the error).
         """
         with self.lock:
-            freed = {name: pool.take_quarantine() for name, pool in self.pools.items()}
+            dropped = {name: pool.take_dropped() for name, pool in self.pools.items()}
             txn, self._pending = self._pending, Transaction()
             staged = [(v, self._stage_table(v, txn)) for v in self.vdisks.values()]
             try:
-                if txn.empty and not any(freed.values()):
+                if txn.empty and not any(d.entries or d.tables for d in dropped.values()):
                     return
                 for pool in self.pools.values():
                     for c in pool.containers.values():
@@ -225,12 +262,12 @@ class Catalog:
                 if not txn.empty:
                     self.store.commit(txn)
             except BaseException:
-                self._unstage(txn, staged, freed)
+                self._unstage(txn, staged, dropped)
                 raise
             self.commits += 1
-            for name, entries in freed.items():
+            for name, d in dropped.items():
                 if name in self.pools:
-                    self._free_segments(self.pools[name], entries)
+                    self._discard(self.pools[name], self.pools[name].settle(d))
 
     def _stage_table(self, vdisk: VDisk, txn: Transaction) -> list[int]:
         dirty = vdisk.table.take_dirty()
@@ -249,27 +286,24 @@ class Catalog:
         return dirty
 
     def _unstage(
-        self, txn: Transaction, staged: list[tuple[VDisk, list[int]]], freed: dict[str, list[int]]
+        self, txn: Transaction, staged: list[tuple[VDisk, list[int]]], dropped: dict[str, Dropped]
     ) -> None:
         for vdisk, dirty in staged:
             vdisk.table.restore_dirty(dirty)
             vdisk.record_dirty = True
-        for name, entries in freed.items():
+        for name, d in dropped.items():
             if name in self.pools:
-                self.pools[name].requarantine(entries)
+                self.pools[name].restore_dropped(d)
         # keep the other operations, in order; table chunks are re-staged from memory
         kept = Transaction([op for op in txn.ops if op[0] not in ("chunk", "truncate")])
         kept.extend(self._pending)
         self._pending = kept
 
     @staticmethod
-    def _free_segments(pool: Pool, entries: list[int]) -> None:
-        """Segments whose freeing is durable: give their space back, then reuse them."""
-        for e in entries:
-            c = pool.containers.get(t.cid_of(e))
-            if c is not None and pool.refcount(e) == 0:
-                c.discard(t.pseg_of(e))
-        pool.release(entries)
+    def _discard(pool: Pool, freed: list[int]) -> None:
+        """Give the space of segments freed by a durable commit back to the medium."""
+        for e in freed:
+            pool.containers[t.cid_of(e)].discard(t.pseg_of(e))
 
     # --- pools and containers ------------------------------------------------------
 
@@ -338,7 +372,7 @@ class Catalog:
             pool.container(cid)
             if len(pool.containers) == 1:
                 raise InUse(f"container {cid} is the last of pool {pool_name}; delete the pool")
-            self.commit()  # quarantined segments of this container become free
+            self.commit()  # references dropped from this container settle
             container = pool.detach(cid)
             self._pending.delete("container", (pool.pid << 16) | cid)
             self.commit()
@@ -364,15 +398,7 @@ class Catalog:
         The container takes no new segments from now on.  Progress is committed every
         ``COMMIT_EVERY`` segments, so an interrupted evacuation resumes where it stopped.
         """
-        with self.lock:
-            pool = self.pool(pool_name)
-            container = pool.container(cid)
-            if not set(pool.containers) - pool.draining - {cid}:
-                raise InUse(f"pool {pool_name} has no other container to evacuate {cid} to")
-            pool.draining.add(cid)
-            self._stage_container(pool, container)
-            self.commit()
-            work = list(self._mapped_in(pool, cid))
+        work = self.begin_evacuation(pool_name, cid)
         moved = 0
         for vdisk, index in work:
             with self.lock:
@@ -385,6 +411,18 @@ class Catalog:
             progress(moved, len(work))
         self.commit()
         return moved
+
+    def begin_evacuation(self, pool_name: str, cid: int) -> list[tuple[VDisk, int]]:
+        """Stop placing segments in container ``cid``; returns the entries that map into it."""
+        with self.lock:
+            pool = self.pool(pool_name)
+            container = pool.container(cid)
+            if not set(pool.containers) - pool.draining - {cid}:
+                raise InUse(f"pool {pool_name} has no other container to evacuate {cid} to")
+            pool.draining.add(cid)
+            self._stage_container(pool, container)
+            self.commit()
+            return list(self._mapped_in(pool, cid))
 
     def _mapped_in(self, pool: Pool, cid: int) -> Iterator[tuple[VDisk, int]]:
         for vdisk in list(self.vdisks.values()):
@@ -433,7 +471,7 @@ class Catalog:
         try:
             return pool.allocate(exclude, only)
         except PoolFull:
-            if not pool.quarantined:
+            if not pool.unsettled:
                 raise
         self.commit()  # segments freed since the last commit become reusable once durable
         return pool.allocate(exclude, only)
@@ -573,21 +611,29 @@ class Catalog:
             vdisk = self.vdisk(name)
             if vdisk.readonly:
                 raise ReadOnly(f"{name} is a snapshot; clone it and flatten the clone")
+            self.commit()  # dropped references settle: what is shared now is really shared
             work = [i for i, e in vdisk.table.iter_mapped() if vdisk.pool.refcount(e) > 1]
         done = 0
         for index in work:
             with self.lock:
                 if self.vdisks.get(name) is not vdisk:
                     raise Cancelled(f"{name} was deleted while being flattened")
-                e = vdisk.table[index]
-                if e & t.MAPPED and vdisk.pool.refcount(e) > 1:
-                    self._redirect(vdisk, index, e, covered=False)
+                self.unshare(vdisk, index)
                 done += 1
                 if done % COMMIT_EVERY == 0:
                     self.commit()
             progress(done, len(work))
         self.commit()
         return done
+
+    def unshare(self, vdisk: VDisk, index: int) -> bool:
+        """Give entry ``index`` a private copy if it is shared; returns whether it was."""
+        with self.lock:
+            e = vdisk.table[index]
+            if not e & t.MAPPED or vdisk.pool.refcount(e) == 1:
+                return False
+            self._redirect(vdisk, index, e, covered=False)
+            return True
 
     # --- data-path faults ------------------------------------------------------------
 

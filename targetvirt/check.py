@@ -62,7 +62,7 @@ class Report:
 def check(catalog: Catalog, *, repair: bool = False) -> Report:
     report = Report()
     with catalog.lock:
-        catalog.commit()  # quarantined segments become free: they are not leaks
+        catalog.commit()  # dropped references settle: their segments are free, not leaks
         for pool in catalog.pools.values():
             owners: dict[int, tuple[int, int, str]] = {}
             for v in (v for v in catalog.vdisks.values() if v.pool is pool):

@@ -137,6 +137,14 @@ class FrozenTimeout(TargetvirtError):
     sense = Sense(DATA_PROTECT, 0x27, 0x00)
 
 
+class SessionLost(TargetvirtError):
+    """The controller no longer knows this agent session (fenced or restarted): re-register."""
+
+
+class ControllerUnreachable(LeaseExpired):
+    """An I/O needs the controller and the agent cannot reach it (same sense: try another path)."""
+
+
 # --- SCSI ------------------------------------------------------------------------
 
 

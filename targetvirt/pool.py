@@ -4,10 +4,14 @@ Refcounts are *derived* state: they are recounted from the tables when a pool is
 and then maintained incrementally (the model tests check them against a recount after
 every step).  Storing them would only add a way for metadata to disagree with itself.
 
-A segment is free exactly when its refcount is zero.  A segment whose count drops to zero
-is *quarantined* until the metadata commit that dropped it is durable: until then the
-durable tables may still map it, so handing it to another vdisk could make an entry point
-at another vdisk's data after a crash.
+A segment is free exactly when its refcount is zero.  Decrements are *deferred* until
+the metadata commit that dropped the reference is durable: until then the durable tables
+still map the segment, so the count must go on saying so.  Otherwise two things could
+happen after a crash: a segment freed and handed to another vdisk would show that
+vdisk's data through a stale durable entry; and a segment that looked private (count 1)
+after a sharer moved away in memory would be written in place while the sharer's durable
+table still maps it -- a snapshot would change.  With deferral, both stay shared (COW)
+or unallocatable until the commit, then :meth:`Pool.settle` applies the decrements.
 
 Placement policy: a new segment goes to the online container with the most free segments
 (ties: the lowest container id); containers being evacuated or failed get none.
@@ -30,11 +34,21 @@ from targetvirt.errors import InUse, InvalidArgument, NotFound, PoolFull
 MIN_SEGMENT = 64 << 10
 MAX_SEGMENT = 64 << 20
 DEFAULT_SEGMENT = 1 << 20
+_SLICE = 1 << 16  # entries per slice of a bulk refcount update (512 KiB: stays in cache)
+_PSEG = np.uint64(t.PSEG_MASK)
 
 
 def check_segment_size(size: int) -> None:
     if size < MIN_SEGMENT or size > MAX_SEGMENT or size & (size - 1):
         raise InvalidArgument(f"segment size {size} must be a power of two from 64 KiB to 64 MiB")
+
+
+@dataclass
+class Dropped:
+    """References dropped during one commit epoch (see :meth:`Pool.take_dropped`)."""
+
+    entries: list[int]
+    tables: list[npt.NDArray[np.uint64]]
 
 
 @dataclass
@@ -60,7 +74,9 @@ class Pool:
         self.containers: dict[int, Container] = {}
         self.refs: dict[int, array[int]] = {}  # per container: refcount of each segment
         self._free: dict[int, array[int]] = {}
-        self._quarantine: list[int] = []  # packed entries freed since the last commit
+        # references dropped since the last commit: single entries, and whole tables
+        self._dropped: list[int] = []
+        self._dropped_tables: list[npt.NDArray[np.uint64]] = []
         self.draining: set[int] = set()
 
     @classmethod
@@ -93,7 +109,7 @@ class Pool:
         """Remove an empty container from the pool."""
         container = self.container(cid)
         used = container.nsegments - len(self._free[cid])
-        if used or any(t.cid_of(e) == cid for e in self._quarantine):
+        if used:
             raise InUse(
                 f"container {cid} of pool {self.name} still holds {used} segments; evacuate it"
             )
@@ -116,11 +132,8 @@ class Pool:
         self.refs[t.cid_of(entry)][t.pseg_of(entry)] += 1
 
     def decref(self, entry: int) -> None:
-        refs = self.refs[t.cid_of(entry)]
-        pseg = t.pseg_of(entry)
-        refs[pseg] -= 1
-        if refs[pseg] == 0:
-            self._quarantine.append(t.location(entry))
+        """Drop one reference once the commit that drops it is durable (see module doc)."""
+        self._dropped.append(t.location(entry))
 
     def _by_container(
         self, entries: npt.NDArray[np.uint64]
@@ -139,17 +152,37 @@ class Pool:
                 yield cid, mine
 
     def incref_table(self, table: t.Table) -> None:
-        """+1 on every segment a table maps (a table maps a segment at most once)."""
-        for cid, psegs in self._by_container(table.view()):
-            refs = np.frombuffer(self.refs[cid], dtype=np.uint32)
-            refs[psegs] += 1
+        """+1 on every segment a table maps (a table maps a segment at most once).
+
+        A live snapshot does this while writers are frozen, so it works in cache-sized
+        slices and takes shortcuts for slices wholly mapped in a one-container pool: no
+        mask, no copy (the segment numbers are the entries with MAPPED masked), and when
+        those numbers form one dense run -- distinct, so max - min + 1 == count means a
+        permutation of the run -- a plain slice add instead of a gather and a scatter.
+        """
+        view = table.view()
+        only = next(iter(self.containers)) if len(self.containers) == 1 else None
+        scratch = np.empty(min(len(view), _SLICE), dtype=np.uint64)
+        for start in range(0, len(view), _SLICE):
+            part = view[start : start + _SLICE]
+            first = int(part.min()) if only is not None and part.size else 0
+            if only is not None and first & t.MAPPED:
+                # one container: the container bits are all equal, so entries order as
+                # their segment numbers do
+                low, high = first & t.PSEG_MASK, int(part.max()) & t.PSEG_MASK
+                refs = self.refs_view(only)
+                if high - low + 1 == part.size:
+                    refs[low : high + 1] += 1
+                else:
+                    psegs = np.bitwise_and(part, _PSEG, out=scratch[: part.size])
+                    refs[psegs.view(np.int64)] += 1
+                continue
+            for cid, psegs_ in self._by_container(part):
+                self.refs_view(cid)[psegs_] += 1
 
     def decref_table(self, table: t.Table) -> None:
-        for cid, psegs in self._by_container(table.view()):
-            refs = np.frombuffer(self.refs[cid], dtype=np.uint32)
-            refs[psegs] -= 1
-            for pseg in psegs[refs[psegs] == 0].tolist():
-                self._quarantine.append(t.pack(cid, pseg))
+        """:meth:`decref` for every entry of a table (deleted, or replaced by a rollback)."""
+        self._dropped_tables.append(table.view().copy())
 
     def recount(self, tables: Iterable[t.Table]) -> dict[int, npt.NDArray[np.uint32]]:
         """Refcounts recomputed from scratch from ``tables`` (for checks and loading)."""
@@ -167,7 +200,8 @@ class Pool:
             self.refs[cid] = array("I", counts.tobytes())
             free = np.flatnonzero(counts == 0)[::-1].astype(np.uint32)
             self._free[cid] = array("I", free.tobytes())
-        self._quarantine.clear()
+        self._dropped.clear()
+        self._dropped_tables.clear()
 
     def refs_view(self, cid: int) -> npt.NDArray[np.uint32]:
         return np.frombuffer(self.refs[cid], dtype=np.uint32)
@@ -194,24 +228,57 @@ class Pool:
         return t.pack(best, pseg)
 
     @property
-    def quarantined(self) -> int:
-        return len(self._quarantine)
+    def unsettled(self) -> bool:
+        """Whether references were dropped since the last commit (a commit may free some)."""
+        return bool(self._dropped or self._dropped_tables)
 
-    def take_quarantine(self) -> list[int]:
-        """Segments whose freeing is now durable: the caller frees them."""
-        freed, self._quarantine = self._quarantine, []
+    def take_dropped(self) -> Dropped:
+        """The references dropped so far, to settle once the commit now starting is durable."""
+        dropped = Dropped(self._dropped, self._dropped_tables)
+        self._dropped, self._dropped_tables = [], []
+        return dropped
+
+    def restore_dropped(self, dropped: Dropped) -> None:
+        """The commit failed: those references are still durable, keep them pending."""
+        self._dropped[:0] = dropped.entries
+        self._dropped_tables[:0] = dropped.tables
+
+    def settled_refs(self, cid: int) -> npt.NDArray[np.int64]:
+        """What the refcounts will be once every dropped reference settles (accounting)."""
+        return self.refs_view(cid).astype(np.int64) - self.pending_drops(cid)
+
+    def pending_drops(self, cid: int) -> npt.NDArray[np.uint32]:
+        """Per segment of ``cid``: references dropped but not yet settled (for checks)."""
+        counts = np.zeros(self.containers[cid].nsegments, dtype=np.uint32)
+        for c, psegs in self._dropped_by_container(Dropped(self._dropped, self._dropped_tables)):
+            if c == cid:
+                counts += np.bincount(psegs, minlength=counts.size).astype(np.uint32)
+        return counts
+
+    def _dropped_by_container(
+        self, dropped: Dropped
+    ) -> Iterable[tuple[int, npt.NDArray[np.int64]]]:
+        arrays = [np.array(dropped.entries, dtype=np.uint64), *dropped.tables]
+        for entries in arrays:
+            yield from self._by_container(entries)
+
+    def settle(self, dropped: Dropped) -> list[int]:
+        """Apply decrements whose commit is durable; returns the segments now free.
+
+        Freed segments go back to the free lists; the caller discards their space.
+        """
+        freed: list[int] = []
+        for cid, psegs in self._dropped_by_container(dropped):
+            if cid not in self.refs:
+                continue
+            refs = self.refs_view(cid)
+            counts = np.bincount(psegs, minlength=refs.size)[: refs.size].astype(np.uint32)
+            touched = np.flatnonzero(counts)
+            refs[touched] -= counts[touched]
+            zero = touched[refs[touched] == 0]
+            self._free[cid].extend(zero.astype(np.uint32).tolist())
+            freed.extend(t.pack(cid, int(p)) for p in zero.tolist())
         return freed
-
-    def requarantine(self, entries: Iterable[int]) -> None:
-        """Put back segments whose freeing did not become durable (failed commit)."""
-        self._quarantine.extend(entries)
-
-    def release(self, entries: Iterable[int]) -> None:
-        """Return quarantined segments to the free lists (after the commit is durable)."""
-        for entry in set(entries):  # a set: a segment must never enter a free list twice
-            cid, pseg = t.cid_of(entry), t.pseg_of(entry)
-            if cid in self._free and self.refs[cid][pseg] == 0:
-                self._free[cid].append(pseg)
 
     # --- accounting ----------------------------------------------------------------
 
@@ -238,4 +305,5 @@ class Pool:
 
     def segments_in(self, cid: int) -> list[int]:
         """Segments of a container that some table maps (for evacuation)."""
-        return np.flatnonzero(self.refs_view(cid)).tolist()
+        found: list[int] = np.flatnonzero(self.refs_view(cid)).tolist()
+        return found

@@ -4,7 +4,9 @@ A table is an ``array('Q')``: no per-entry Python objects, 8 bytes per entry (8 
 TiB of vdisk at 1 MiB segments), copied with one memcpy.  Entry layout::
 
     bit 63       MAPPED    the entry names a physical segment (0 = unallocated, reads zeros)
-    bits 59..60  STATE     agent copies only: NORMAL, NOWRITE (writes wait), INVALID (refetch)
+    bits 59..60  STATE     agent copies only: NORMAL, NOWRITE (writes wait), INVALID (refetch);
+                           bit 60 set means invalid whatever bit 59 says, so an agent can
+                           freeze or invalidate a whole table with one in-place OR
     bit 58       SHARED    agent copies only: a write must ask the controller (COW / check)
     bits 40..55  container id within the pool
     bits  0..39  physical segment number within the container
@@ -33,6 +35,8 @@ STATE_MASK = 0b11 << STATE_SHIFT
 NORMAL = 0
 NOWRITE = 1
 INVALID = 2
+NOWRITE_BIT = NOWRITE << STATE_SHIFT
+INVALID_BIT = INVALID << STATE_SHIFT
 CID_SHIFT = 40
 CID_MASK = 0xFFFF
 PSEG_MASK = (1 << CID_SHIFT) - 1
@@ -77,13 +81,16 @@ def with_state(entry: int, state: int) -> int:
 class Table:
     """A packed segment table with dirty-chunk tracking."""
 
-    __slots__ = ("_dirty", "entries")
+    __slots__ = ("_dirty", "changes", "entries")
 
     def __init__(self, entries: array[int]) -> None:
         if entries.typecode != "Q":
             raise TypeError("a table holds array('Q') entries")
         self.entries = entries
         self._dirty: set[int] = set()
+        # Indexes assigned while a recorder is attached: the controller attaches one around
+        # a mapping change to learn which agents' copies it must update.
+        self.changes: set[int] | None = None
 
     @classmethod
     def unallocated(cls, n: int) -> Table:
@@ -106,6 +113,8 @@ class Table:
     def __setitem__(self, index: int, value: int) -> None:
         self.entries[index] = value
         self._dirty.add(index // CHUNK_ENTRIES)
+        if self.changes is not None:
+            self.changes.add(index)
 
     def copy(self, *, dirty: bool = True) -> Table:
         """A new table with the same entries (one memcpy).

@@ -130,7 +130,7 @@ class VDisk:
         psegs = (mapped & np.uint64(t.PSEG_MASK)).astype(np.int64)
         n = 0
         for cid in np.unique(cids).tolist():
-            refs = self.pool.refs_view(int(cid))[psegs[cids == cid]]
+            refs = self.pool.settled_refs(int(cid))[psegs[cids == cid]]
             n += int(np.count_nonzero(refs == 1))
         return n * self.segment_size
 
@@ -190,7 +190,7 @@ class VDisk:
         if len(bufs) == 1 and self._read_fast(offset, bufs):
             return
         length = sum(len(b) for b in bufs)
-        parts = _Cursor(bufs)
+        parts = Cursor(bufs)
         for c, coff, n in self.map_read(offset, length):
             views = parts.take(n)
             if c is None:
@@ -226,7 +226,7 @@ class VDisk:
     def writev(self, offset: int, bufs: Sequence[Buffer | bytes], fua: bool = False) -> None:
         if not (len(bufs) == 1 and self._write_fast(offset, bufs)):
             length = sum(len(b) for b in bufs)
-            parts = _Cursor(bufs)
+            parts = Cursor(bufs)
             for c, coff, n in self.map_write(offset, length):
                 assert c is not None
                 c.writev(parts.take(n), coff)
@@ -280,6 +280,22 @@ class VDisk:
 
     def read_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
         self.readinto(offset, bufs)
+
+    def try_read_into(self, offset: int, bufs: Sequence[memoryview]) -> bool:
+        """The read if it is one syscall on an allocated segment, else False (nothing done)."""
+        return len(bufs) == 1 and self._read_fast(offset, bufs)
+
+    def try_write_from(self, offset: int, bufs: Sequence[memoryview]) -> bool:
+        """The write if it needs no fault and no lock wait, else False (nothing done)."""
+        if len(bufs) != 1:
+            return False
+        stripes = self._stripes(offset, bufs[0].nbytes)
+        if len(stripes) != 1 or not stripes[0].acquire(blocking=False):
+            return False
+        try:
+            return self._write_fast(offset, bufs)
+        finally:
+            stripes[0].release()
 
     def write_from(self, offset: int, bufs: Sequence[memoryview], fua: bool) -> None:
         length = bufs[0].nbytes if len(bufs) == 1 else sum(b.nbytes for b in bufs)
@@ -350,7 +366,7 @@ class _Stripes:
             lock.release()
 
 
-class _Cursor:
+class Cursor:
     """Consumes a list of buffers in byte counts, yielding views (no copies)."""
 
     __slots__ = ("_bufs", "_i", "_off")

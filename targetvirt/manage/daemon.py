@@ -11,6 +11,7 @@ commands, then the metadata is committed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -21,9 +22,16 @@ import time
 from pathlib import Path
 from typing import Any
 
+import dbus
+
 from targetvirt.catalog import Catalog
 from targetvirt.errors import InvalidArgument, NotFound, TargetvirtError
+from targetvirt.manage.api import ManagerBusService
+from targetvirt.manage.common import BUS_ENV, BUS_FILE
+from targetvirt.manage.lio import LioExporter
+from targetvirt.manage.manager import Manager
 from targetvirt.store.sqlite import SqliteStore
+from tcmu_handler import uio
 from tcmu_handler.scsi.lun import LunState
 from tcmu_handler.service import TcmuService
 from tcmu_handler.tcmu_dbus import TcmuBusService
@@ -73,6 +81,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=4, help="I/O threads per device")
     parser.add_argument("--no-dbus", action="store_true", help="do not register on the system bus")
     parser.add_argument(
+        "--bus-address",
+        default=os.environ.get(BUS_ENV) or None,
+        help=f"serve D-Bus on this bus instead of the system bus (env {BUS_ENV})",
+    )
+    parser.add_argument(
+        "--lun-timeout",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="LIO's cmd_time_out for the LUNs this daemon creates: how long a command waits "
+        "for the handler (e.g. across a restart) before it fails; default LIO's 30 s",
+    )
+    parser.add_argument(
+        "--no-restore",
+        action="store_true",
+        help="do not restore saved exports at start (the targetvirt-restore unit does it)",
+    )
+    parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     return parser.parse_args(argv)  # fmt: skip
@@ -92,6 +118,8 @@ class Handler:
         self._stop = threading.Event()
         self.tcmu: Any = None
         self.bus: Any = None
+        self.manager: Manager | None = None
+        self.api: ManagerBusService | None = None
 
     def open_lun(self, cfg: Any, info: Any) -> tuple[Any, Any]:
         name = cfg.vdisk + (f"@{cfg.snapshot}" if cfg.snapshot else "")
@@ -100,27 +128,88 @@ class Handler:
             raise InvalidArgument(
                 f"LUN size {info.size} is larger than {name} ({vdisk.size} bytes)"
             )
+        if info.block_size <= 0:
+            info = dataclasses.replace(info, block_size=self._hw_block_size(info))
         lun = LunState.for_vdisk(
             vdisk.uuid, info.size // info.block_size, block_size=info.block_size,
             segment_size=vdisk.segment_size, read_only=vdisk.readonly or cfg.read_only,
         )  # fmt: skip
         return vdisk, lun
 
+    @staticmethod
+    def _hw_block_size(info: Any) -> int:
+        """The kernel sends ADDED_DEVICE before it copies hw_block_size into the block size
+        that ``info`` shows (and does not wait for us: nl_reply_supported=-1), so a fast
+        reader sees ``SectorSize: 0``.  The attribute has been set since before enable."""
+        attrib = uio.CONFIGFS_ROOT / "target/core" / f"user_{info.hba}" / info.name / "attrib"
+        try:
+            size = int((attrib / "hw_block_size").read_text())
+        except (OSError, ValueError) as e:
+            raise InvalidArgument(f"cannot read the block size of {info.name}: {e}") from None
+        if size <= 0:
+            raise InvalidArgument(f"{info.name} has no block size yet")
+        return size
+
     def check_vdisk(self, cfg: Any) -> None:
         name = cfg.vdisk + (f"@{cfg.snapshot}" if cfg.snapshot else "")
         if name not in self.catalog.vdisks:
             raise NotFound(f"no vdisk named {name!r} in targetvirt")
 
+    def device_state(self, vdisk: str) -> str:
+        """What the TCMU service does with the device of ``vdisk`` (for the manager)."""
+        if self.tcmu is None:
+            return "absent"
+        if self.tcmu.devices_of(vdisk):
+            return "served"
+        for key, why in list(self.tcmu.refused.items()):
+            if key.partition("/")[2] == vdisk:
+                return f"refused: {why}"
+        return "absent"
+
     def start(self) -> None:
         self.tcmu = TcmuService(self.open_lun, workers=self.args.workers)
         self.tcmu.start()
+        # The handler serves devices from here on: exports may be (re)created.
+        self.manager = Manager(
+            self.catalog, self.args.state_dir,
+            exporter=LioExporter(cmd_time_out=self.args.lun_timeout),
+            device_state=self.device_state,
+        )  # fmt: skip
+        if not self.args.no_restore:
+            self._restore()
         if not self.args.no_dbus:
             self._start_dbus()
+            self._start_api()
         threading.Thread(target=self._flusher, name="flusher", daemon=True).start()
+
+    def _restore(self) -> None:
+        assert self.manager is not None
+        if not self.manager.exports.targets:
+            return
+        try:
+            result = self.manager.restore_exports()
+        except TargetvirtError as e:
+            log.error("exports not restored: %s", e)
+            return
+        (log.warning if result["errors"] else log.info)("%s", result["message"])
+
+    def _start_api(self) -> None:
+        assert self.manager is not None
+        self.api = ManagerBusService(self.manager, self.args.bus_address)
+        try:
+            self.api.start()  # without it the shell cannot reach us: a failure is fatal
+        except dbus.DBusException as e:
+            self.api = None
+            raise TargetvirtError(f"cannot serve the management API on D-Bus: {e}") from None
+        bus_file = Path(self.args.run_dir) / BUS_FILE
+        if self.args.bus_address:
+            bus_file.write_text(self.args.bus_address + "\n")
+        else:
+            bus_file.unlink(missing_ok=True)
 
     def _start_dbus(self) -> None:
         try:
-            self.bus = TcmuBusService(self.check_vdisk)
+            self.bus = TcmuBusService(self.check_vdisk, address=self.args.bus_address)
             self.bus.start()
         except Exception as e:  # noqa: BLE001 - the data path runs without D-Bus
             log.warning("not registered on the system bus: %s", e)
@@ -135,6 +224,11 @@ class Handler:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.api is not None:
+            self.api.stop()
+            (Path(self.args.run_dir) / BUS_FILE).unlink(missing_ok=True)
+        if self.manager is not None:
+            self.manager.stop()
         if self.tcmu is not None:
             self.tcmu.stop()
         if self.bus is not None:
@@ -166,9 +260,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         Path(args.run_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
         handler = Handler(args)
+    except (TargetvirtError, OSError) as e:
+        print(f"targetvirt-handler: {e}", file=sys.stderr)
+        return 1
+    try:
         handler.start()
     except (TargetvirtError, OSError) as e:
         print(f"targetvirt-handler: {e}", file=sys.stderr)
+        handler.stop()
         return 1
     (Path(args.run_dir) / "handler.pid").write_text(f"{os.getpid()}\n")
     _notify("READY=1")

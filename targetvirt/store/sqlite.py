@@ -48,7 +48,9 @@ def _damage_is_corruption(path: str) -> Iterator[None]:
     except sqlite3.DatabaseError as e:
         if isinstance(e, sqlite3.OperationalError) and "locked" in str(e):
             raise StoreLocked(f"metadata store {path} is locked: {e}") from None
-        raise StoreCorrupt(f"metadata store {path} is damaged: {e}") from None
+        raise StoreCorrupt(
+            f"metadata store {path} is damaged: {' '.join(str(e).split())}"
+        ) from None
 
 
 class SqliteStore:
@@ -100,23 +102,28 @@ class SqliteStore:
                 db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False)
             else:
                 db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-                if not exists:
-                    os.chmod(self.path, 0o600)
-                db.execute("PRAGMA journal_mode=WAL")
-                db.execute("PRAGMA synchronous=FULL")
-            db.execute("PRAGMA foreign_keys=OFF")
-            if exists:
-                self._verify_structure(db)
-            else:
-                db.executescript(_SCHEMA)
-                db.execute("INSERT INTO meta VALUES('format', ?)", (str(FORMAT_VERSION),))
-                db.execute("INSERT INTO meta VALUES('generation', '0')")
+            try:
+                if not self.readonly:
+                    if not exists:
+                        os.chmod(self.path, 0o600)
+                    db.execute("PRAGMA journal_mode=WAL")
+                    db.execute("PRAGMA synchronous=FULL")
+                db.execute("PRAGMA foreign_keys=OFF")
+                if exists:
+                    self._verify_structure(db)
+                else:
+                    db.executescript(_SCHEMA)
+                    db.execute("INSERT INTO meta VALUES('format', ?)", (str(FORMAT_VERSION),))
+                    db.execute("INSERT INTO meta VALUES('generation', '0')")
+            except BaseException:
+                db.close()  # not left to the garbage collector (see Catalog.open)
+                raise
             return db
 
     def _verify_structure(self, db: sqlite3.Connection) -> None:
         rows = db.execute("PRAGMA quick_check").fetchall()
         if rows != [("ok",)]:
-            detail = "; ".join(str(r[0]) for r in rows[:3])
+            detail = "; ".join(" ".join(str(r[0]).split()) for r in rows[:3])  # one line
             raise StoreCorrupt(f"metadata store {self.path} is damaged: {detail}")
         tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if not {"meta", "records", "chunks", "table_chunks"} <= tables:

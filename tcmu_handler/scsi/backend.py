@@ -13,6 +13,15 @@ from collections.abc import Sequence
 from typing import Protocol
 
 
+class WouldBlock(Exception):
+    """A non-blocking attempt could not finish without waiting; nothing was done.
+
+    Raised by the device loop's non-blocking backend view (see ``tcmu_handler.device``)
+    and passed through :func:`~tcmu_handler.scsi.command.handle`, so the loop can run
+    the same command again in a worker thread.
+    """
+
+
 class BlockBackend(Protocol):
     """Byte-addressed, synchronous block I/O on one vdisk.
 

@@ -27,7 +27,7 @@ from targetvirt.errors import ScsiError, invalid_field_in_cdb, invalid_opcode, s
 from tcmu_handler.scsi import longops, modepages, sbc, spc
 from tcmu_handler.scsi import opcodes as op
 from tcmu_handler.scsi import sense as sn
-from tcmu_handler.scsi.backend import BlockBackend
+from tcmu_handler.scsi.backend import BlockBackend, WouldBlock
 from tcmu_handler.scsi.common import CHECK_CONDITION, Completion, Kind, short_cdb
 from tcmu_handler.scsi.lun import LunState
 
@@ -135,7 +135,8 @@ def handle(
     data_in: Buffers,
     backend: BlockBackend,
 ) -> Completion:
-    """Run one command (see module doc). Never raises."""
+    """Run one command (see module doc). Never raises, except :class:`WouldBlock` when
+    the caller passed a non-blocking backend view that could not finish."""
     try:
         if lun.gate:
             held = _gate(lun, cdb[0])
@@ -144,6 +145,8 @@ def handle(
         return _DISPATCH[cdb[0]](lun, cdb, data_out, data_in, backend)
     except ScsiError as e:
         return Completion(CHECK_CONDITION, sn.from_error(e, descriptor=lun.d_sense), 0)
+    except WouldBlock:
+        raise  # the device loop retries the command in a worker
     except (struct.error, IndexError) as e:
         if not cdb or len(cdb) < cdb_length(cdb[0]):
             return Completion(

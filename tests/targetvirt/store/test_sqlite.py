@@ -184,3 +184,21 @@ def test_random_byte_flips_never_go_unnoticed(tmp_path: Path) -> None:
         finally:
             cat.store.close()
     assert detected > 10  # most of a small store is live data
+
+
+def test_a_refused_store_is_released(tmp_path: Path) -> None:
+    """A store that fails to load is closed at once (lock and connection), not left to the
+    garbage collector: the fixed file opens again in the same process."""
+    db, expected = make_store(tmp_path)
+    con = sqlite3.connect(db)
+    body = con.execute("SELECT body FROM records WHERE kind='vdisk' LIMIT 1").fetchone()[0]
+    con.execute("UPDATE records SET crc=crc+1 WHERE body=?", (body,))
+    con.commit()
+    with pytest.raises(StoreCorrupt):
+        reopen(db)
+    con.execute("UPDATE records SET crc=crc-1 WHERE body=?", (body,))
+    con.commit()
+    con.close()
+    cat = reopen(db)  # StoreLocked here if the refused open still held the lock
+    assert {n: v.read(0, v.size) for n, v in cat.vdisks.items()} == expected
+    cat.close()

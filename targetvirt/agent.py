@@ -1,0 +1,1172 @@
+"""Agents: serve vdisk I/O from volatile table copies, obey the controller's commands.
+
+An :class:`Agent` runs beside the data path (in the TCMU handler process).  For each vdisk
+it serves it holds an :class:`AgentVDisk`: a copy of the table as packed entries carrying
+the agents' annotations (state bits, SHARED), and the containers, opened by the agent
+itself.  Every LBA is resolved locally.  Only when an entry cannot be used as it is does
+the I/O involve the controller:
+
+* invalid entry -> fetch the entries around it;
+* write to an unallocated or SHARED entry -> fault (the controller allocates or COWs in
+  its master table and returns the private entry);
+* write to a NOWRITE entry -> wait until its state changes, at most ``frozen_timeout``,
+  then :class:`~targetvirt.errors.FrozenTimeout`.
+
+Coherence rests on two rules:
+
+1. *Drain*: a command that changes what an I/O may use (state, entries, block, delay,
+   size) is applied under the vdisk lock, and acknowledged only after every I/O admitted
+   before it has finished.  I/O waiting for a fetch, a fault or a thaw is not "in
+   flight": it holds no mapping, so a drain never waits for the controller (no deadlock).
+2. *Newest wins*: every change of the table (a command, or a reply installed) bumps an
+   epoch and logs its index range.  A reply is installed only if nothing touched its
+   range since its request was sent; otherwise the I/O simply retries.  The controller
+   orders its replies and commands, so a stale reply can only ever lose.
+
+In-flight I/O is counted in two counters selected by the parity of a generation number;
+a drain bumps the generation and waits for the old counter to reach zero, so a steady
+stream of new I/O cannot starve it.
+
+A live snapshot's freeze and MarkShared over a whole table are flags (O(1) in the freeze
+window); they are spelled out into entry bits at the first install that follows.
+
+Gate: while the vdisk is blocked, delayed, suspended (re-registering) or, for writes,
+inside a COMPARE AND WRITE, new I/O queues with a ticket; a flush waits for every queued
+I/O with an earlier ticket, so releasing the queue never reorders writes against a flush.
+
+Lease: writes are admitted only before ``lease.until`` (agent clock, counted from when the
+renewal was *sent*, so it ends before the controller's view of it).  Reads of usable
+entries go on after expiry.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import os
+import socket
+import threading
+import time
+from array import array
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from targetvirt import protocol as p
+from targetvirt import table as t
+from targetvirt.clock import Clock, MonotonicClock
+from targetvirt.container import DATA_OFFSET, Container, ContainerLabel
+from targetvirt.errors import (
+    ControllerUnreachable,
+    FrozenTimeout,
+    InvalidArgument,
+    LeaseExpired,
+    NotFound,
+    ProtocolError,
+    ReadOnly,
+    SessionLost,
+    TargetvirtError,
+    lba_out_of_range,
+)
+from targetvirt.transport import ControllerLink
+from targetvirt.vdisk import Cursor
+
+# Looked up as module globals on the fast path; tests replace them to hold an I/O in flight.
+_preadv = os.preadv
+_pwritev = os.pwritev
+
+# the fast paths read these as module globals (no attribute lookups)
+_MAPPED, _PSEG_MASK, _CID_SHIFT, _CID_MASK = t.MAPPED, t.PSEG_MASK, t.CID_SHIFT, t.CID_MASK
+_READ_STOP = t.MAPPED | t.INVALID_BIT  # a read goes straight through iff e & this == MAPPED
+_WRITE_STOP = t.MAPPED | t.INVALID_BIT | t.NOWRITE_BIT | t.SHARED  # same for a write
+_ALL = 1 << 62  # "every index" in the change log
+FETCH_SPAN = t.CHUNK_ENTRIES  # entries fetched around an invalid one
+LOAD_SPAN = 1 << 16  # entries per fetch when (re)loading a whole table
+UNMAP_SPAN = 1 << 16
+_LOG_LENGTH = 64
+_SESSION_RETRIES = 3
+_SLICE = 1 << 16  # entries per slice of a bulk table pass
+
+READ, WRITE, CAW_WRITE = 0, 1, 2  # admission modes: a CAW's own write passes its own hold
+_FETCH, _FAULT, _WAIT, _DESCRIBE = "fetch", "fault", "wait", "describe"
+
+Extent = tuple[Container | None, int, int]
+R = TypeVar("R", bound=p.Reply)
+
+
+def _any_nowrite(entries: array[int]) -> bool:
+    if len(entries) == 1:
+        return bool(entries[0] & t.NOWRITE_BIT)
+    return bool(np.any(np.frombuffer(entries, dtype=np.uint64) & np.uint64(t.NOWRITE_BIT)))
+
+
+def _nbytes(bufs: Sequence[memoryview]) -> int:
+    return sum(memoryview(b).nbytes for b in bufs)
+
+
+class Lease:
+    """Until when (agent clock) this agent may admit writes."""
+
+    __slots__ = ("until",)
+
+    def __init__(self) -> None:
+        self.until = -math.inf
+
+
+class _Need:
+    """Why an I/O cannot be admitted yet, and which entry it is about."""
+
+    __slots__ = ("covered", "index", "kind")
+
+    def __init__(self, kind: str, index: int, covered: bool = False) -> None:
+        self.kind = kind
+        self.index = index
+        self.covered = covered
+
+
+class _Grant:
+    """One admitted request: its in-flight counter, its extents, its queue ticket."""
+
+    __slots__ = ("extents", "parity", "ticket")
+
+    def __init__(self) -> None:
+        self.parity = -1
+        self.extents: list[Extent] = []
+        self.ticket: int | None = None
+
+
+class AgentVDisk:
+    """One vdisk served by an agent: byte-addressed I/O for the SCSI layer.
+
+    Methods may be called from several threads at once.  Buffers are byte memoryviews.
+    """
+
+    def __init__(self, agent: Agent, name: str) -> None:
+        self.agent = agent
+        self.name = name
+        self._clock = agent.clock
+        # time.monotonic itself when the clock is the real one: one C call on the fast path
+        self._now = time.monotonic if type(agent.clock) is MonotonicClock else agent.clock.now
+        self._lease = agent.lease
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
+        self._drain_lock = threading.Lock()  # one drain (generation flip) at a time
+        self._caw_lock = threading.Lock()
+        # the table copy and what resolving it needs
+        self._entries = array("Q")
+        self.size = 0
+        self.readonly = True
+        self._set_geometry(1 << 20)
+        self._containers: dict[int, Container] = {}
+        self._fds: list[int] = []
+        # in-flight accounting
+        self._active = [0, 0]
+        self._gen = 0
+        self._draining = 0
+        # change log for "newest wins"
+        self._epoch = 0
+        self._log: deque[tuple[int, int, int]] = deque(maxlen=_LOG_LENGTH)
+        self._resizes = 0
+        # the gate
+        self._suspended = True  # until loaded
+        self._blocked = False
+        self._delay_until: float | None = None
+        self._caw = 0
+        self._dropped = False
+        self._frozen_all = False  # NOWRITE on every entry, held as one flag
+        self._shared_all = False  # SHARED on every mapped entry, held as one flag
+        self._nowrite_marks = False  # some entry may carry its own NOWRITE bit
+        self._read_open = False
+        self._write_open = False
+        self._write_fast = False  # the fast path's flag: open and not wholly frozen
+        self._next_ticket = 0
+        self._held: set[int] = set()
+
+    def __repr__(self) -> str:
+        return f"<AgentVDisk {self.name} of {self.agent.agent_id}>"
+
+    def _set_geometry(self, segment_size: int) -> None:
+        self._segment_size = segment_size
+        self._shift = segment_size.bit_length() - 1
+        self._mask = segment_size - 1
+
+    @property
+    def segment_size(self) -> int:
+        return self._segment_size
+
+    # --- reads -------------------------------------------------------------------------
+
+    def read_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        """Fill ``bufs`` with the bytes at ``offset`` (unallocated ranges read as zeros)."""
+        if not self.try_read_into(offset, bufs):
+            self._read_slow(offset, bufs)
+
+    def try_read_into(self, offset: int, bufs: Sequence[memoryview]) -> bool:
+        """The fast path alone: one lookup, bit tests, one preadv -- no round trip, no
+        lease, nothing to wait for.  False (nothing done) when it does not apply."""
+        if len(bufs) != 1:
+            return False
+        n = bufs[0].nbytes
+        intra = offset & self._mask
+        if intra + n > self._segment_size or offset < 0:
+            return False
+        lock = self._lock
+        lock.acquire()
+        if offset + n > self.size or not self._read_open:
+            lock.release()
+            return False
+        e = self._entries[offset >> self._shift]
+        if e & _READ_STOP != _MAPPED:
+            lock.release()
+            return False
+        active, g = self._active, self._gen & 1
+        active[g] += 1  # in flight: a drain waits for it
+        lock.release()
+        try:
+            done = _preadv(
+                self._fds[(e >> _CID_SHIFT) & _CID_MASK], bufs,
+                DATA_OFFSET + (e & _PSEG_MASK) * self._segment_size + intra,
+            )  # fmt: skip
+        except (OSError, IndexError):
+            done = -1  # the slow path names the error
+        finally:
+            lock.acquire()
+            active[g] -= 1
+            if self._draining:
+                self._cond.notify_all()
+            lock.release()
+        return done == n
+
+    def _read_slow(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        grant = self._admit(offset, _nbytes(bufs), READ)
+        try:
+            parts = Cursor(bufs)
+            for c, coff, n in grant.extents:
+                views = parts.take(n)
+                if c is None:
+                    for v in views:
+                        v[:] = bytes(len(v))
+                else:
+                    c.readv(views, coff)
+        finally:
+            self._release(grant)
+
+    # --- writes ------------------------------------------------------------------------
+
+    def write_from(self, offset: int, bufs: Sequence[memoryview], fua: bool) -> None:
+        """Write the concatenation of ``bufs`` at ``offset``; with ``fua``, durably."""
+        if fua or not self.try_write_from(offset, bufs):
+            self._write_slow(offset, bufs, fua, WRITE)
+
+    def try_write_from(self, offset: int, bufs: Sequence[memoryview]) -> bool:
+        """The fast path alone: a private, normal, allocated entry under a lease -- one
+        pwritev.  False (nothing done) when it does not apply."""
+        if len(bufs) != 1:
+            return False
+        n = bufs[0].nbytes
+        intra = offset & self._mask
+        if intra + n > self._segment_size or offset < 0 or self._now() >= self._lease.until:
+            return False
+        lock = self._lock
+        lock.acquire()
+        if offset + n > self.size or not self._write_fast:
+            lock.release()
+            return False
+        e = self._entries[offset >> self._shift]
+        if e & _WRITE_STOP != _MAPPED:
+            lock.release()
+            return False
+        active, g = self._active, self._gen & 1
+        active[g] += 1
+        lock.release()
+        try:
+            done = _pwritev(
+                self._fds[(e >> _CID_SHIFT) & _CID_MASK], bufs,
+                DATA_OFFSET + (e & _PSEG_MASK) * self._segment_size + intra,
+            )  # fmt: skip
+        except (OSError, IndexError):
+            done = -1
+        finally:
+            lock.acquire()
+            active[g] -= 1
+            if self._draining:
+                self._cond.notify_all()
+            lock.release()
+        return done == n
+
+    def _write_slow(self, offset: int, bufs: Sequence[memoryview], fua: bool, mode: int) -> None:
+        if self.readonly:
+            raise ReadOnly(f"{self.name} is a snapshot and cannot be written")
+        grant = self._admit(offset, _nbytes(bufs), mode)
+        try:
+            parts = Cursor(bufs)
+            for c, coff, n in grant.extents:
+                assert c is not None
+                c.writev(parts.take(n), coff)
+        finally:
+            self._release(grant)
+        if fua:
+            self.agent.flush()
+
+    def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
+        """Make a range read as zeros; ``unmap``: whole segments may be deallocated."""
+        if self.readonly:
+            raise ReadOnly(f"{self.name} is a snapshot and cannot be written")
+        self._check_range(offset, length)
+        end, runs = offset + length, list[list[int]]()
+        while offset < end:
+            index, intra = offset >> self._shift, offset & self._mask
+            n = min(end - offset, self._segment_size - intra)
+            whole = intra == 0 and n >= min(self._segment_size, self.size - offset)
+            if unmap and whole:
+                if runs and runs[-1][1] == index:
+                    runs[-1][1] = index + 1
+                else:
+                    runs.append([index, index + 1])
+            else:
+                self._zero(offset, n, allocate=not unmap)
+            offset += n
+        for lo, hi in runs:
+            for start in range(lo, hi, UNMAP_SPAN):
+                self._deallocate(start, min(hi, start + UNMAP_SPAN))
+
+    def _zero(self, offset: int, length: int, allocate: bool) -> None:
+        if not allocate and not self._is_mapped(offset >> self._shift):
+            return  # unallocated reads as zeros already
+        grant = self._admit(offset, length, WRITE)
+        try:
+            for c, coff, n in grant.extents:
+                assert c is not None
+                c.zero(coff, n)
+        finally:
+            self._release(grant)
+
+    def _is_mapped(self, index: int) -> bool:
+        while True:
+            with self._cond:
+                e = self._entries[index]
+                if not e & t.INVALID_BIT:
+                    return bool(e & t.MAPPED)
+                epoch = self._epoch
+            self._satisfy(_Need(_FETCH, index), epoch)
+
+    def _deallocate(self, lo: int, hi: int) -> None:
+        """Ask the controller to drop entries ``[lo, hi)``; waits out a freeze like a write."""
+        grant = _Grant()
+        since: float | None = None
+        try:
+            while True:
+                with self._cond:
+                    if not self._enter_gate(WRITE, grant):
+                        continue
+                    self._check_lease()
+                    frozen = np.flatnonzero(self._view(lo, hi) & np.uint64(t.NOWRITE_BIT))
+                    if frozen.size or self._frozen_all:
+                        since = self._wait_writable(
+                            lo + int(frozen[0]) if frozen.size else lo, since
+                        )
+                        continue
+                    epoch = self._epoch
+                reply = self._request(
+                    lambda s: p.Unmap(self.agent.agent_id, s, self.name, lo, hi - lo), p.TableRange
+                )
+                self._install(reply.start, reply.entries, epoch)
+                got = np.frombuffer(reply.entries, dtype=np.uint64)
+                if not np.any(got & np.uint64(t.NOWRITE_BIT)):
+                    return  # else the controller is frozen: wait for the thaw and retry
+        finally:
+            self._finish(grant)
+
+    def compare_and_write(self, offset: int, verify: memoryview, write: memoryview) -> int | None:
+        """Atomically (against every other write through this agent to this vdisk): if the
+        bytes at ``offset`` equal ``verify``, write ``write``.  Returns None when written,
+        else the offset of the first differing byte.
+
+        Writes through other agents are not serialised with it (ATS across gateways needs
+        a controller-side lock; not done here).
+        """
+        if self.readonly:
+            raise ReadOnly(f"{self.name} is a snapshot and cannot be written")
+        n = memoryview(verify).nbytes
+        if memoryview(write).nbytes != n:
+            raise InvalidArgument("COMPARE AND WRITE needs verify and write data of one length")
+        with self._caw_lock:
+            self._change(0, 0, self._hold_writes, drain=True, log=False)
+            try:
+                current = bytearray(n)
+                self._read_slow(offset, [memoryview(current)])
+                if current != verify:
+                    a = np.frombuffer(current, dtype=np.uint8)
+                    b = np.frombuffer(verify, dtype=np.uint8)
+                    return int(np.flatnonzero(a != b)[0])
+                self._write_slow(offset, [memoryview(write)], False, CAW_WRITE)
+                return None
+            finally:
+                self._change(0, 0, self._release_writes, drain=False, log=False)
+
+    def _hold_writes(self) -> None:
+        self._caw += 1
+
+    def _release_writes(self) -> None:
+        self._caw -= 1
+
+    # --- flush and metadata --------------------------------------------------------------
+
+    def flush(self) -> None:
+        """Make every write completed so far durable (containers, then the metadata)."""
+        grant = _Grant()
+        try:
+            with self._cond:
+                while not self._enter_gate(READ, grant):
+                    pass
+                if grant.ticket is not None:
+                    # queued I/O that arrived before this flush completes before it
+                    while any(x < grant.ticket for x in self._held):
+                        self._cond.wait()
+            self.agent.flush()
+        finally:
+            self._finish(grant)
+
+    def mapped_ranges(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        """Consecutive (offset, length, mapped) runs covering the range (GET LBA STATUS)."""
+        while True:
+            with self._cond:
+                self._check_range(offset, length)
+                first, last = offset >> self._shift, (offset + length - 1) >> self._shift
+                bad = np.flatnonzero(self._view(first, last + 1) & np.uint64(t.INVALID_BIT))
+                if not bad.size or not length:
+                    return self._runs(offset, length)
+                epoch = self._epoch
+            self._satisfy(_Need(_FETCH, first + int(bad[0])), epoch)
+
+    def _runs(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
+        runs: list[tuple[int, int, bool]] = []
+        end = offset + length
+        while offset < end:
+            index = offset >> self._shift
+            n = min(end - offset, ((index + 1) << self._shift) - offset)
+            mapped = bool(self._entries[index] & t.MAPPED)
+            if runs and runs[-1][2] == mapped:
+                o, m, _ = runs[-1]
+                runs[-1] = (o, m + n, mapped)
+            else:
+                runs.append((offset, n, mapped))
+            offset += n
+        return runs
+
+    def _check_range(self, offset: int, length: int) -> None:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise lba_out_of_range(offset, length)
+
+    def _view(self, lo: int, hi: int) -> npt.NDArray[np.uint64]:
+        return np.frombuffer(self._entries, dtype=np.uint64)[lo:hi]
+
+    # --- admission -----------------------------------------------------------------------
+
+    def _admit(self, offset: int, length: int, mode: int) -> _Grant:
+        """Wait until every entry of the range is usable, then count the I/O in flight."""
+        grant = _Grant()
+        since: float | None = None
+        revived = False
+        try:
+            while True:
+                with self._cond:
+                    if not self._enter_gate(mode, grant):
+                        continue
+                    if mode != READ and not self._now() < self._lease.until and not revived:
+                        revived = True  # try once to get a lease back, outside the lock
+                        need = None
+                    else:
+                        if mode != READ:
+                            self._check_lease()
+                        need = self._resolve(offset, length, mode != READ)
+                    if isinstance(need, list):
+                        grant.parity = self._gen & 1
+                        self._active[grant.parity] += 1
+                        grant.extents = need
+                        return grant
+                    if need is not None and need.kind is _WAIT:
+                        since = self._wait_writable(need.index, since)
+                        continue
+                    epoch = self._epoch
+                if need is None:
+                    self.agent.revive()
+                else:
+                    self._satisfy(need, epoch)
+        except BaseException:
+            self._finish(grant)
+            raise
+
+    def _enter_gate(self, mode: int, grant: _Grant) -> bool:
+        """Under the lock: True if the gate is open for ``mode``; else wait one step
+        (queued with a ticket) and return False so the caller re-checks everything.
+        """
+        if self._read_open and (mode in (READ, CAW_WRITE) or self._write_open):
+            if mode == CAW_WRITE and self.readonly:
+                raise ReadOnly(f"{self.name} is a snapshot and cannot be written")
+            return True
+        if self._dropped:
+            raise NotFound(f"vdisk {self.name} is no longer served by agent {self.agent.agent_id}")
+        if self.readonly and mode != READ:
+            raise ReadOnly(f"{self.name} is a snapshot and cannot be written")
+        if grant.ticket is None:
+            grant.ticket = self._next_ticket
+            self._next_ticket += 1
+            self._held.add(grant.ticket)
+        if self._suspended and not self.agent.connected:
+            # nobody is re-registering: this I/O tries, outside the lock
+            self._lock.release()
+            try:
+                self.agent.reconnect(None)
+            finally:
+                self._lock.acquire()
+            return False
+        deadline = self._delay_until
+        if deadline is not None and self._now() >= deadline:
+            self._delay_until = None  # the delay ends by itself
+            self._regate()
+            self._cond.notify_all()
+            return False
+        self._clock.wait(self._cond, deadline)
+        return False
+
+    def _check_lease(self) -> None:
+        if not self._now() < self._lease.until:
+            raise LeaseExpired(
+                f"agent {self.agent.agent_id} has no controller lease: writes to {self.name} "
+                "are refused"
+            )
+
+    def _resolve(self, offset: int, length: int, write: bool) -> list[Extent] | _Need:
+        """Under the lock: the extents of the range, or the first reason it cannot go yet."""
+        self._check_range(offset, length)
+        entries, shift, mask, seg = self._entries, self._shift, self._mask, self._segment_size
+        out: list[Extent] = []
+        while length:
+            index, intra = offset >> shift, offset & mask
+            n = min(length, seg - intra)
+            e = entries[index]
+            if write and self._frozen_all:
+                return _Need(_WAIT, index)
+            if e & t.INVALID_BIT:
+                return _Need(_FETCH, index)
+            if write:
+                if e & t.NOWRITE_BIT:
+                    return _Need(_WAIT, index)
+                if e & (t.MAPPED | t.SHARED) != t.MAPPED or self._shared_all:
+                    return _Need(_FAULT, index, covered=n == seg)
+            if e & t.MAPPED:
+                c = self._containers.get(t.cid_of(e))
+                if c is None:
+                    return _Need(_DESCRIBE, index)
+                out.append((c, c.offset_of(t.pseg_of(e)) + intra, n))
+            else:
+                out.append((None, 0, n))
+            offset += n
+            length -= n
+        return out
+
+    def _wait_writable(self, index: int, since: float | None) -> float:
+        """Under the lock: wait (one step) for a NOWRITE entry to change, within the bound."""
+        now = self._now()
+        since = now if since is None else since
+        bound = self.agent.frozen_timeout
+        if now >= since + bound:
+            raise FrozenTimeout(
+                f"a write to {self.name} waited {bound:g} s for entry {index} to be thawed"
+            )
+        self._clock.wait(self._cond, since + bound)
+        return since
+
+    def _satisfy(self, need: _Need, epoch: int) -> None:
+        """Outside the lock: the round trip that makes the entry usable (or fresher)."""
+        aid, name, index = self.agent.agent_id, self.name, need.index
+        if need.kind is _FETCH:
+            start = index - index % FETCH_SPAN
+            rng = self._fetch(start, max(0, min(FETCH_SPAN, len(self._entries) - start)))
+            self._install(rng.start, rng.entries, epoch)
+        elif need.kind is _FAULT:
+            covered = need.covered
+            reply = self._request(lambda s: p.Fault(aid, s, name, index, covered), p.FaultReply)
+            self._install(reply.index, array("Q", [reply.entry]), epoch)
+        else:
+            info = self._request(lambda s: p.Attach(aid, s, name), p.VDiskInfo)
+            with self._cond:
+                self._open_containers(info)
+                if t.cid_of(self._entries[index]) not in self._containers:
+                    raise ProtocolError(f"{name} entry {index} names an unknown container")
+
+    def _request(self, make: Callable[[int], p.Request], kind: type[R]) -> R:
+        return self.agent.request(make, kind)
+
+    def _fetch(self, start: int, count: int) -> p.TableRange:
+        aid, name = self.agent.agent_id, self.name
+        return self._request(lambda s: p.Fetch(aid, s, name, start, count), p.TableRange)
+
+    def _install(self, lo: int, values: array[int], since: int) -> bool:
+        """Install entries from a reply unless something newer touched them meanwhile."""
+        hi = lo + len(values)
+        with self._cond:
+            if hi > len(self._entries) or self._conflicts(since, lo, hi):
+                return False
+            self._spell_out()
+            self._entries[lo:hi] = values
+            self._note_change(lo, hi)
+            if not self._nowrite_marks and _any_nowrite(values):
+                self._nowrite_marks = True
+            self._cond.notify_all()
+            return True
+
+    def _conflicts(self, since: int, lo: int, hi: int) -> bool:
+        if self._epoch == since:
+            return False
+        log = self._log
+        if not log or log[0][0] > since + 1:
+            return True  # the log no longer reaches back to the request
+        return any(ep > since and a < hi and lo < b for ep, a, b in log)
+
+    def _note_change(self, lo: int, hi: int) -> None:
+        self._epoch += 1
+        self._log.append((self._epoch, lo, hi))
+
+    def _release(self, grant: _Grant) -> None:
+        with self._cond:
+            self._active[grant.parity] -= 1
+            if grant.ticket is not None:
+                self._held.discard(grant.ticket)
+                self._cond.notify_all()
+            elif self._draining:
+                self._cond.notify_all()
+
+    def _finish(self, grant: _Grant) -> None:
+        """A request that ends without having been counted in flight leaves the queue."""
+        if grant.ticket is not None:
+            with self._cond:
+                self._held.discard(grant.ticket)
+                self._cond.notify_all()
+            grant.ticket = None
+
+    # --- commands ------------------------------------------------------------------------
+
+    def apply(self, cmd: p.Command) -> None:
+        """Apply one controller command; returns once what it requires has drained."""
+        if isinstance(cmd, p.SetState):
+            self._set_state(cmd.start, cmd.count, cmd.state)
+        elif isinstance(cmd, p.Update):
+            self._update(cmd.indexes, cmd.entries)
+        elif isinstance(cmd, p.MarkShared):
+            self._change(0, _ALL, functools.partial(setattr, self, "_shared_all", True), drain=True)
+        elif isinstance(cmd, p.Block):
+            self._change(0, 0, functools.partial(setattr, self, "_blocked", True), drain=True)
+        elif isinstance(cmd, p.Unblock):
+            self._change(0, 0, functools.partial(setattr, self, "_blocked", False), drain=False)
+        elif isinstance(cmd, p.Delay):
+            until = self._now() + cmd.seconds
+            self._change(0, 0, functools.partial(setattr, self, "_delay_until", until), drain=True)
+        elif isinstance(cmd, p.CancelDelay):
+            self._change(0, 0, functools.partial(setattr, self, "_delay_until", None), drain=False)
+        elif isinstance(cmd, p.DropVDisk):
+            self._change(0, _ALL, functools.partial(setattr, self, "_dropped", True), drain=True)
+        elif isinstance(cmd, p.Resize):
+            self._change(0, _ALL, functools.partial(self._resize, cmd.size), drain=True)
+        else:  # pragma: no cover - the decoder only yields known commands
+            raise ProtocolError(f"unknown command {type(cmd).__name__}")
+
+    def _change(
+        self, lo: int, hi: int, fn: Callable[[], None], *, drain: bool, log: bool = True
+    ) -> None:
+        with self._drain_lock, self._cond:
+            fn()
+            if log:
+                self._note_change(lo, hi)
+            self._regate()
+            self._cond.notify_all()
+            if not drain:
+                return
+            parity = self._gen & 1
+            self._gen += 1
+            self._draining += 1
+            try:
+                while self._active[parity]:
+                    self._cond.wait()
+            finally:
+                self._draining -= 1
+
+    def _regate(self) -> None:
+        self._read_open = not (
+            self._suspended or self._blocked or self._dropped or self._delay_until is not None
+        )
+        self._write_open = self._read_open and not self._caw and not self.readonly
+        self._write_fast = self._write_open and not self._frozen_all and not self._shared_all
+
+    def _set_state(self, start: int, count: int, state: int) -> None:
+        lo, hi = min(start, len(self._entries)), min(start + count, len(self._entries))
+        whole = lo == 0 and hi == len(self._entries)
+
+        def change() -> None:
+            if whole and state == t.NOWRITE:
+                # A freeze of the whole table is one flag, not a pass over every entry:
+                # it is what a live snapshot does, inside its freeze window.
+                self._frozen_all = True
+                return
+            view = self._view(lo, hi)
+            if state == t.NOWRITE:
+                view |= np.uint64(t.NOWRITE_BIT)
+                self._nowrite_marks = True
+            elif state == t.INVALID:
+                view |= np.uint64(t.INVALID_BIT)
+            else:
+                if whole:
+                    self._frozen_all = False
+                if self._nowrite_marks:
+                    view &= np.uint64(~t.NOWRITE_BIT & (2**64 - 1))
+                    self._nowrite_marks = not whole
+
+        self._change(lo, hi, change, drain=state != t.NORMAL)
+
+    def _update(self, indexes: array[int], entries: array[int]) -> None:
+        if not indexes:
+            return
+
+        def change() -> None:
+            self._spell_out()
+            table, n = self._entries, len(self._entries)
+            for i, e in zip(indexes, entries, strict=True):
+                if i < n:
+                    table[i] = e
+            if not self._nowrite_marks and _any_nowrite(entries):
+                self._nowrite_marks = True
+
+        self._change(min(indexes), max(indexes) + 1, change, drain=True)
+
+    def _spell_out(self) -> None:
+        """Under the lock, before installing entries: turn the whole-table flags into bits.
+
+        A live snapshot sets them in O(1) inside its freeze window (freeze, MarkShared);
+        the pass over every entry happens here, at the first install after it -- usually
+        the first copy-on-write fault, outside the window.  An installed entry carries the
+        state the controller wants for it (its annotation), which may differ from its
+        neighbours' (a migration hold that happened to cover a one-entry table, say).
+        """
+        if self._frozen_all:
+            view = self._view(0, len(self._entries))
+            view |= np.uint64(t.NOWRITE_BIT)
+            self._frozen_all = False
+            self._nowrite_marks = True
+            self._regate()
+        if self._shared_all:
+            self._mark_shared()
+            self._shared_all = False
+            self._regate()
+
+    def _mark_shared(self) -> None:
+        # MAPPED is bit 63, SHARED bit 58: shifting right by 5 lands one on the other.  In
+        # cache-sized slices with one scratch buffer.
+        view = self._view(0, len(self._entries))
+        scratch = np.empty(min(len(view), _SLICE), dtype=np.uint64)
+        for start in range(0, len(view), _SLICE):
+            part = view[start : start + _SLICE]
+            s = scratch[: len(part)]
+            np.right_shift(part, np.uint64(63 - 58), out=s)
+            np.bitwise_and(s, np.uint64(t.SHARED), out=s)
+            np.bitwise_or(part, s, out=part)
+
+    def _resize(self, size: int) -> None:
+        n_old, n_new = len(self._entries), -(-size // self._segment_size)
+        entries = array("Q", self._entries[: min(n_old, n_new)])
+        entries.extend(array("Q", [t.INVALID_BIT]) * (n_new - len(entries)))
+        self._entries = entries
+        self.size = size
+        self._resizes += 1
+
+    # --- (re)loading -----------------------------------------------------------------------
+
+    def _suspend(self) -> None:
+        """Close the gate and drain: nothing uses this table any more (re-registration).
+
+        The controller's block and delay belonged to the old session; a new one pushes
+        them again if they still hold.
+        """
+
+        def suspend() -> None:
+            self._suspended, self._blocked, self._delay_until = True, False, None
+            self._frozen_all = False  # the new session's fetches carry any freeze
+            self._shared_all = False  # ... and the sharing
+
+        self._change(0, _ALL, suspend, drain=True)
+
+    def _resume(self) -> None:
+        with self._cond:
+            self._suspended = False
+            self._regate()
+            self._cond.notify_all()
+
+    def _load(self) -> None:
+        """Describe and fetch the whole table from the controller, then open the gate."""
+        aid, name = self.agent.agent_id, self.name
+        while True:
+            with self._cond:
+                resizes = self._resizes
+            info = self._request(lambda s: p.Attach(aid, s, name), p.VDiskInfo)
+            with self._cond:
+                if self._resizes != resizes:
+                    continue  # a resize raced with the description: describe again
+                self._configure(info)
+                n = len(self._entries)
+            break
+        for start in range(0, n, LOAD_SPAN):
+            count = min(LOAD_SPAN, n - start)
+            while True:
+                with self._cond:
+                    epoch = self._epoch
+                rng = self._fetch(start, count)
+                if self._install(rng.start, rng.entries, epoch):
+                    break
+        self._resume()
+
+    def _configure(self, info: p.VDiskInfo) -> None:
+        """Under the lock: geometry, containers and an all-invalid table of the right size."""
+        self._set_geometry(info.segment_size)
+        self.size = info.size
+        self.readonly = info.readonly
+        self._entries = array("Q", [t.INVALID_BIT]) * (-(-info.size // info.segment_size))
+        self._nowrite_marks = False
+        self._note_change(0, _ALL)
+        self._open_containers(info)
+        self._regate()
+
+    def _open_containers(self, info: p.VDiskInfo) -> None:
+        for ci in info.containers:
+            if ci.cid not in self._containers:
+                self._containers[ci.cid] = self.agent.container(ci)
+        top = max(self._containers, default=-1) + 1
+        fds = [-1] * top
+        for cid, c in self._containers.items():
+            fds[cid] = c.fd
+        self._fds = fds
+
+    # --- inspection (tests, management) ------------------------------------------------
+
+    def entry(self, index: int) -> int:
+        """The agent's annotated entry at ``index`` (the whole-table flags included)."""
+        with self._lock:
+            e = self._entries[index] | (t.NOWRITE_BIT if self._frozen_all else 0)
+            return e | (t.SHARED if self._shared_all and e & t.MAPPED else 0)
+
+    @property
+    def blocked(self) -> bool:
+        return self._blocked
+
+    @property
+    def delayed(self) -> bool:
+        return self._delay_until is not None
+
+    @property
+    def in_flight(self) -> int:
+        with self._lock:
+            return self._active[0] + self._active[1]
+
+
+class Agent:
+    """The agent role of one process: its session with the controller and its vdisks.
+
+    ``frozen_timeout``: how long a write waits for a NOWRITE entry before failing (0: at
+    once).  ``connect`` registers; ``serve`` adds a vdisk; ``start`` runs the lease
+    keeper (renews every third of the lease, re-registers when the session is lost).
+    """
+
+    def __init__(
+        self,
+        agent_id: str,
+        link: ControllerLink,
+        *,
+        host: str | None = None,
+        clock: Clock | None = None,
+        frozen_timeout: float = 30.0,
+    ) -> None:
+        self.agent_id = agent_id
+        self.host = host if host is not None else socket.gethostname()
+        self.link = link
+        self.clock: Clock = clock if clock is not None else MonotonicClock()
+        self.frozen_timeout = frozen_timeout
+        self.lease = Lease()
+        self.lease_seconds = 0.0
+        self.session = 0
+        self.registrations = 0
+        self._stream_down = 0  # the session whose command stream broke, if any
+        self._vdisks: dict[str, AgentVDisk] = {}
+        self._containers: dict[tuple[str, int], Container] = {}
+        self._session_lock = threading.RLock()
+        self._registry_lock = threading.Lock()
+        self._keeper: threading.Thread | None = None
+        self._keeper_cond = threading.Condition()
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<Agent {self.agent_id} session {self.session:#x}>"
+
+    @property
+    def connected(self) -> bool:
+        return self.session != 0
+
+    # --- session -------------------------------------------------------------------------
+
+    def connect(self, vdisks: Iterable[str] = ()) -> None:
+        """Register with the controller and load every vdisk named (and any served)."""
+        with self._registry_lock:
+            for name in vdisks:
+                self._vdisks.setdefault(name, AgentVDisk(self, name))
+        with self._session_lock:
+            self._register()
+
+    def serve(self, name: str) -> AgentVDisk:
+        """Start serving a vdisk (registers first if needed); returns it loaded."""
+        with self._session_lock:
+            with self._registry_lock:
+                vdisk = self._vdisks.get(name)
+                if vdisk is None or vdisk._dropped:
+                    vdisk = self._vdisks[name] = AgentVDisk(self, name)
+            if not self.connected:
+                self._register()
+            else:
+                self._load_or_drop(vdisk)
+        if vdisk._dropped:
+            raise NotFound(f"no vdisk named {name!r} on the controller")
+        return vdisk
+
+    def release(self, name: str) -> None:
+        """Stop serving a vdisk."""
+        with self._registry_lock:
+            vdisk = self._vdisks.pop(name, None)
+        if vdisk is None:
+            return
+        vdisk.apply(p.DropVDisk(0, name))
+        if self.connected:
+            # if this fails the controller fences or forgets us anyway; it is dropped here
+            with contextlib.suppress(TargetvirtError):
+                self.request(lambda s: p.Detach(self.agent_id, s, name), p.Done)
+
+    def vdisk(self, name: str) -> AgentVDisk:
+        try:
+            return self._vdisks[name]
+        except KeyError:
+            raise NotFound(f"agent {self.agent_id} does not serve {name!r}") from None
+
+    @property
+    def vdisks(self) -> dict[str, AgentVDisk]:
+        return dict(self._vdisks)
+
+    def reconnect(self, stale: int | None) -> None:
+        """Re-register unless someone already did since session ``stale`` was lost
+        (``None``: only if not connected)."""
+        with self._session_lock:
+            if self._closed:
+                raise ControllerUnreachable(f"agent {self.agent_id} is closed")
+            if (stale is None and self.connected) or (stale is not None and self.session != stale):
+                return
+            self._register()
+
+    def _register(self) -> None:
+        """(Re)join: quiesce everything, register, open the command stream, reload tables.
+
+        Quiescing first is what lets the controller treat a registration as the end of
+        the agent's previous session (no I/O uses the old tables any more).
+        """
+        vdisks = list(self._vdisks.values())
+        for v in vdisks:
+            v._suspend()
+        self.session = 0
+        self.lease.until = -math.inf
+        try:
+            sent = self.clock.now()
+            reply = self.link.call(p.Register(self.agent_id, self.host, tuple(self._vdisks)))
+            if isinstance(reply, p.Refused):
+                p.raise_refused(reply)
+            if not isinstance(reply, p.Registered):
+                raise ProtocolError(f"Register answered by {type(reply).__name__}")
+            self.session, self.lease_seconds = reply.session, reply.lease_seconds
+            self.lease.until = sent + reply.lease_seconds
+            self.registrations += 1
+            self._open_stream(reply.session)
+            for v in vdisks:
+                self._load_or_drop(v)
+        except BaseException:
+            # Not (fully) registered: no lease, so no writes; reads of the entries still
+            # usable go on.  The next write, fetch or the keeper registers again.
+            self.session = 0
+            self.lease.until = -math.inf
+            for v in vdisks:
+                v._resume()
+            raise
+        with self._keeper_cond:
+            self._keeper_cond.notify_all()
+
+    def _load_or_drop(self, vdisk: AgentVDisk) -> None:
+        try:
+            vdisk._load()
+        except NotFound:
+            with self._registry_lock:
+                if self._vdisks.get(vdisk.name) is vdisk:
+                    del self._vdisks[vdisk.name]
+            vdisk._change(0, _ALL, functools.partial(setattr, vdisk, "_dropped", True), drain=False)
+
+    def request(self, make: Callable[[int], p.Request], kind: type[R]) -> R:
+        """One request in the current session; re-registers (and retries) if it was lost."""
+        for _ in range(_SESSION_RETRIES):
+            session = self.session
+            if not session:
+                self.reconnect(None)
+                continue
+            reply = self.link.call(make(session))
+            if isinstance(reply, kind):
+                return reply
+            if isinstance(reply, p.Refused):
+                if reply.code < len(p.ERRORS) and p.ERRORS[reply.code] is SessionLost:
+                    self._lost(session)
+                    continue
+                p.raise_refused(reply)
+            raise ProtocolError(f"expected {kind.__name__}, got {type(reply).__name__}")
+        raise ControllerUnreachable(
+            f"agent {self.agent_id} keeps losing its controller session; giving up this request"
+        )
+
+    def _lost(self, session: int) -> None:
+        """The controller fenced this session or restarted: no more writes, re-register."""
+        if self.session == session:
+            self.lease.until = -math.inf
+        self.reconnect(session)
+
+    def _on_command(self, session: int, cmd: p.Command) -> p.Ack | None:
+        if session != self.session:
+            return None  # a command of a session this agent has left: its tables are gone
+        vdisk = self._vdisks.get(cmd.vdisk)
+        try:
+            if vdisk is not None:
+                vdisk.apply(cmd)
+                if isinstance(cmd, p.DropVDisk):
+                    with self._registry_lock:
+                        if self._vdisks.get(cmd.vdisk) is vdisk:
+                            del self._vdisks[cmd.vdisk]
+        except TargetvirtError as e:
+            return p.Ack(cmd.seq, False, str(e)[: p.MAX_STR])
+        return p.Ack(cmd.seq)
+
+    def handle_command(self, cmd: p.Command) -> p.Ack | None:
+        """Apply a command of the current session (transports and tests)."""
+        return self._on_command(self.session, cmd)
+
+    def _commands_lost(self, session: int) -> None:
+        if self._closed or session != self.session:
+            return
+        self._stream_down = session
+        threading.Thread(
+            target=self._restore, name=f"{self.agent_id}-reconnect", daemon=True
+        ).start()
+
+    def _restore(self) -> None:
+        """The command stream broke.  Ask the controller: if the session still stands,
+        reopen the stream (a command lost on the way gets us fenced anyway); if it is gone,
+        :meth:`request` registers again; if unreachable, the lease runs out by itself and
+        the keeper (or the next write) tries again."""
+        with contextlib.suppress(TargetvirtError):
+            self.renew_lease()
+
+    def _open_stream(self, session: int) -> None:
+        self._stream_down = 0
+        self.link.open_commands(
+            p.Hello(self.agent_id, session),
+            functools.partial(self._on_command, session),
+            functools.partial(self._commands_lost, session),
+        )
+
+    # --- lease ---------------------------------------------------------------------------
+
+    def revive(self) -> None:
+        """Best effort to regain a lease (renew, or register again); errors are swallowed:
+        the caller finds out from the lease."""
+        with contextlib.suppress(TargetvirtError):
+            if self.connected:
+                self.renew_lease()
+            else:
+                self.reconnect(None)
+
+    def renew_lease(self) -> None:
+        """Renew the lease (counted from when the request was sent)."""
+        sent = self.clock.now()
+        session = self.session
+        grant = self.request(lambda s: p.LeaseRenew(self.agent_id, s), p.LeaseGrant)
+        with self._session_lock:
+            if self.session == session:
+                self.lease.until = max(self.lease.until, sent + grant.seconds)
+                if self._stream_down == session:
+                    self._open_stream(session)
+
+    def start(self) -> None:
+        """Run the lease keeper thread (renewal, and re-registration after a loss)."""
+        if self._keeper is None:
+            self._keeper = threading.Thread(
+                target=self._keep, name=f"{self.agent_id}-lease", daemon=True
+            )
+            self._keeper.start()
+
+    def _keep(self) -> None:
+        while not self._closed:
+            with self._keeper_cond:
+                interval = self.lease_seconds / 3 if self.lease_seconds else 1.0
+                self.clock.wait(self._keeper_cond, self.clock.now() + interval)
+            if self._closed:
+                return
+            try:
+                if self.connected:
+                    self.renew_lease()
+                else:
+                    self.reconnect(None)
+            except TargetvirtError:
+                pass  # unreachable: try again next round; the lease ends writes meanwhile
+
+    # --- data ----------------------------------------------------------------------------
+
+    def container(self, info: p.ContainerInfo) -> Container:
+        """The agent's own handle on a container (opened once, checked against its label)."""
+        key = (info.pool_uuid, info.cid)
+        with self._registry_lock:
+            c = self._containers.get(key)
+            if c is None or c.uuid != info.uuid:
+                label = ContainerLabel(
+                    info.kind, info.pool_uuid, info.uuid, info.cid, info.segment_size,
+                    info.nsegments,
+                )  # fmt: skip
+                c = self._containers[key] = Container.open(info.path, label, info.preallocated)
+            return c
+
+    def flush(self) -> None:
+        """fdatasync every container this agent wrote through, then the controller commits."""
+        for c in list(self._containers.values()):
+            c.sync()
+        self.request(lambda s: p.Flush(self.agent_id, s), p.Done)
+
+    def close(self) -> None:
+        """Stop serving: drain every vdisk, tell the controller (best effort, so it need
+        not fence us at its next command), close the link and the containers."""
+        self._closed = True
+        with self._keeper_cond:
+            self._keeper_cond.notify_all()
+        vdisks = list(self._vdisks.values())
+        for v in vdisks:
+            v._change(0, _ALL, functools.partial(setattr, v, "_dropped", True), drain=True)
+        session = self.session
+        if session:
+            with contextlib.suppress(TargetvirtError):
+                for v in vdisks:
+                    self.link.call(p.Detach(self.agent_id, session, v.name))
+        self.link.close()
+        if self._keeper is not None:
+            self._keeper.join(timeout=5)
+        with self._registry_lock:
+            for c in self._containers.values():
+                c.close()
+            self._containers.clear()

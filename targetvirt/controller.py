@@ -1,0 +1,901 @@
+"""The controller: owner of the master tables and coordinator of the agents.
+
+The controller wraps a :class:`~targetvirt.catalog.Catalog` (the single writer of the
+master tables) and keeps the agents' volatile copies coherent with it:
+
+* agent requests (:meth:`Controller.handle`): register, attach, fetch, fault, unmap,
+  flush, lease renewal -- each answered with a reply or a ``Refused`` error;
+* commands pushed to agents, each acknowledged within ``ack_timeout``; an agent that
+  does not acknowledge in time is *fenced*: its lease is no longer renewed, its requests
+  are refused, and the controller waits until that lease has surely expired (or the
+  agent re-registered, which it only does after quiescing) before going on;
+* coherence: every mapping change (fault, unmap, migration, flatten, resize...) runs with
+  a change recorder on the tables of the vdisk's family; before the change is
+  acknowledged to anyone, every *other* agent serving a family member whose entry
+  changed has installed the new entry (an ``Update``, which drains I/O using the old
+  one).  Mapping changes are serialised by one operation lock, held until those
+  acknowledgements are in: nothing can allocate a freed segment while an agent may still
+  map it;
+* live snapshot / clone / consistency group: freeze (NOWRITE or INVALID, the caller's
+  choice) in every agent serving a source and wait for the drain, copy the tables
+  durably, push ``MarkShared`` and the thaw together, and record the freeze window;
+* user freeze/thaw (with an optional timeout, run by :meth:`Controller.tick`), delay and
+  cancel, block and unblock, and rollback / resize / delete / flatten / migrate /
+  evacuate performed live.
+
+A restarted controller refuses to allocate or change mappings until every lease its
+predecessor may have granted has expired (the lease duration, plus a margin), unless
+every agent it knew (persisted in the store) has registered again.
+
+Lock order: ``_op`` (operations) -> catalog lock -> ``_state`` (registry, acks).  Nothing
+calls out to an agent while holding ``_state``; commands are queued, never sent inline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import math
+import secrets
+import threading
+from array import array
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from targetvirt import protocol as p
+from targetvirt import table as t
+from targetvirt.catalog import COMMIT_EVERY, Catalog, Progress
+from targetvirt.clock import Clock, MonotonicClock
+from targetvirt.errors import (
+    Cancelled,
+    ControllerUnreachable,
+    InUse,
+    InvalidArgument,
+    ProtocolError,
+    ReadOnly,
+    SessionLost,
+    TargetvirtError,
+)
+from targetvirt.transport import CommandSink
+from targetvirt.vdisk import VDisk
+
+log = logging.getLogger(__name__)
+
+FREEZE_MODES = {"nowrite": t.NOWRITE, "invalid": t.INVALID}
+AGENT_RECORD = "agent"
+FLATTEN_BATCH = 256
+
+
+def _no_progress(done: int, total: int) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class FreezeWindow:
+    """How long writes to some vdisks were held by a live copy (controller clock)."""
+
+    vdisks: tuple[str, ...]
+    mode: str
+    started: float  # freeze commands queued
+    frozen: float  # every agent drained and acknowledged
+    thawed: float  # every agent acknowledged the thaw
+
+    @property
+    def held(self) -> float:
+        return self.thawed - self.started
+
+
+@dataclass
+class Session:
+    """One registration of one agent."""
+
+    sid: int
+    agent_id: str
+    host: str
+    vdisks: set[str]
+    lease_until: float
+    sink: CommandSink | None = None
+    backlog: list[p.Command] = field(default_factory=list)
+    acks: dict[int, p.Ack] = field(default_factory=dict)
+    attached: set[str] = field(default_factory=set)  # vdisks whose blocks/delays it got
+    next_seq: int = 1
+    fenced: bool = False  # refused from now on; its lease runs out
+    gone: bool = False  # the agent registered again (it quiesced first)
+    disconnected: bool = False  # its command stream broke
+
+    @property
+    def live(self) -> bool:
+        return not (self.fenced or self.gone)
+
+
+@dataclass
+class _Freeze:
+    state: int
+    until: float | None = None
+    copying: bool = False  # a live copy is under way: mapped entries are about to be shared
+
+
+class Controller:
+    """The controller role around one catalog.
+
+    While agents serve vdisks, every operation that changes an existing table goes
+    through the controller (snapshot, clone, rollback, resize, delete, flatten, migrate,
+    evacuate...): it keeps the agents coherent.  ``catalog`` itself is for what changes no
+    served table: creating pools, containers and vdisks, usage, checks.
+    """
+
+    def __init__(
+        self,
+        catalog: Catalog,
+        *,
+        clock: Clock | None = None,
+        lease_seconds: float = 15.0,
+        ack_timeout: float = 5.0,
+        lease_margin: float = 1.0,
+    ) -> None:
+        self.catalog = catalog
+        self.clock: Clock = clock if clock is not None else MonotonicClock()
+        self.lease_seconds = lease_seconds
+        self.ack_timeout = ack_timeout
+        self.lease_margin = lease_margin
+        self._op = threading.RLock()
+        self._state = threading.Condition()
+        self._sessions: dict[int, Session] = {}
+        self._by_agent: dict[str, Session] = {}
+        self._frozen: dict[str, _Freeze] = {}
+        self._holds: dict[str, set[int]] = {}  # entries held NOWRITE by a migration
+        self._delays: dict[str, float] = {}
+        self._blocked: set[str] = set()
+        self.windows: deque[FreezeWindow] = deque(maxlen=4096)
+        self.fenced: list[str] = []  # agent ids, in fencing order (for operators and tests)
+        self._closed = False
+        self._timer: threading.Thread | None = None
+        known = catalog.records(AGENT_RECORD)
+        self._agent_keys = {str(b["agent_id"]): k for k, b in known.items()}
+        self._awaiting = set(self._agent_keys)
+        prior = max((float(b.get("lease_seconds", 0)) for b in known.values()), default=0.0)
+        # a predecessor's agents may still write through their tables until their leases end
+        grace = max(prior, lease_seconds) + lease_margin
+        self._grace_until = self.clock.now() + grace if self._awaiting else -math.inf
+
+    # --- agent requests ------------------------------------------------------------------
+
+    def handle(self, request: p.Request) -> p.Reply:
+        """Answer one agent request; errors come back as ``Refused``."""
+        try:
+            if self._closed:
+                raise ControllerUnreachable("the controller is stopped")
+            return self._dispatch(request)
+        except TargetvirtError as e:
+            return p.refusal(e)
+
+    def _dispatch(self, r: p.Request) -> p.Reply:
+        if isinstance(r, p.Fetch):
+            return self._fetch(r)
+        if isinstance(r, p.Fault):
+            return self._fault(r)
+        if isinstance(r, p.LeaseRenew):
+            return self._renew(r)
+        if isinstance(r, p.Flush):
+            self._session(r.agent_id, r.session)
+            self.catalog.commit()
+            return p.Done()
+        if isinstance(r, p.Unmap):
+            return self._unmap(r)
+        if isinstance(r, p.Register):
+            return self._register(r)
+        if isinstance(r, p.Attach):
+            return self._attach(r)
+        if isinstance(r, p.Detach):
+            return self._detach(r)
+        raise ProtocolError(f"{type(r).__name__} is not a request the controller answers")
+
+    def _session(self, agent_id: str, sid: int) -> Session:
+        with self._state:
+            s = self._sessions.get(sid)
+            if s is None or s.agent_id != agent_id or not s.live:
+                raise SessionLost(f"agent {agent_id}: session {sid:#x} is not current")
+            return s
+
+    @staticmethod
+    def _serving(s: Session, name: str) -> None:
+        if name not in s.vdisks:
+            raise InvalidArgument(f"agent {s.agent_id} does not serve {name!r}; attach it first")
+
+    def _register(self, r: p.Register) -> p.Registered:
+        with self._state:
+            old = self._by_agent.get(r.agent_id)
+            if old is not None:
+                # The agent quiesced before registering again: its old session is over,
+                # and anyone waiting for it (an ack, a fence) may go on.
+                old.gone = True
+                self._state.notify_all()
+        if old is not None and old.sink is not None:
+            old.sink.close()
+        with self._op:
+            vdisks = {v for v in r.vdisks if v in self.catalog.vdisks}
+            s = Session(secrets.randbits(63) | 1, r.agent_id, r.host, vdisks, 0.0)
+            with self._state:
+                s.lease_until = self.clock.now() + self.lease_seconds
+                self._sessions[s.sid] = s
+                self._by_agent[r.agent_id] = s
+                if old is not None:
+                    self._sessions.pop(old.sid, None)
+                self._awaiting.discard(r.agent_id)
+                self._state.notify_all()
+            if r.agent_id not in self._agent_keys:
+                self._remember(r.agent_id)
+        log.info("agent %s registered (session %#x, %d vdisks)", r.agent_id, s.sid, len(vdisks))
+        return p.Registered(s.sid, self.lease_seconds)
+
+    def _remember(self, agent_id: str) -> None:
+        """Persist the agent id: a restarted controller waits for it (or its lease)."""
+        key = max(self._agent_keys.values(), default=0) + 1
+        body = {"agent_id": agent_id, "lease_seconds": self.lease_seconds}
+        self.catalog.put_record(AGENT_RECORD, key, body)
+        self.catalog.commit()
+        self._agent_keys[agent_id] = key
+
+    def forget_agent(self, agent_id: str) -> None:
+        """An agent that will never come back: a restart no longer waits for it."""
+        with self._op:
+            key = self._agent_keys.pop(agent_id, None)
+            if key is not None:
+                self.catalog.put_record(AGENT_RECORD, key, None)
+                self.catalog.commit()
+            with self._state:
+                self._awaiting.discard(agent_id)
+                self._state.notify_all()
+
+    def _attach(self, r: p.Attach) -> p.VDiskInfo:
+        """Describe a vdisk to an agent, which serves it from now on.
+
+        An agent attaches each vdisk before it opens the gate of its copy, after its
+        command stream is up; so this is where it gets the block or delay in force (its
+        fetches carry the freezes).  Not at registration: the stream is not open yet.
+        """
+        s = self._session(r.agent_id, r.session)
+        with self._op:
+            v = self.catalog.vdisk(r.vdisk)
+            with self._state:
+                s.vdisks.add(r.vdisk)
+                first = r.vdisk not in s.attached
+                s.attached.add(r.vdisk)
+            if first:
+                self._push(self._replay(s, r.vdisk))
+            return self._info(v)
+
+    def _replay(self, s: Session, name: str) -> list[tuple[Session, p.Command]]:
+        pairs: list[tuple[Session, p.Command]] = []
+        if name in self._blocked:
+            pairs.append((s, p.Block(0, name)))
+        until = self._delays.get(name)
+        now = self.clock.now()
+        if until is not None and until > now:
+            pairs.append((s, p.Delay(0, name, until - now)))
+        return pairs
+
+    def _detach(self, r: p.Detach) -> p.Done:
+        s = self._session(r.agent_id, r.session)
+        with self._op, self._state:
+            s.vdisks.discard(r.vdisk)
+            s.attached.discard(r.vdisk)
+        return p.Done()
+
+    def _info(self, v: VDisk) -> p.VDiskInfo:
+        containers = tuple(
+            p.ContainerInfo(
+                c.cid,
+                c.path,
+                c.kind,
+                v.pool.uuid,
+                c.uuid,
+                c.segment_size,
+                c.nsegments,
+                c.preallocated,
+            )
+            for c in v.pool.containers.values()
+        )
+        return p.VDiskInfo(v.name, v.size, v.segment_size, v.readonly, containers)
+
+    def _renew(self, r: p.LeaseRenew) -> p.LeaseGrant:
+        with self._state:
+            s = self._sessions.get(r.session)
+            if s is None or s.agent_id != r.agent_id or not s.live:
+                raise SessionLost(f"agent {r.agent_id}: session {r.session:#x} is not current")
+            s.lease_until = self.clock.now() + self.lease_seconds
+        return p.LeaseGrant(self.lease_seconds)
+
+    def _fetch(self, r: p.Fetch) -> p.TableRange:
+        # No op lock: a fetch only reads, and the agent discards a reply that a later
+        # command overtook.  The catalog lock gives a consistent read.
+        s = self._session(r.agent_id, r.session)
+        self._serving(s, r.vdisk)
+        with self.catalog.lock:
+            v = self.catalog.vdisk(r.vdisk)
+            n = len(v.table)
+            if r.start > n:
+                raise InvalidArgument(f"{r.vdisk} has {n} entries; cannot fetch from {r.start}")
+            return p.TableRange(r.vdisk, r.start, self._annotate(v, r.start, r.count))
+
+    def _fault(self, r: p.Fault) -> p.FaultReply:
+        self._wait_ready()
+        with self._op:
+            s = self._session(r.agent_id, r.session)
+            self._serving(s, r.vdisk)
+            v = self.catalog.vdisk(r.vdisk)
+            if v.readonly:
+                raise ReadOnly(f"{v.name} is a snapshot and cannot be written")
+            if not 0 <= r.index < len(v.table):
+                raise InvalidArgument(f"{v.name} has no entry {r.index}")
+            if not self._writable(v.name, r.index):
+                # frozen or held: change nothing; the agent waits on the NOWRITE it gets
+                return p.FaultReply(v.name, r.index, self._annotate_one(v, r.index))
+            with self._recording(v.family.members) as changed:
+                self.catalog.fault(v, r.index, r.covered)
+            self._push(self._coherence(changed, skip=(s.sid, v.name)))
+            return p.FaultReply(v.name, r.index, self._annotate_one(v, r.index))
+
+    def _unmap(self, r: p.Unmap) -> p.TableRange:
+        self._wait_ready()
+        with self._op:
+            s = self._session(r.agent_id, r.session)
+            self._serving(s, r.vdisk)
+            v = self.catalog.vdisk(r.vdisk)
+            if v.readonly:
+                raise ReadOnly(f"{v.name} is a snapshot and cannot be written")
+            end = r.start + r.count
+            if end > len(v.table):
+                raise InvalidArgument(f"{v.name} has {len(v.table)} entries; cannot unmap to {end}")
+            if all(self._writable(v.name, i) for i in (r.start, end - 1)):
+                with self._recording(v.family.members) as changed:
+                    for index in range(r.start, end):
+                        self.catalog.drop_entry(v, index)
+                # the requester too: its own in-flight I/O on freed segments must drain
+                self._push(self._coherence(changed, skip=None))
+            return p.TableRange(v.name, r.start, self._annotate(v, r.start, r.count))
+
+    # --- command stream (transports) ---------------------------------------------------
+
+    def connect_commands(self, agent_id: str, sid: int, sink: CommandSink) -> None:
+        """A transport opened the command stream of a session: deliver to ``sink``."""
+        with self._state:
+            s = self._sessions.get(sid)
+            if s is None or s.agent_id != agent_id or not s.live or self._closed:
+                raise SessionLost(f"agent {agent_id}: session {sid:#x} is not current")
+            s.sink, s.disconnected = sink, False
+            backlog, s.backlog = s.backlog, []
+            for cmd in backlog:
+                if not sink.deliver(cmd):
+                    s.disconnected = True
+            self._state.notify_all()
+
+    def disconnected(self, sid: int, sink: CommandSink) -> None:
+        """A transport lost the command stream of a session: its pending acks fail now."""
+        with self._state:
+            s = self._sessions.get(sid)
+            if s is not None and s.sink is sink:
+                s.disconnected = True
+                self._state.notify_all()
+
+    def acknowledge(self, sid: int, ack: p.Ack) -> None:
+        with self._state:
+            s = self._sessions.get(sid)
+            if s is not None and ack.seq in s.acks:
+                s.acks[ack.seq] = ack
+                self._state.notify_all()
+
+    # --- pushing commands ----------------------------------------------------------------
+
+    def _servers(self, name: str) -> list[Session]:
+        with self._state:
+            return [s for s in self._sessions.values() if s.live and name in s.vdisks]
+
+    def _push(self, pairs: Sequence[tuple[Session, p.Command]]) -> None:
+        """Send every command (in list order per agent), wait for the acks, fence laggards."""
+        self._settle(self._send(pairs))
+
+    def _send(self, pairs: Sequence[tuple[Session, p.Command]]) -> list[tuple[Session, int]]:
+        """Queue the commands; returns what :meth:`_settle` must wait for."""
+        waiting: list[tuple[Session, int]] = []
+        with self._state:
+            for s, cmd in pairs:
+                if not s.live:
+                    continue
+                seq = s.next_seq
+                s.next_seq += 1
+                s.acks[seq] = _PENDING
+                waiting.append((s, seq))
+                sent = dataclasses.replace(cmd, seq=seq)
+                if s.sink is None:
+                    s.backlog.append(sent)
+                elif not s.sink.deliver(sent):
+                    s.disconnected = True
+        return waiting
+
+    def _settle(self, waiting: list[tuple[Session, int]]) -> None:
+        """Wait for the acks of sent commands; fence the agents that fail to give them."""
+        if waiting:
+            for s in self._await(waiting, self.clock.now() + self.ack_timeout):
+                self._fence(s)
+
+    def _await(self, waiting: list[tuple[Session, int]], deadline: float) -> list[Session]:
+        """Wait for the acks; returns the sessions that failed (no ack, or a refusal)."""
+        with self._state:
+            while self.clock.now() < deadline and any(
+                s.live and not s.disconnected and s.acks.get(seq) is _PENDING for s, seq in waiting
+            ):
+                self.clock.wait(self._state, deadline)
+            failed: dict[int, Session] = {}
+            for s, seq in waiting:
+                ack = s.acks.pop(seq, _PENDING)
+                if s.live and (ack is _PENDING or not ack.ok):
+                    if ack is not _PENDING:
+                        log.warning("agent %s refused command %d: %s", s.agent_id, seq, ack.error)
+                    failed[s.sid] = s
+            return list(failed.values())
+
+    def _fence(self, s: Session) -> None:
+        """Stop renewing ``s``'s lease and wait until it has surely run out."""
+        with self._state:
+            if not s.live:
+                return
+            s.fenced = True
+            self.fenced.append(s.agent_id)
+            sink, s.sink = s.sink, None
+        log.warning("agent %s did not acknowledge in time: fenced", s.agent_id)
+        if sink is not None:
+            sink.close()
+        with self._state:
+            until = s.lease_until + self.lease_margin
+            while not s.gone and self.clock.now() < until:
+                self.clock.wait(self._state, until)
+
+    def _wait_ready(self) -> None:
+        """After a restart: no mapping change while a predecessor's lease may still run."""
+        with self._state:
+            while self._awaiting and self.clock.now() < self._grace_until:
+                self.clock.wait(self._state, self._grace_until)
+            self._awaiting.clear()
+
+    @property
+    def ready(self) -> bool:
+        with self._state:
+            return not self._awaiting or self.clock.now() >= self._grace_until
+
+    # --- annotation and coherence ----------------------------------------------------------
+
+    def _copying(self, name: str) -> bool:
+        freeze = self._frozen.get(name)
+        return freeze is not None and freeze.copying
+
+    def _writable(self, name: str, index: int) -> bool:
+        return name not in self._frozen and index not in self._holds.get(name, ())
+
+    def _annotate_one(self, v: VDisk, index: int) -> int:
+        e = v.table[index]
+        if e & t.MAPPED and (v.pool.refcount(e) > 1 or self._copying(v.name)):
+            e |= t.SHARED
+        if not self._writable(v.name, index):
+            e |= t.NOWRITE_BIT
+        return e
+
+    def _annotate(self, v: VDisk, start: int, count: int) -> array[int]:
+        """Entries as an agent must hold them: SHARED where another table maps the
+        segment, NOWRITE where a freeze or a migration holds writes."""
+        view = v.table.view()[start : start + count]
+        out = view.copy()
+        mapped = np.flatnonzero(view & np.uint64(t.MAPPED))
+        if mapped.size:
+            entries = view[mapped]
+            cids = (entries >> np.uint64(t.CID_SHIFT)) & np.uint64(t.CID_MASK)
+            psegs = (entries & np.uint64(t.PSEG_MASK)).astype(np.intp)
+            shared = np.zeros(mapped.size, dtype=bool)
+            for cid in np.unique(cids).tolist():
+                sel = cids == cid
+                shared[sel] = v.pool.refs_view(int(cid))[psegs[sel]] > 1
+            out[mapped[shared]] |= np.uint64(t.SHARED)
+        with self._state:
+            frozen = v.name in self._frozen
+            holds = sorted(self._holds.get(v.name, ()))
+        if self._copying(v.name):
+            out[mapped] |= np.uint64(t.SHARED)
+        if frozen:
+            out |= np.uint64(t.NOWRITE_BIT)
+        for index in holds:
+            if start <= index < start + len(out):
+                out[index - start] |= np.uint64(t.NOWRITE_BIT)
+        return array("Q", out.tobytes())
+
+    @contextlib.contextmanager
+    def _recording(self, vdisks: Sequence[VDisk]) -> Iterator[dict[str, set[int]]]:
+        """Record which entries of these tables change inside the block."""
+        tables = [(v.name, v.table) for v in vdisks]
+        for _, table in tables:
+            table.changes = set()
+        changed: dict[str, set[int]] = {}
+        try:
+            yield changed
+        finally:
+            for name, table in tables:
+                if table.changes:
+                    changed[name] = table.changes
+                table.changes = None
+
+    def _coherence(
+        self, changed: dict[str, set[int]], skip: tuple[int, str] | None
+    ) -> list[tuple[Session, p.Command]]:
+        """Updates for every agent serving a changed table (but ``skip``: the requester,
+        which installs the reply itself)."""
+        pairs: list[tuple[Session, p.Command]] = []
+        for name, indexes in sorted(changed.items()):
+            v = self.catalog.vdisks.get(name)
+            if v is None:
+                continue
+            idx = sorted(i for i in indexes if i < len(v.table))
+            if not idx:
+                continue
+            update = p.Update(
+                0, name, array("Q", idx), array("Q", [self._annotate_one(v, i) for i in idx])
+            )
+            pairs += [(s, update) for s in self._servers(name) if (s.sid, name) != skip]
+        return pairs
+
+    def _state_all(self, names: Sequence[str], state: int) -> list[tuple[Session, p.Command]]:
+        pairs: list[tuple[Session, p.Command]] = []
+        for name in names:
+            n = len(self.catalog.vdisk(name).table)
+            pairs += [(s, p.SetState(0, name, 0, n, state)) for s in self._servers(name)]
+        return pairs
+
+    def _to_servers(
+        self, names: Sequence[str], make: Callable[[str], p.Command]
+    ) -> list[tuple[Session, p.Command]]:
+        return [(s, make(name)) for name in names for s in self._servers(name)]
+
+    # --- freeze, live copies ---------------------------------------------------------------
+
+    def _freeze_now(self, names: Sequence[str], state: int) -> None:
+        with self._state:
+            for name in names:
+                self._frozen[name] = _Freeze(state)
+        self._push(self._state_all(names, state))
+
+    def _thaw_now(self, names: Sequence[str], first: list[tuple[Session, p.Command]]) -> None:
+        with self._state:
+            for name in names:
+                self._frozen.pop(name, None)
+        self._push(first + self._state_all(names, t.NORMAL))
+
+    def _live_copy(
+        self, sources: Sequence[str], mode: str, make: Callable[[], list[VDisk]]
+    ) -> list[VDisk]:
+        state = _freeze_state(mode)
+        self._wait_ready()
+        with self._op:
+            for name in sources:
+                self.catalog.vdisk(name)
+            self.catalog.commit()  # the sources are durable: the commit in the freeze is small
+            fresh = [n for n in sources if n not in self._frozen]  # a user freeze stays
+            started = self.clock.now()
+            with self._state:
+                for name in sources:
+                    self._frozen.setdefault(name, _Freeze(state)).copying = True
+            # Agents mark every mapped entry SHARED right behind the freeze, while the
+            # catalog copies: the pass overlaps the copy instead of lengthening the window.
+            # Early marks are safe: nothing writes while frozen, fetches meanwhile come
+            # annotated SHARED (see _copying), and a failed copy leaves marks that only
+            # cost a fault that changes nothing.
+            freeze = self._send(self._state_all(fresh, state))
+            marks = self._send(self._to_servers(sources, lambda n: p.MarkShared(0, n)))
+            self._settle(freeze)  # drained: the copy sees everything acknowledged, no more
+            frozen = self.clock.now()
+            made: list[VDisk] = []
+            try:
+                made = make()  # durable before anyone may write again
+            finally:
+                with self._state:
+                    for name in sources:
+                        self._frozen[name].copying = False
+                        if name in fresh:
+                            del self._frozen[name]
+                self._settle(marks + self._send(self._state_all(fresh, t.NORMAL)))
+            window = FreezeWindow(tuple(sources), mode, started, frozen, self.clock.now())
+            self.windows.append(window)
+            return made
+
+    def snapshot(self, source: str, snap: str, *, mode: str = "nowrite") -> VDisk:
+        """A snapshot of a vdisk that agents may be writing: ``source@snap``."""
+        return self._live_copy([source], mode, lambda: [self.catalog.snapshot(source, snap)])[0]
+
+    def clone(self, source: str, name: str, *, mode: str = "nowrite") -> VDisk:
+        return self._live_copy([source], mode, lambda: [self.catalog.clone(source, name)])[0]
+
+    def group_snapshot(
+        self, sources: Sequence[str], snap: str, *, mode: str = "nowrite"
+    ) -> list[VDisk]:
+        """Snapshots of several vdisks frozen together: one instant for all of them."""
+        return self._live_copy(
+            list(sources), mode, lambda: self.catalog.group_snapshot(list(sources), snap)
+        )
+
+    def freeze(
+        self, names: Sequence[str], *, mode: str = "nowrite", timeout: float | None = None
+    ) -> None:
+        """Hold writes (``nowrite``) or every use of the table (``invalid``) until
+        :meth:`thaw`, or until ``timeout`` seconds have passed (see :meth:`tick`)."""
+        state = _freeze_state(mode)
+        with self._op:
+            for name in names:
+                self.catalog.vdisk(name)
+            self._freeze_now([n for n in names if n not in self._frozen], state)
+            until = None if timeout is None else self.clock.now() + timeout
+            with self._state:
+                for name in names:
+                    self._frozen[name].until = until
+                self._state.notify_all()
+
+    def thaw(self, names: Sequence[str]) -> None:
+        with self._op:
+            self._thaw_now([n for n in names if n in self._frozen], [])
+
+    def frozen(self, name: str) -> bool:
+        return name in self._frozen
+
+    # --- block, delay --------------------------------------------------------------------
+
+    def block(self, names: Sequence[str]) -> None:
+        """Queue new I/O to the vdisks in every agent and drain what is in flight."""
+        with self._op:
+            self._blocked.update(names)
+            self._push(self._to_servers(names, lambda n: p.Block(0, n)))
+
+    def unblock(self, names: Sequence[str]) -> None:
+        with self._op:
+            self._blocked.difference_update(names)
+            self._push(self._to_servers(names, lambda n: p.Unblock(0, n)))
+
+    def delay(self, name: str, seconds: float) -> None:
+        """Hold all I/O to a vdisk for ``seconds``; the agents release it by themselves."""
+        with self._op:
+            self.catalog.vdisk(name)
+            self._delays[name] = self.clock.now() + seconds
+            self._push(self._to_servers([name], lambda n: p.Delay(0, n, seconds)))
+
+    def cancel_delay(self, name: str) -> None:
+        with self._op:
+            self._delays.pop(name, None)
+            self._push(self._to_servers([name], lambda n: p.CancelDelay(0, n)))
+
+    # --- live table changes ----------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _blocking(self, name: str) -> Iterator[list[tuple[Session, p.Command]]]:
+        """Block the vdisk in its agents around a whole-table change; the caller adds the
+        commands that bring them up to date, sent (then Unblock) before the block ends."""
+        self._push(self._to_servers([name], lambda n: p.Block(0, n)))
+        after: list[tuple[Session, p.Command]] = []
+        try:
+            yield after
+        finally:
+            unblock = [] if name in self._blocked else self._to_servers([name], _unblock)
+            self._push(after + unblock)
+
+    def rollback(self, name: str, snap: str) -> None:
+        self._wait_ready()
+        with self._op:
+            v = self.catalog.vdisk(name)
+            old_size = v.size
+            with self._blocking(name) as after:
+                try:
+                    self.catalog.rollback(name, snap)
+                finally:
+                    v = self.catalog.vdisk(name)
+                    if v.size != old_size:
+                        after.extend(self._to_servers([name], lambda n: p.Resize(0, n, v.size)))
+                    # the whole table changed: agents fetch it again as they use it
+                    after.extend(self._state_all([name], t.INVALID))
+
+    def resize(self, name: str, size: int) -> None:
+        self._wait_ready()
+        with self._op:
+            v = self.catalog.vdisk(name)
+            with self._blocking(name) as after:
+                changed: dict[str, set[int]] = {}
+                try:
+                    with self._recording(v.family.members) as changed:
+                        self.catalog.resize(name, size)
+                finally:
+                    after.extend(self._to_servers([name], lambda n: p.Resize(0, n, v.size)))
+                    after.extend(self._coherence(changed, skip=None))
+
+    def delete(self, name: str, *, recursive: bool = False) -> None:
+        self._wait_ready()
+        with self._op:
+            v = self.catalog.vdisk(name)
+            snaps = self.catalog.snapshots_of(v)
+            if snaps and not recursive:
+                raise InUse(
+                    f"{name} has snapshots ({', '.join(s.name for s in snaps[:3])}); "
+                    "delete them first or delete recursively"
+                )
+            names = [s.name for s in snaps] + [name]
+            # agents drop (and drain) first: no I/O may use segments the delete frees
+            self._push(self._to_servers(names, lambda n: p.DropVDisk(0, n)))
+            with self._state:
+                for s in self._sessions.values():
+                    s.vdisks.difference_update(names)
+            self.catalog.delete(name, recursive=recursive)
+            with self._state:
+                for n in names:
+                    self._frozen.pop(n, None)
+                    self._delays.pop(n, None)
+                    self._holds.pop(n, None)
+                    self._blocked.discard(n)
+
+    def flatten(self, name: str, progress: Progress = _no_progress) -> int:
+        """Give a vdisk private copies of its shared segments, a batch at a time.
+
+        Within a batch, agents keep the old (shared) entries until the batch's updates:
+        that is safe because both segments hold the same data and nothing can write the
+        new one before the operation lock is released (writes to shared entries fault).
+        """
+        self._wait_ready()
+        with self._op:
+            v = self.catalog.vdisk(name)
+            if v.readonly:
+                raise ReadOnly(f"{name} is a snapshot; clone it and flatten the clone")
+            work = [i for i, e in v.table.iter_mapped() if v.pool.refcount(e) > 1]
+        for done in range(0, len(work), FLATTEN_BATCH):
+            with self._op:
+                if self.catalog.vdisks.get(name) is not v:
+                    raise Cancelled(f"{name} was deleted while being flattened")
+                with self._recording(v.family.members) as changed:
+                    for index in work[done : done + FLATTEN_BATCH]:
+                        if index < len(v.table):
+                            self.catalog.unshare(v, index)
+                self._push(self._coherence(changed, skip=None))
+            progress(min(done + FLATTEN_BATCH, len(work)), len(work))
+        self.catalog.commit()
+        return len(work)
+
+    def migrate(self, name: str, index: int, dst: int | None = None) -> int:
+        """Move one segment to another container while agents use it; returns the entry."""
+        self._wait_ready()
+        with self._op:
+            return self._migrate_live(self.catalog.vdisk(name), index, dst, commit=True)
+
+    def _migrate_live(self, v: VDisk, index: int, dst: int | None, *, commit: bool) -> int:
+        if not 0 <= index < len(v.table) or not v.table[index] & t.MAPPED:
+            raise InvalidArgument(f"{v.name} entry {index} is not allocated")
+        old = t.location(v.table[index])
+        sharers = [
+            m.name for m in v.family.members
+            if index < len(m.table) and t.location(m.table[index]) == old
+        ]  # fmt: skip
+        # We *hold* writes to the segment while it is copied, rather than re-copying what
+        # raced with the copy: every agent mapping it gets NOWRITE on that one entry
+        # (reads go on from the old copy), the catalog copies and repoints, and each
+        # agent's update carries the new entry in the normal state.  The hold lasts one
+        # segment copy; re-copying would need dirty tracking in every agent.
+        with self._state:
+            for m in sharers:
+                self._holds.setdefault(m, set()).add(index)
+        changed: dict[str, set[int]] = {}
+        try:
+            self._push(self._to_servers(sharers, lambda n: p.SetState(0, n, index, 1, t.NOWRITE)))
+            with self._recording(v.family.members) as changed:
+                new = self.catalog.migrate(v, index, dst, commit=commit)
+        finally:
+            with self._state:
+                for m in sharers:
+                    self._holds.get(m, set()).discard(index)
+            release = [
+                (s, cmd)
+                for s, cmd in self._to_servers(
+                    sharers, lambda n: p.SetState(0, n, index, 1, t.NORMAL)
+                )
+                if cmd.vdisk not in changed and cmd.vdisk not in self._frozen
+            ]  # a failed copy leaves entries as they were: just lift the hold
+            self._push(self._coherence(changed, skip=None) + release)
+        return new
+
+    def evacuate(self, pool: str, cid: int, progress: Progress = _no_progress) -> int:
+        """Move every segment out of container ``cid``, live; returns how many moved."""
+        self._wait_ready()
+        with self._op:
+            work = self.catalog.begin_evacuation(pool, cid)
+        moved = 0
+        for n, (v, index) in enumerate(work, 1):
+            with self._op:
+                e = v.table[index] if index < len(v.table) else 0
+                if self.catalog.vdisks.get(v.name) is v and e & t.MAPPED and t.cid_of(e) == cid:
+                    self._migrate_live(v, index, None, commit=False)
+                    moved += 1
+                    if moved % COMMIT_EVERY == 0:
+                        self.catalog.commit()
+            progress(n, len(work))
+        self.catalog.commit()
+        return moved
+
+    # --- time ----------------------------------------------------------------------------
+
+    def tick(self) -> None:
+        """Do what is due: thaw freezes whose timeout passed, drop expired sessions."""
+        now = self.clock.now()
+        due = [n for n, f in list(self._frozen.items()) if f.until is not None and now >= f.until]
+        if due:
+            self.thaw(due)
+        with self._state:
+            for s in self._sessions.values():
+                if s.live and now >= s.lease_until + self.lease_margin:
+                    s.fenced = True  # silent past its lease: it can no longer write
+                    self.fenced.append(s.agent_id)
+            for name in [n for n, until in self._delays.items() if now >= until]:
+                del self._delays[name]
+
+    def _next_due(self) -> float:
+        times = [f.until for f in self._frozen.values() if f.until is not None]
+        times += [s.lease_until + self.lease_margin for s in self._sessions.values() if s.live]
+        return min(times, default=self.clock.now() + 1.0)
+
+    def start(self) -> None:
+        """Run :meth:`tick` in a thread whenever something falls due."""
+        if self._timer is None:
+            self._timer = threading.Thread(target=self._run_timer, name="controller-timer")
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _run_timer(self) -> None:
+        while not self._closed:
+            with self._state:
+                self.clock.wait(self._state, min(self._next_due(), self.clock.now() + 1.0))
+            if self._closed:
+                return
+            try:
+                self.tick()
+            except TargetvirtError as e:  # pragma: no cover - logged, retried next round
+                log.warning("controller timer: %s", e)
+
+    # --- inspection, shutdown --------------------------------------------------------------
+
+    def sessions(self) -> list[Session]:
+        with self._state:
+            return [s for s in self._sessions.values() if s.live]
+
+    def servers(self, name: str) -> list[str]:
+        """Agent ids serving a vdisk."""
+        return sorted(s.agent_id for s in self._servers(name))
+
+    def close(self) -> None:
+        """Stop (agents will find their sessions gone at the next controller)."""
+        self._closed = True
+        with self._state:
+            sinks = [s.sink for s in self._sessions.values() if s.sink is not None]
+            self._state.notify_all()
+        for sink in sinks:
+            sink.close()
+        if self._timer is not None:
+            self._timer.join(timeout=5)
+        with self._op:
+            self.catalog.close()
+
+
+_PENDING = p.Ack(0, False, "pending")
+
+
+def _unblock(name: str) -> p.Command:
+    return p.Unblock(0, name)
+
+
+def _freeze_state(mode: str) -> int:
+    try:
+        return FREEZE_MODES[mode]
+    except KeyError:
+        raise InvalidArgument(
+            f"freeze mode {mode!r} is not one of {', '.join(FREEZE_MODES)}"
+        ) from None

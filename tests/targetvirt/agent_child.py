@@ -1,0 +1,106 @@
+"""An agent process for the multi-process tests: sequence-numbered writes to its own region.
+
+``python -m tests.targetvirt.agent_child SOCKET AGENT INDEX LOG STOP``
+
+The agent serves vdisks ``a`` and ``b`` over the Unix-socket gRPC transport and writes
+blocks numbered 1, 2, 3...: write ``seq`` goes to vdisk ``VDISKS[seq % 2]``, slot
+``(seq // 2) % SLOTS`` of region INDEX (slots straddle a segment boundary).  A block is
+``(INDEX, seq)`` repeated, so any snapshot can be decoded.  After each write returns it
+appends ``(seq, start, end)`` (CLOCK_MONOTONIC, shared by the processes of one host) to
+LOG.  It stops when the file STOP exists, flushes, prints ``done <last seq>``.
+
+Like a SCSI initiator, it retries an I/O that failed with a "try again" sense (no lease,
+controller unreachable: a controller restart) -- only acknowledged writes are logged.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import sys
+import time
+from collections.abc import Callable
+from functools import partial
+
+from targetvirt.agent import Agent
+from targetvirt.errors import LeaseExpired
+from targetvirt.transport.network import NetworkLink
+
+VDISKS = ("a", "b")
+SEGMENT = 64 << 10
+REGION = 2 * SEGMENT
+SLOTS = 24
+STRIDE = 5000  # slot 13 straddles the segment boundary inside a region
+BLOCK = 4096
+RECORD = struct.Struct("<Qdd")
+_PAIR = struct.Struct("<QQ")
+
+
+def block(index: int, seq: int) -> bytes:
+    return _PAIR.pack(index, seq) * (BLOCK // _PAIR.size)
+
+
+def decode_block(data: bytes) -> tuple[int, int] | None:
+    """(agent index, seq) of a block, None for a never-written slot; raises if torn."""
+    if data == bytes(BLOCK):
+        return None
+    index, seq = _PAIR.unpack_from(data)
+    if data != block(index, seq):
+        raise AssertionError(f"a torn or foreign block: starts {data[:32].hex()}")
+    return index, seq
+
+
+def target(index: int, seq: int) -> tuple[str, int, int]:
+    """(vdisk, slot, byte offset) that write ``seq`` of agent ``index`` goes to."""
+    slot = (seq // 2) % SLOTS
+    return VDISKS[seq % 2], slot, index * REGION + slot * STRIDE
+
+
+def retrying(io: Callable[[], None]) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            io()
+            return
+        except LeaseExpired:  # ControllerUnreachable too: NOT READY, the initiator retries
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.01)
+
+
+def main() -> int:
+    sock, agent_id, index, log_path, stop = sys.argv[1:6]
+    me = int(index)
+    agent = Agent(agent_id, NetworkLink(f"unix:{sock}", call_timeout=20.0), host="test")
+    agent.connect(VDISKS)
+    agent.start()
+    vdisks = {name: agent.vdisk(name) for name in VDISKS}
+    log = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+    print("ready", flush=True)
+    seq = 0
+    check = bytearray(BLOCK)
+    while seq % 64 or not os.path.exists(stop):
+        seq += 1
+        name, _, offset = target(me, seq)
+        data = block(me, seq)
+        start = time.monotonic()
+        vd = vdisks[name]
+        retrying(partial(vd.write_from, offset, [memoryview(data)], seq % 97 == 0))
+        end = time.monotonic()
+        os.write(log, RECORD.pack(seq, start, end))
+        if seq % 7 == 0:  # read back through the agent's table: coherence after COW
+            retrying(partial(vd.read_into, offset, [memoryview(check)]))
+            if check != data:
+                print(f"read back {decode_block(bytes(check))} after writing {seq}", flush=True)
+                return 1
+        if seq % 50 == 0:
+            retrying(vd.flush)
+    retrying(vdisks["a"].flush)
+    os.close(log)
+    print(f"done {seq}", flush=True)
+    agent.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

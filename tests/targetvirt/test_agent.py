@@ -1,0 +1,183 @@
+"""The agent's data path: local resolution, faults and fetches, coherence between agents,
+COMPARE AND WRITE, zeroing and unmapping, flush."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from targetvirt import protocol as p
+from targetvirt import table as t
+from targetvirt.errors import InvalidArgument, NotFound, ReadOnly, ScsiError
+from tests.targetvirt.cluster import Cluster, read, write
+from tests.targetvirt.engine_model import SEG, data_for
+
+
+class CountingCalls:
+    """Counts the requests an agent sends, by type."""
+
+    def __init__(self, cluster: Cluster, agent: int) -> None:
+        self.counts: dict[str, int] = {}
+        link = cluster.links[agent]
+        inner = link.call
+
+        def call(request: p.Request) -> p.Reply:
+            name = type(request).__name__
+            self.counts[name] = self.counts.get(name, 0) + 1
+            return inner(request)
+
+        link.call = call  # type: ignore[method-assign]
+
+    def __getitem__(self, name: str) -> int:
+        return self.counts.get(name, 0)
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    c = Cluster(str(tmp_path), vdisks={"v": 8 * SEG, "w": 3 * SEG + 1000})
+    yield c
+    c.close()
+
+
+def test_io_on_private_entries_needs_no_round_trip(cluster: Cluster) -> None:
+    vd = cluster.vd(0)
+    write(vd, 0, b"a" * 4096)  # allocates through the controller
+    calls = CountingCalls(cluster, 0)
+    for i in range(SEG // 4096):
+        write(vd, i * 4096, bytes([i]) * 4096)
+        assert read(vd, i * 4096, 4096) == bytes([i]) * 4096
+    assert read(vd, 5 * SEG, 4096) == bytes(4096)  # unallocated reads zeros, locally
+    assert calls.counts == {}
+
+
+def test_a_write_faults_once_then_goes_straight_through(cluster: Cluster) -> None:
+    calls = CountingCalls(cluster, 1)
+    vd = cluster.vd(1)
+    write(vd, SEG + 10, b"x" * 100)
+    write(vd, SEG + 5000, b"y" * 100)
+    assert calls["Fault"] == 1
+    assert cluster.catalog.vdisk("v").read(SEG + 10, 4) == b"xxxx"
+
+
+def test_other_agents_see_new_mappings_and_cow_at_once(cluster: Cluster) -> None:
+    a, b, c = (cluster.vd(i) for i in range(3))
+    write(a, 0, b"1" * SEG)
+    assert read(b, 0, 8) == b"1" * 8  # b got the new entry pushed before a's fault returned
+    cluster.controller.snapshot("v", "s")
+    for vd in (a, b, c):
+        assert vd.entry(0) & t.SHARED
+    write(b, 100, b"2" * 10)  # COW through the controller
+    assert read(a, 95, 20) == b"1" * 5 + b"2" * 10 + b"1" * 5
+    assert read(c, 95, 20) == b"1" * 5 + b"2" * 10 + b"1" * 5
+    assert cluster.catalog.vdisk("v@s").read(95, 20) == b"1" * 20
+    assert not a.entry(0) & t.SHARED
+
+
+def test_copy_mode_cow_repoints_the_snapshot_for_agents_serving_it(tmp_path: Path) -> None:
+    c = Cluster(str(tmp_path), cow="copy", agents=2)
+    try:
+        a = c.vd(0)
+        write(a, 0, b"o" * SEG)
+        c.controller.snapshot("v", "s")
+        snap = c.agents[1].serve("v@s")
+        assert read(snap, 0, 4) == b"oooo"
+        old = snap.entry(0)
+        write(a, 0, b"n" * 4)  # copy mode: the snapshot's entry moves to the copy
+        assert t.location(snap.entry(0)) != t.location(old)
+        assert read(snap, 0, 8) == b"oooooooo"
+        assert read(c.vd(1), 0, 8) == b"nnnnoooo"
+    finally:
+        c.close()
+
+
+def test_multi_segment_and_vectored_io(cluster: Cluster) -> None:
+    a, b = cluster.vd(0), cluster.vd(1)
+    data = data_for(1, 3 * SEG)
+    bufs = [memoryview(data)[: SEG // 2], memoryview(data)[SEG // 2 : 2 * SEG + 7]]
+    bufs.append(memoryview(data)[2 * SEG + 7 :])
+    a.write_from(SEG - 300, bufs, False)
+    out = bytearray(3 * SEG)
+    view = memoryview(out)
+    b.read_into(SEG - 300, [view[:1000], view[1000:]])
+    assert out == data
+
+
+def test_fua_and_flush_make_data_and_mappings_durable(cluster: Cluster) -> None:
+    a = cluster.vd(0)
+    write(a, 0, b"d" * 4096, fua=True)
+    commits = cluster.catalog.commits
+    write(a, SEG, b"e" * 4096)
+    a.flush()
+    assert cluster.catalog.commits == commits + 1
+    cluster.restart_controller()
+    assert cluster.catalog.vdisk("v").read(0, 4) == b"dddd"
+    assert cluster.catalog.vdisk("v").read(SEG, 4) == b"eeee"
+
+
+def test_write_zeroes_unmaps_whole_segments_and_zeroes_partial_ones(cluster: Cluster) -> None:
+    a, b = cluster.vd(0), cluster.vd(1)
+    write(a, 0, b"q" * (4 * SEG))
+    free = cluster.catalog.pool("p").free_segments()
+    a.write_zeroes(SEG // 2, 2 * SEG, True)
+    cluster.catalog.commit()
+    assert cluster.catalog.pool("p").free_segments() == free + 1
+    expect = b"q" * (SEG // 2) + bytes(2 * SEG) + b"q" * (3 * SEG // 2)
+    assert read(b, 0, 4 * SEG) == expect  # b's entry for the freed segment was dropped too
+    assert b.mapped_ranges(0, 4 * SEG) == [
+        (0, SEG, True),
+        (SEG, SEG, False),
+        (2 * SEG, 2 * SEG, True),
+    ]
+    a.write_zeroes(5 * SEG, SEG, False)  # WRITE SAME without UNMAP: allocated, zeros
+    assert b.mapped_ranges(5 * SEG, SEG) == [(5 * SEG, SEG, True)]
+    assert read(b, 5 * SEG, SEG) == bytes(SEG)
+
+
+def test_unaligned_vdisk_tail(cluster: Cluster) -> None:
+    w = cluster.vd(2, "w")
+    size = 3 * SEG + 1000
+    assert w.size == size
+    write(w, size - 1000, b"t" * 1000)
+    assert read(cluster.vd(0, "w"), size - 1000, 1000) == b"t" * 1000
+    w.write_zeroes(2 * SEG, SEG + 1000, True)  # the short last segment counts as whole
+    assert cluster.vd(1, "w").mapped_ranges(2 * SEG, SEG + 1000) == [(2 * SEG, SEG + 1000, False)]
+    with pytest.raises(ScsiError):
+        write(w, size - 10, b"x" * 11)
+    with pytest.raises(ScsiError):
+        read(w, -1, 1)
+
+
+def test_compare_and_write(cluster: Cluster) -> None:
+    a, b = cluster.vd(0), cluster.vd(1)
+    write(a, 8192, b"abcd" * 128)
+    assert a.compare_and_write(8192, memoryview(b"abcd" * 128), memoryview(b"Z" * 512)) is None
+    assert read(b, 8192, 512) == b"Z" * 512
+    verify = bytearray(b"Z" * 512)
+    verify[77] = 0
+    assert b.compare_and_write(8192, memoryview(verify), memoryview(b"Q" * 512)) == 77
+    assert read(a, 8192, 512) == b"Z" * 512
+    with pytest.raises(InvalidArgument):
+        a.compare_and_write(0, memoryview(b"a"), memoryview(b"ab"))
+
+
+def test_snapshots_are_served_read_only(cluster: Cluster) -> None:
+    write(cluster.vd(0), 0, b"s" * 10)
+    cluster.controller.snapshot("v", "snap")
+    snap = cluster.agents[2].serve("v@snap")
+    assert snap.readonly and read(snap, 0, 10) == b"s" * 10
+    with pytest.raises(ReadOnly):
+        write(snap, 0, b"x")
+    with pytest.raises(ReadOnly):
+        snap.write_zeroes(0, SEG, True)
+    with pytest.raises(NotFound):
+        cluster.agents[2].serve("nope")
+
+
+def test_a_released_vdisk_fails_its_io(cluster: Cluster) -> None:
+    vd = cluster.vd(0)
+    cluster.agents[0].release("v")
+    with pytest.raises(NotFound):
+        read(vd, 0, 10)
+    assert cluster.controller.servers("v") == ["gw1", "gw2"]

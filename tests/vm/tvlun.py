@@ -1,0 +1,136 @@
+"""A targetvirt LUN in the guest, for tests and benchmarks: runs INSIDE the guest.
+
+``Handler`` starts ``targetvirt-handler`` on a state folder (creating a pool whose
+container lives on the given folder, and vdisks), waits until it serves, and stops it
+with SIGTERM.  ``create_lun`` makes the LIO user backstore ``targetvirt/<vdisk>`` for a
+vdisk; the daemon picks it up through netlink.
+
+    python -m tests.vm.tvlun up DIR VDISK SIZE [DAEMON-ARGS]  # pool, vdisk, handler, backstore
+    python -m tests.vm.tvlun stop DIR                         # SIGTERM the handler, wait
+    python -m tests.vm.tvlun restart DIR [DAEMON-ARGS]        # start it again (after a kill)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from targetvirt.catalog import Catalog
+from targetvirt.store.sqlite import SqliteStore
+from tests.vm import lio
+
+ROOT = Path(__file__).resolve().parents[2]
+PYTHON = str(ROOT / ".venv" / "bin" / "python")
+
+
+class Handler:
+    """One targetvirt-handler daemon with its state in ``dir/state``."""
+
+    def __init__(self, dir: Path) -> None:
+        self.dir = dir
+        self.state = dir / "state"
+        self.run_dir = dir / "run"
+        self.log = dir / "handler.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def catalog(self) -> Catalog:
+        """The catalog, opened directly: only while the daemon is not running."""
+        self.state.mkdir(parents=True, exist_ok=True)
+        return Catalog.open(SqliteStore(str(self.state / "targetvirt.db"), create=True))
+
+    def provision(self, vdisk: str, size: int, *, pool_bytes: int | None = None,
+                  cow: str = "redirect") -> None:  # fmt: skip
+        """Pool ``p`` (one container on ``dir``) and a vdisk, made before the daemon starts."""
+        cat = self.catalog()
+        try:
+            if "p" not in cat.pools:
+                cat.create_pool("p", str(self.dir / "pool0"), pool_bytes or (2 * size + (64 << 20)))
+            if vdisk not in cat.vdisks:
+                cat.create_vdisk(vdisk, "p", size, cow)  # type: ignore[arg-type]
+        finally:
+            cat.close()
+
+    def start(self, *extra: str, timeout: float = 120.0) -> None:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                [PYTHON, "-m", "targetvirt.manage.daemon", "--state-dir", str(self.state),
+                 "--run-dir", str(self.run_dir), *extra],
+                stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        while b"ready:" not in self.log.read_bytes():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"targetvirt-handler exited: {self.log.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"targetvirt-handler not ready in {timeout} s")
+            time.sleep(0.2)
+
+    def stop(self, timeout: float = 60.0) -> int:
+        if self.proc is None:
+            return 0
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+        finally:
+            self.proc = None
+
+    def kill(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None
+
+
+def create_lun(so_name: str, vdisk: str, size: int, *, cmd_time_out: int = 180) -> None:
+    """The LIO user backstore for a vdisk (nl_reply_supported=-1: immune to tcmu-runner).
+
+    ``cmd_time_out``: how long LIO lets a command wait in the ring before failing it.  The
+    kernel's 30 s is too short for a Python daemon restarting under TCG emulation (it
+    can only be changed before the LUN is exported).
+    """
+    so = lio.create_user(so_name, f"targetvirt/{vdisk}", size, control="nl_reply_supported=-1")
+    so.set_attribute("cmd_time_out", str(cmd_time_out))
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 2 or argv[0] not in ("up", "stop", "restart"):
+        print(__doc__, file=sys.stderr)
+        return 2
+    handler = Handler(Path(argv[1]))
+    pidfile = handler.dir / "handler.pid"
+    if argv[0] == "up":
+        vdisk, size = argv[2], lio.parse_size(argv[3])
+        handler.provision(vdisk, size)
+        handler.start(*argv[4:])
+        create_lun(vdisk, vdisk, size)
+        assert handler.proc is not None
+        pidfile.write_text(str(handler.proc.pid))
+        return 0
+    if argv[0] == "restart":  # after a crash: the LUN exists, the daemon takes it over
+        handler.start(*argv[2:])
+        assert handler.proc is not None
+        pidfile.write_text(str(handler.proc.pid))
+        return 0
+    pid = int(pidfile.read_text())
+    os.kill(pid, signal.SIGTERM)
+    for _ in range(600):  # it finishes in-flight commands and commits, then exits
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return 0
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
