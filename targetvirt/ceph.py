@@ -19,10 +19,11 @@ imported on first use only: file-backed pools never need it.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote, unquote
@@ -120,7 +121,7 @@ def import_rados() -> Any:
         import rados  # noqa: PLC0415 - optional: only RADOS locations need it
     except ImportError:
         raise InvalidArgument(
-            "RADOS locations need python3-rados (apt install python3-rados)"
+            "Ceph RADOS support needs python3-rados (apt install python3-rados)"
         ) from None
     return rados
 
@@ -218,6 +219,19 @@ class Cluster:
             raise error(f"cannot open Ceph pool {loc.pool}: {describe(e)}") from None
         ioctx.set_namespace(loc.namespace)
         return ioctx
+
+
+@contextlib.contextmanager
+def reachable(loc: RadosLocation, error: type[TargetvirtError]) -> Iterator[Cluster]:
+    """Connect to ``loc``'s cluster and check that its pool opens; the handle stays
+    shared while the block runs (so a caller can connect before it takes its locks,
+    and what it creates inside reuses the connection)."""
+    cluster = Cluster.get(loc, error)
+    try:
+        cluster.ioctx(loc, error).close()
+        yield cluster
+    finally:
+        cluster.release()
 
 
 def _connect(loc: RadosLocation, error: type[TargetvirtError]) -> rados.Rados:

@@ -19,10 +19,13 @@ method             arguments                          options (a{sv})
 Status             -                                  -
 List               -                                  -
 Info               s kind, s name                     -  (kind: pool vdisk export job daemon)
-CreatePool         s name                             path s, device s, size t,
+CreatePool         s name                             path s, device s, rados s, conf s,
+                                                      client_id s, keyring s, size t,
                                                       segment_size t, preallocate b
 DeletePool         s name                             -
-AddContainer       s pool                             path s, device s, size t, preallocate b
+AddContainer       s pool                             path s, device s, rados s, conf s,
+                                                      client_id s, keyring s, size t,
+                                                      preallocate b
 RemoveContainer    s pool, u container                -
 Evacuate           s pool, u container                -  -> job
 CreateVdisk        s name, s pool, t size             cow s, segment_size t
@@ -134,7 +137,10 @@ def _dump(result: Any) -> str:
     return json.dumps(result, sort_keys=True)
 
 
-_SOURCE = {"path": str, "device": str, "size": int, "preallocate": bool}
+# a container: a file (path, size), a block device, or a Ceph pool (rados=POOL[/NS], size;
+# conf, client_id, keyring: how to reach the cluster)
+_SOURCE = {"path": str, "device": str, "rados": str, "conf": str, "client_id": str,
+           "keyring": str, "size": int, "preallocate": bool}  # fmt: skip
 _EXPORT = {"iqn": str, "portals": list, "acls": list, "userid": str, "password": str,
            "mutual_userid": str, "mutual_password": str, "demo": bool, "readonly": bool,
            "lun": int}  # fmt: skip
