@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import pytest
@@ -49,3 +49,25 @@ def ceph_bluestore() -> Iterator[CephCluster]:
         yield cluster
     finally:
         cluster.stop()
+
+
+Layout = Callable[[int], str | None]
+
+
+@pytest.fixture(
+    params=["file", pytest.param("rados", marks=pytest.mark.ceph),
+            pytest.param("mixed", marks=pytest.mark.ceph)],
+)  # fmt: skip
+def layout(request: pytest.FixtureRequest) -> Layout:
+    """Where container ``i`` of a test pool lives: None (a file) or a RADOS location.
+
+    ``file``: every container a file; ``rados``: every one in RADOS; ``mixed``: the
+    even ones in RADOS, the odd ones files (copies and migrations cross kinds).
+    A test that takes this fixture runs once per layout (the RADOS ones marked ``ceph``).
+    """
+    if request.param == "file":
+        return lambda i: None
+    location: str = request.getfixturevalue("rados_location")
+    if request.param == "rados":
+        return lambda i: location
+    return lambda i: location if i % 2 == 0 else None

@@ -18,6 +18,7 @@ from targetvirt.catalog import Catalog
 from targetvirt.container import FileContainer
 from targetvirt.errors import FrozenTimeout, InvalidArgument, LeaseExpired, SessionLost
 from targetvirt.vdisk import VDisk
+from tests.conftest import Layout
 from tests.targetvirt.cluster import Background, Cluster, drive, read, write
 from tests.targetvirt.engine_model import SEG, check_refcounts
 
@@ -323,9 +324,9 @@ def test_live_snapshot_clone_and_group_record_freeze_windows(cluster: Cluster) -
 
 
 def test_live_migration_holds_writes_to_the_segment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: Layout
 ) -> None:
-    c = Cluster(str(tmp_path), containers=2)
+    c = Cluster(str(tmp_path), containers=2, location=layout)
     try:
         fill(c, segments=2)
         c.controller.snapshot("v", "s")
@@ -353,8 +354,8 @@ def test_live_migration_holds_writes_to_the_segment(
         c.close()
 
 
-def test_live_evacuation(tmp_path: Path) -> None:
-    c = Cluster(str(tmp_path), containers=2)
+def test_live_evacuation(tmp_path: Path, layout: Layout) -> None:
+    c = Cluster(str(tmp_path), containers=2, location=layout)
     try:
         c.catalog.pool("p").draining.add(1)  # fill container 0 first
         fill(c, segments=6)
