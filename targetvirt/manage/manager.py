@@ -539,8 +539,10 @@ class Manager:
         check_name(name, "pool")
         with self.lock:
             self._not_busy(f"pool:{name}")
+            rados = any(c.kind == "rados" for c in self.catalog.pool(name).containers.values())
             self.catalog.delete_pool(name)
-        return {"message": f"Deleted pool {name} (its container files are left in place)"}
+        left = "its container files and RADOS objects" if rados else "its container files"
+        return {"message": f"Deleted pool {name} ({left} are left in place)"}
 
     def add_container(
         self,

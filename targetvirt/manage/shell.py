@@ -348,7 +348,8 @@ class Pools(Node):
         self.done(self.client.create_pool(name, **src, segment_size=seg))
 
     def ui_command_delete(self, name: str) -> None:
-        """Deletes an empty pool (no vdisks). Its container files are left in place."""
+        """Deletes an empty pool (no vdisks). Its container files (and RADOS objects)
+        are left in place."""
         self.done(self.client.delete_pool(name))
 
 

@@ -71,11 +71,19 @@ def test_pools_on_rados_from_the_shell(
     # the daemon restarts: every container reopens from the location the store recorded
     manager.catalog.close()
     again = open_manager(state, lio)
-    again.stop()
     manager.catalog = again.catalog  # the fixture closes it
-    assert again.catalog.vdisk("V").read(0, len(data)) == data
-    assert again.catalog.vdisk("V@S").read(0, len(data)) == data
-    assert [c["kind"] for c in again.info("pool", "P")["containers"]] == ["rados", "file"]
+    try:
+        assert again.catalog.vdisk("V").read(0, len(data)) == data
+        assert again.catalog.vdisk("V@S").read(0, len(data)) == data
+        assert [c["kind"] for c in again.info("pool", "P")["containers"]] == ["rados", "file"]
+        job = again.delete_vdisk("V", recursive=True)
+        again.jobs.wait(job.id, 30)
+        assert job.state == "done", job.error
+        assert again.delete_pool("P")["message"] == (
+            "Deleted pool P (its container files and RADOS objects are left in place)"
+        )
+    finally:
+        again.stop()
 
 
 def test_errors_the_cluster_gives_are_one_line(
