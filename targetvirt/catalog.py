@@ -134,6 +134,7 @@ class Catalog:
             pool.load_refcounts(v.table for v in self.vdisks.values() if v.pool is pool)
 
     def _open_container(self, pool: Pool, body: dict[str, Any]) -> None:
+        # "path" is the container's location: a file or device path, or a RADOS location
         label = ContainerLabel(
             body["kind"], pool.uuid, body["uuid"], body["cid"], pool.segment_size,
             body["nsegments"],
@@ -309,13 +310,18 @@ class Catalog:
     def create_pool(
         self,
         name: str,
-        path: str,
+        location: str,
         size: int | None,
         *,
         segment_size: int = DEFAULT_SEGMENT,
         preallocate: bool = False,
     ) -> Pool:
-        """A pool with its first container (a file of ``size`` bytes, or a block device)."""
+        """A pool with its first container.
+
+        ``location``: a file path (``size`` bytes), a block device (``size`` None), or a
+        RADOS location ``rados:<pool>[/<namespace>][?options]`` (``size`` bytes of
+        segments); see :mod:`targetvirt.container`.
+        """
         check_name(name, "pool")
         with self.lock:
             if name in self.pools:
@@ -323,7 +329,7 @@ class Catalog:
             pool = Pool.new(name, segment_size)
             pool.pid = self._new_id()
             container = Container.create(
-                path, pool_uuid=pool.uuid, cid=0, segment_size=segment_size, size=size,
+                location, pool_uuid=pool.uuid, cid=0, segment_size=segment_size, size=size,
                 preallocate=preallocate,
             )  # fmt: skip
             pool.attach(container)
@@ -346,13 +352,14 @@ class Catalog:
         self._pending.put("container", (pool.pid << 16) | c.cid, body)
 
     def add_container(
-        self, pool_name: str, path: str, size: int | None, *, preallocate: bool = False
+        self, pool_name: str, location: str, size: int | None, *, preallocate: bool = False
     ) -> Container:
+        """Another container for a pool, of any kind (``location`` as for create_pool)."""
         with self.lock:
             pool = self.pool(pool_name)
             container = Container.create(
-                path, pool_uuid=pool.uuid, cid=pool.next_cid(), segment_size=pool.segment_size,
-                size=size, preallocate=preallocate,
+                location, pool_uuid=pool.uuid, cid=pool.next_cid(),
+                segment_size=pool.segment_size, size=size, preallocate=preallocate,
             )  # fmt: skip
             pool.attach(container)
             self._stage_container(pool, container)

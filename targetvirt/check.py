@@ -8,12 +8,13 @@ tables trustworthy:
 * a segment is mapped at one index only, by tables of one family (sharing only ever
   comes from copying tables), so no vdisk can see another vdisk's data;
 
-and looks for *leaks*: free segments of sparse file containers that still occupy space
-(left behind when a crash lost an allocation that was never committed).  Repair mode
-gives that space back; it never touches a segment that any table maps.
+and looks for *leaks*: free segments that still occupy space (data of sparse files,
+objects of RADOS containers), left behind when a crash lost an allocation that was
+never committed.  Repair mode gives that space back; it never touches a segment that any
+table maps.
 
-``targetvirt-check [--repair] [--state-dir DIR]`` runs it on a store no daemon holds; the
-shell's ``check`` runs it inside the daemon.
+``targetvirt-check [--repair] [--state-dir DIR | --store rados:POOL[/NS][?opts]]`` runs it
+on a store no daemon holds; the shell's ``check`` runs it inside the daemon.
 """
 
 from __future__ import annotations
@@ -23,9 +24,13 @@ import os
 import sys
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from targetvirt import table as t
 from targetvirt.catalog import Catalog
 from targetvirt.errors import StoreError, TargetvirtError
+from targetvirt.store.base import Store
+from targetvirt.store.rados import RadosStore
 from targetvirt.store.sqlite import SqliteStore
 from targetvirt.vdisk import VDisk
 
@@ -66,13 +71,14 @@ def check(catalog: Catalog, *, repair: bool = False) -> Report:
                     report.checked_entries += 1
                     _check_entry(report, v, index, entry, owners)
             for cid, c in pool.containers.items():
-                refs = pool.refs_view(cid)
-                for pseg in range(c.nsegments):
-                    if refs[pseg] == 0 and c.holds_data(pseg):
-                        report.leaked_segments += 1
-                        if repair:
-                            c.discard(pseg)
-                            report.reclaimed_segments += 1
+                free = np.flatnonzero(pool.refs_view(cid) == 0).tolist()
+                for pseg in c.segments_holding_data(free):
+                    report.leaked_segments += 1
+                    if repair:
+                        c.discard(pseg)
+                        report.reclaimed_segments += 1
+                if repair:
+                    c.sync()  # discards may be asynchronous (RADOS)
     return report
 
 
@@ -100,11 +106,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--state-dir", default=os.environ.get("TARGETVIRT_STATE_DIR", "/var/lib/targetvirt")
     )
+    parser.add_argument(
+        "--store", help="a metadata store on RADOS (rados:<pool>[/<ns>][?options]) instead"
+    )
+    parser.add_argument("--store-name", default="targetvirt", help="its name (with --store)")
     parser.add_argument("--repair", action="store_true", help="reclaim leaked space")
     args = parser.parse_args(argv)
-    path = os.path.join(args.state_dir, "targetvirt.db")
     try:
-        store = SqliteStore(path, readonly=not args.repair)
+        store: Store
+        if args.store:
+            store = RadosStore(args.store, name=args.store_name, readonly=not args.repair)
+        else:
+            path = os.path.join(args.state_dir, "targetvirt.db")
+            store = SqliteStore(path, readonly=not args.repair)
         catalog = Catalog.open(store)
         report = check(catalog, repair=args.repair)
         if args.repair:

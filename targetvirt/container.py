@@ -1,12 +1,24 @@
 """Storage containers: where physical segments live.
 
-A container is a file (sparse or preallocated) or a block device, divided into
-fixed-size physical segments after a 1 MiB header area.  The header labels the container
-with its pool and its own identity, so a swapped or missing file is detected instead of
-being used.  All I/O errors become :mod:`targetvirt.errors` errors that carry sense.
+A container holds ``nsegments`` fixed-size physical segments.  Every container carries a
+checksummed *label* naming its pool and its own identity, checked on open, so a swapped
+or missing container is detected instead of being used.  All I/O errors become
+:mod:`targetvirt.errors` errors that carry sense.
 
-fd-backed containers expose ``fd`` so the data path can ``os.preadv``/``os.pwritev``
-straight between the container and a caller's buffers.
+Kinds (one small interface, :class:`Container`; :meth:`Container.create` and
+:meth:`Container.open` dispatch on the *location*):
+
+* a path: a file (sparse or preallocated) or a block device, segments after a 1 MiB
+  header area holding the label (:class:`FileContainer`, this module);
+* ``rados:<pool>[/<namespace>][?options]``: one RADOS object per segment in a Ceph pool
+  (:class:`targetvirt.container_rados.RadosContainer`).
+
+Addresses are the same for every kind: segment ``p`` starts at byte
+``DATA_OFFSET + p * segment_size`` of the container, and ``readv``/``writev``/``zero``
+take such absolute offsets.  fd-backed containers expose ``fd`` so the data path can
+``os.preadv``/``os.pwritev`` straight between the container and a caller's buffers;
+kinds without a file descriptor have ``fd == -1``, which makes those calls fail at once
+(EBADF) and the data path fall back to the container's own methods.
 """
 
 from __future__ import annotations
@@ -20,7 +32,7 @@ import stat
 import struct
 import uuid as uuidlib
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from targetvirt.errors import (
@@ -41,7 +53,8 @@ HEADER_BYTES = 4096
 
 KIND_FILE = "file"
 KIND_BLOCK = "block"
-_KIND_CODES = {KIND_FILE: 1, KIND_BLOCK: 2}
+KIND_RADOS = "rados"
+_KIND_CODES = {KIND_FILE: 1, KIND_BLOCK: 2, KIND_RADOS: 3}
 
 _FALLOC_FL_KEEP_SIZE = 0x01
 _FALLOC_FL_PUNCH_HOLE = 0x02
@@ -114,12 +127,18 @@ def segments_for(size: int, segment_size: int) -> int:
 
 
 class Container:
-    """One file or block device holding ``nsegments`` physical segments."""
+    """One container of a pool: the interface every kind implements.
 
-    def __init__(self, label: ContainerLabel, path: str, fd: int, preallocated: bool) -> None:
+    ``path`` is the container's location as given at creation (a file or device path,
+    or a RADOS location string): with the label it is all the store records to reopen
+    the container.
+    """
+
+    fd: int = -1  # a file descriptor for the data path's preadv/pwritev, or -1
+
+    def __init__(self, label: ContainerLabel, path: str, preallocated: bool) -> None:
         self.label = label
         self.path = path
-        self.fd = fd
         self.preallocated = preallocated
         self.segment_size = label.segment_size
         self.nsegments = label.nsegments
@@ -150,10 +169,126 @@ class Container:
     def __repr__(self) -> str:
         return f"<Container {self.cid} {self.kind} {self.path} {self.nsegments} segments>"
 
+    # --- creation and opening, by location -------------------------------------------
+
+    @staticmethod
+    def create(
+        location: str,
+        *,
+        pool_uuid: str,
+        cid: int,
+        segment_size: int,
+        size: int | None,
+        preallocate: bool = False,
+    ) -> Container:
+        """Create (and label) a container of the kind ``location`` names.
+
+        ``size``: the container's size in bytes (a file's includes its 1 MiB header); a
+        block device brings its own (None).
+        """
+        return kind_for(location).create_at(
+            location, pool_uuid=pool_uuid, cid=cid, segment_size=segment_size, size=size,
+            preallocate=preallocate,
+        )  # fmt: skip
+
+    @staticmethod
+    def open(location: str, expected: ContainerLabel, preallocated: bool) -> Container:
+        """Open a container and check that its label is the one the store describes."""
+        return kind_for(location).open_at(location, expected, preallocated)
+
+    @classmethod
+    def create_at(
+        cls,
+        location: str,
+        *,
+        pool_uuid: str,
+        cid: int,
+        segment_size: int,
+        size: int | None,
+        preallocate: bool,
+    ) -> Container:
+        raise NotImplementedError
+
+    @classmethod
+    def open_at(cls, location: str, expected: ContainerLabel, preallocated: bool) -> Container:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    # --- I/O: absolute offsets (``offset_of``), never across the container's end ---------
+
+    def readv(self, bufs: Sequence[memoryview | bytearray], offset: int) -> None:
+        """Fill ``bufs`` from ``offset``."""
+        raise NotImplementedError
+
+    def writev(self, bufs: Sequence[memoryview | bytes | bytearray], offset: int) -> None:
+        raise NotImplementedError
+
+    def zero(self, offset: int, length: int) -> None:
+        """Make a byte range read as zeros, as cheaply as the medium allows."""
+        raise NotImplementedError
+
+    def discard(self, pseg: int) -> None:
+        """Give a free segment's space back to the medium (best effort)."""
+        raise NotImplementedError
+
+    def holds_data(self, pseg: int) -> bool:
+        """Whether a segment occupies space on the medium (for the leak report)."""
+        raise NotImplementedError
+
+    def segments_holding_data(self, psegs: Sequence[int]) -> list[int]:
+        """Which of ``psegs`` occupy space (kinds may answer in bulk)."""
+        return [p for p in psegs if self.holds_data(p)]
+
+    def copy_segment_to(self, pseg: int, dst: Container, dst_pseg: int) -> None:
+        """Copy one whole segment to a segment of ``dst`` (of any kind)."""
+        buf = bytearray(self.segment_size)
+        self.readv([buf], self.offset_of(pseg))
+        dst.writev([buf], dst.offset_of(dst_pseg))
+
+    def sync(self) -> None:
+        """Make every write so far durable."""
+        raise NotImplementedError
+
+
+ContainerKind = type[Container]
+# location scheme -> loader of the kind's class (imported on first use); "" is a path
+_KINDS: dict[str, Callable[[], ContainerKind]] = {}
+
+
+def register_kind(scheme: str, loader: Callable[[], ContainerKind]) -> None:
+    """Make locations starting with ``scheme`` (e.g. "rados:") open containers of a kind."""
+    _KINDS[scheme] = loader
+
+
+def kind_for(location: str) -> ContainerKind:
+    for scheme, loader in _KINDS.items():
+        if scheme and location.startswith(scheme):
+            return loader()
+    return FileContainer
+
+
+def _rados_kind() -> ContainerKind:
+    from targetvirt.container_rados import RadosContainer  # noqa: PLC0415 - optional kind
+
+    return RadosContainer
+
+
+register_kind("rados:", _rados_kind)
+
+
+class FileContainer(Container):
+    """One file or block device holding ``nsegments`` physical segments after a header."""
+
+    def __init__(self, label: ContainerLabel, path: str, fd: int, preallocated: bool) -> None:
+        super().__init__(label, path, preallocated)
+        self.fd = fd
+
     # --- creation and opening ----------------------------------------------------
 
     @classmethod
-    def create(
+    def create_at(
         cls,
         path: str,
         *,
@@ -162,7 +297,7 @@ class Container:
         segment_size: int,
         size: int | None,
         preallocate: bool = False,
-    ) -> Container:
+    ) -> FileContainer:
         """Create a file container (``size`` given) or label a block device (``size`` None)."""
         is_block = os.path.exists(path) and stat.S_ISBLK(os.stat(path).st_mode)
         if is_block:
@@ -203,8 +338,8 @@ class Container:
         return cls(label, path, fd, preallocate)
 
     @classmethod
-    def open(cls, path: str, expected: ContainerLabel, preallocated: bool) -> Container:
-        """Open a container and check that it is the one the store describes."""
+    def open_at(cls, path: str, expected: ContainerLabel, preallocated: bool) -> FileContainer:
+        """Open a file or device and check that it is the container the store describes."""
         try:
             fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -319,6 +454,9 @@ class Container:
 
     def copy_segment_to(self, pseg: int, dst: Container, dst_pseg: int) -> None:
         """Copy one whole segment, in the kernel when both ends allow it."""
+        if not isinstance(dst, FileContainer):  # another kind: through a buffer
+            super().copy_segment_to(pseg, dst, dst_pseg)
+            return
         src_off, dst_off = self.offset_of(pseg), dst.offset_of(dst_pseg)
         left = self.segment_size
         try:

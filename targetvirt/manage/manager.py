@@ -18,21 +18,25 @@ Results are plain JSON-able dicts; a mutating call's dict has a ``message`` line
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import targetvirt
 from targetvirt import check as checker
 from targetvirt.catalog import SNAP_SEP, Catalog, check_name
+from targetvirt.ceph import RadosLocation, import_rados, is_rados, reachable
 from targetvirt.controller import Controller
 from targetvirt.errors import (
     AlreadyExists,
+    ContainerIOError,
     InUse,
     InvalidArgument,
     NotFound,
@@ -65,6 +69,38 @@ CHAP_MAX = 255
 # 128 TiB at 1 MiB segments.  The engine sets no bound; a typo like size=10E must not
 # make the daemon try to allocate exabytes of table.
 MAX_ENTRIES = 1 << 27
+
+
+@dataclass(frozen=True)
+class CephOptions:
+    """How a RADOS container reaches its cluster: shell conf=, id=, keyring=."""
+
+    conf: str | None = None
+    client_id: str | None = None
+    keyring: str | None = None
+
+    @property
+    def given(self) -> list[str]:
+        return [f"{k}=" for k, v in (("conf", self.conf), ("id", self.client_id),
+                                      ("keyring", self.keyring)) if v]  # fmt: skip
+
+
+def _default_ceph_confs() -> list[str]:
+    """Where librados looks for a ceph.conf when none is named."""
+    env = os.environ.get("CEPH_CONF")
+    return [*([env] if env else []), "/etc/ceph/ceph.conf",
+            os.path.expanduser("~/.ceph/ceph.conf")]  # fmt: skip
+
+
+@contextlib.contextmanager
+def _connected(where: str) -> Iterator[None]:
+    """For a RADOS location: reach the cluster and its pool before any lock is taken
+    (an unreachable cluster takes a while to say so; the catalog must not wait)."""
+    if not is_rados(where):
+        yield
+        return
+    with reachable(RadosLocation.parse(where), ContainerIOError):
+        yield
 
 
 class Operations(Protocol):
@@ -306,14 +342,34 @@ class Manager:
 
     @staticmethod
     def _container_source(
-        path: str | None, device: str | None, size: int | None
+        path: str | None,
+        device: str | None,
+        size: int | None,
+        *,
+        rados: str | None = None,
+        ceph: CephOptions | None = None,
+        preallocate: bool = False,
     ) -> tuple[str, int | None]:
-        if path and device:
+        """The location (a path, or a RADOS location) and size of a new container."""
+        given = [f"{k}=" for k, v in (("path", path), ("device", device), ("rados", rados)) if v]
+        if len(given) > 1:
             raise InvalidArgument(
-                "give either path= (a file) or device= (a block device), not both"
+                "give one of path= (a file), device= (a block device) or rados= (a Ceph "
+                f"pool), not {' and '.join(given)}"
             )
-        if not path and not device:
-            raise InvalidArgument("give path=FILE size=SIZE (a file) or device=BLOCKDEV")
+        if not given:
+            raise InvalidArgument(
+                "give path=FILE size=SIZE (a file), device=BLOCKDEV, "
+                "or rados=CEPHPOOL size=SIZE (a Ceph pool)"
+            )
+        ceph = ceph or CephOptions()
+        if rados:
+            return Manager._rados_source(rados, size, ceph, preallocate)
+        if ceph.given:
+            raise InvalidArgument(
+                f"{' and '.join(ceph.given)} {'is' if len(ceph.given) == 1 else 'are'} "
+                "for RADOS containers (rados=CEPHPOOL)"
+            )
         where = path or device
         assert where is not None
         if not os.path.isabs(where):
@@ -338,20 +394,62 @@ class Manager:
             raise NotFound(f"folder {os.path.dirname(where)} does not exist")
         return where, size
 
+    @staticmethod
+    def _rados_source(
+        rados: str, size: int | None, ceph: CephOptions, preallocate: bool
+    ) -> tuple[str, int]:
+        """rados=CEPHPOOL[/NAMESPACE] with conf=, id=, keyring=: a RADOS location."""
+        import_rados()  # python3-rados missing: say so first, in one line
+        pool, _, namespace = rados.partition("/")
+        if preallocate:
+            raise InvalidArgument("preallocate= is for files; RADOS objects are made when written")
+        if size is None:
+            raise InvalidArgument(f"a RADOS container needs size=SIZE (for rados={rados})")
+        if size <= 0:
+            raise InvalidArgument(f"size must be positive, got {size}")
+        for what, file in (("Ceph config file", ceph.conf), ("keyring", ceph.keyring)):
+            if not file:
+                continue
+            if not os.path.isabs(file):
+                raise InvalidArgument(f"{what} {file!r} is not an absolute path")
+            if not os.path.isfile(file):
+                raise NotFound(f"{what} {file} does not exist")
+        if not ceph.conf and not any(os.path.isfile(f) for f in _default_ceph_confs()):
+            raise NotFound(
+                "no Ceph config file: give conf=FILE (/etc/ceph/ceph.conf does not exist)"
+            )
+        loc = RadosLocation(
+            pool, namespace, ceph.conf or None, ceph.client_id or None, ceph.keyring or None
+        )
+        loc.validate()
+        return str(loc), size
+
     def create_pool(
         self,
         name: str,
         *,
         path: str | None = None,
         device: str | None = None,
+        rados: str | None = None,
+        conf: str | None = None,
+        client_id: str | None = None,
+        keyring: str | None = None,
         size: int | None = None,
         segment_size: int = DEFAULT_SEGMENT,
         preallocate: bool = False,
     ) -> dict[str, Any]:
+        """A pool with its first container: a file (path=, size=), a block device
+        (device=), or objects in a Ceph pool (rados=POOL[/NAMESPACE], size=; conf=,
+        client_id=, keyring= say how to reach and authenticate to the cluster)."""
         check_name(name, "pool")
         check_segment_size(segment_size)
-        where, nbytes = self._container_source(path, device, size)
-        with self.lock:
+        ceph = CephOptions(conf, client_id, keyring)
+        where, nbytes = self._container_source(
+            path, device, size, rados=rados, ceph=ceph, preallocate=preallocate
+        )
+        if name in self.catalog.pools:  # before connecting; again under the lock
+            raise AlreadyExists(f"a pool named {name!r} already exists")
+        with _connected(where), self.lock:
             if name in self.catalog.pools:
                 raise AlreadyExists(f"a pool named {name!r} already exists")
             pool = self.catalog.create_pool(
@@ -368,8 +466,10 @@ class Manager:
         check_name(name, "pool")
         with self.lock:
             self._not_busy(f"pool:{name}")
+            rados = any(c.kind == "rados" for c in self.catalog.pool(name).containers.values())
             self.catalog.delete_pool(name)
-        return {"message": f"Deleted pool {name} (its container files are left in place)"}
+        left = "its container files and RADOS objects" if rados else "its container files"
+        return {"message": f"Deleted pool {name} ({left} are left in place)"}
 
     def add_container(
         self,
@@ -377,13 +477,21 @@ class Manager:
         *,
         path: str | None = None,
         device: str | None = None,
+        rados: str | None = None,
+        conf: str | None = None,
+        client_id: str | None = None,
+        keyring: str | None = None,
         size: int | None = None,
         preallocate: bool = False,
     ) -> dict[str, Any]:
+        """Another container for a pool, of any kind (as for :meth:`create_pool`)."""
         check_name(pool, "pool")
         self.catalog.pool(pool)
-        where, nbytes = self._container_source(path, device, size)
-        with self.lock:
+        ceph = CephOptions(conf, client_id, keyring)
+        where, nbytes = self._container_source(
+            path, device, size, rados=rados, ceph=ceph, preallocate=preallocate
+        )
+        with _connected(where), self.lock:
             self._not_busy(f"pool:{pool}")
             c = self.catalog.add_container(pool, where, nbytes, preallocate=preallocate)
         return {

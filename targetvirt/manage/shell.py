@@ -332,18 +332,24 @@ class Pools(Node):
     def ui_command_create(  # noqa: PLR0917 - configshell passes parameters by position
         self, name: str, path: str | None = None, size: str | None = None,
         device: str | None = None, segment: str | None = None,
-        preallocate: str = "false",
+        preallocate: str = "false", rados: str | None = None, conf: str | None = None,
+        id: str | None = None, keyring: str | None = None,
     ) -> None:  # fmt: skip
         """Creates a pool with its first container: a file (path=FILE size=SIZE,
-        created sparse unless preallocate=true) or a whole block device
-        (device=BLOCKDEV).  segment=SIZE sets the pool's segment size (a power of two
-        from 64K to 64M, default 1M); every vdisk of the pool uses it."""
+        created sparse unless preallocate=true), a whole block device
+        (device=BLOCKDEV), or objects in a Ceph pool (rados=CEPHPOOL[/NAMESPACE]
+        size=SIZE, one RADOS object per segment, made when first written; conf=FILE
+        names the ceph.conf, default /etc/ceph/ceph.conf; id=CLIENT the cephx user,
+        default admin; keyring=FILE its keyring if the conf file does not name it).
+        segment=SIZE sets the pool's segment size (a power of two from 64K to 64M,
+        default 1M); every vdisk of the pool uses it."""
         seg = val.parse_size(segment, "segment") if segment else None
-        src = _source(path, size, device, preallocate)
+        src = _source(path, size, device, preallocate, rados, conf, id, keyring)
         self.done(self.client.create_pool(name, **src, segment_size=seg))
 
     def ui_command_delete(self, name: str) -> None:
-        """Deletes an empty pool (no vdisks). Its container files are left in place."""
+        """Deletes an empty pool (no vdisks). Its container files (and RADOS objects)
+        are left in place."""
         self.done(self.client.delete_pool(name))
 
 
@@ -369,15 +375,18 @@ class Pool(Node):
             return [str(c["cid"]) for c in self.pool["containers"]]
         return super().candidates(command, param)
 
-    def ui_command_add(
+    def ui_command_add(  # noqa: PLR0917 - configshell passes parameters by position
         self, path: str | None = None, size: str | None = None, device: str | None = None,
-        preallocate: str = "false",
+        preallocate: str = "false", rados: str | None = None, conf: str | None = None,
+        id: str | None = None, keyring: str | None = None,
     ) -> None:  # fmt: skip
-        """Adds a container to the pool: a file (path=FILE size=SIZE) or a block
-        device (device=BLOCKDEV). New segments go to the container with the most
-        free space."""
-        self.done(self.client.add_container(self.name, **_source(path, size, device,
-                                                                  preallocate)))  # fmt: skip
+        """Adds a container to the pool: a file (path=FILE size=SIZE), a block
+        device (device=BLOCKDEV), or objects in a Ceph pool
+        (rados=CEPHPOOL[/NAMESPACE] size=SIZE [conf=FILE] [id=CLIENT]
+        [keyring=FILE], as for /pools create). New segments go to the container with
+        the most free space."""
+        src = _source(path, size, device, preallocate, rados, conf, id, keyring)
+        self.done(self.client.add_container(self.name, **src))
 
     def ui_command_evacuate(self, container: str, background: str | None = None) -> None:
         """Moves every segment out of a container into the others (a job: progress
@@ -717,11 +726,19 @@ class Job(Node):
         self.done(self.client.cancel_job(int(self.name)))
 
 
-def _source(path: str | None, size: str | None, device: str | None,
-            preallocate: str) -> dict[str, Any]:  # fmt: skip
+def _source(  # noqa: PLR0917
+    path: str | None, size: str | None, device: str | None, preallocate: str,
+    rados: str | None = None, conf: str | None = None, client_id: str | None = None,
+    keyring: str | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """A container's source as the API takes it (files named relative to this shell)."""
     return {
         "path": os.path.abspath(path) if path else None,
         "device": os.path.abspath(device) if device else None,
+        "rados": rados or None,
+        "conf": os.path.abspath(conf) if conf else None,
+        "client_id": client_id or None,
+        "keyring": os.path.abspath(keyring) if keyring else None,
         "size": val.parse_size(size) if size is not None else None,
         "preallocate": val.parse_bool(preallocate, "preallocate"),
     }

@@ -33,15 +33,23 @@ class Cluster:
         frozen_timeout: float = 30.0,
         containers: int = 1,
         encode: bool = True,
+        location: Callable[[int], str | None] | None = None,
     ) -> None:
+        """``location(i)``: where container ``i`` lives (e.g. a RADOS location); None,
+        or no function, for a preallocated file in ``directory``."""
         self.dir = directory
         self.clock = FakeClock()
         self.lease, self.ack_timeout, self.encode = lease, ack_timeout, encode
         self.catalog = open_catalog(self.db)
-        size = (1 << 20) + CONTAINER_SEGMENTS * SEG
-        self.catalog.create_pool("p", self._path("c0"), size, segment_size=SEG, preallocate=True)
-        for i in range(1, containers):
-            self.catalog.add_container("p", self._path(f"c{i}"), size, preallocate=True)
+        for i in range(containers):
+            where = location(i) if location is not None else None
+            size = CONTAINER_SEGMENTS * SEG  # segment space: a file adds its 1 MiB header
+            if where is None:
+                where, size = self._path(f"c{i}"), (1 << 20) + size
+            if i == 0:
+                self.catalog.create_pool("p", where, size, segment_size=SEG, preallocate=True)
+            else:
+                self.catalog.add_container("p", where, size, preallocate=True)
         vdisks = vdisks if vdisks is not None else {"v": 8 * SEG}
         for name, vsize in vdisks.items():
             mode = cow if isinstance(cow, str) else cow[name]

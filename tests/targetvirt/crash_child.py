@@ -1,6 +1,8 @@
 """Workload for the crash test: random I/O and metadata operations until killed.
 
-Run as ``python -m tests.targetvirt.crash_child STATE_DIR SEED``.  Before each operation
+Run as ``python -m tests.targetvirt.crash_child STATE_DIR SEED [RADOS_LOCATION]``: with a
+RADOS location, the metadata store and the pool's first container live there (the second
+container stays a file in STATE_DIR, so copies cross kinds).  Before each operation
 it appends ``B <json op>`` to STATE_DIR/ops.log, and ``E`` after it returned, with
 unbuffered writes, so the parent knows exactly which operations completed before the
 SIGKILL (the page cache survives a SIGKILL; only this process dies).
@@ -14,6 +16,7 @@ import random
 import sys
 
 from targetvirt.catalog import Catalog
+from targetvirt.store.base import Store
 from targetvirt.store.sqlite import SqliteStore
 from tests.targetvirt.engine_model import SEG
 
@@ -55,18 +58,31 @@ def choose(rng: random.Random, names: list[str], writable: list[str]) -> dict[st
     return {"op": "flush"}
 
 
+def open_store(state: str, location: str | None) -> Store:
+    """The workload's metadata store (the parent opens it the same way after a kill)."""
+    if location:
+        from targetvirt.store.rados import RadosStore  # noqa: PLC0415 - python3-rados
+
+        return RadosStore(location, create=True)
+    return SqliteStore(os.path.join(state, "meta.db"), create=True)
+
+
 def main() -> None:
     state, seed = sys.argv[1], int(sys.argv[2])
-    db = os.path.join(state, "meta.db")
-    fresh = not os.path.exists(db)
-    catalog = Catalog.open(SqliteStore(db, create=True))
-    if fresh:
+    location = sys.argv[3] if len(sys.argv) > 3 else None
+    marker = os.path.join(state, "created")
+    catalog = Catalog.open(open_store(state, location))
+    if not os.path.exists(marker):
         size = (1 << 20) + POOL_SEGMENTS // 2 * SEG
-        catalog.create_pool("p", os.path.join(state, "c0"), size, segment_size=SEG)
+        if location:
+            catalog.create_pool("p", location, POOL_SEGMENTS // 2 * SEG, segment_size=SEG)
+        else:
+            catalog.create_pool("p", os.path.join(state, "c0"), size, segment_size=SEG)
         # a preallocated container keeps freed data in place: stale bytes must never show
         catalog.add_container("p", os.path.join(state, "c1"), size, preallocate=True)
         catalog.create_vdisk("a", "p", VDISK_SIZE, "redirect")
         catalog.create_vdisk("b", "p", VDISK_SIZE, "copy")
+        open(marker, "w").close()
     log = os.open(os.path.join(state, "ops.log"), os.O_WRONLY | os.O_APPEND | os.O_CREAT)
     os.write(log, b"R\n")  # a restart: the parent's replay starts from the reopened state
     rng = random.Random(seed)

@@ -11,6 +11,7 @@ import pytest
 from targetvirt import protocol as p
 from targetvirt import table as t
 from targetvirt.errors import InvalidArgument, NotFound, ReadOnly, ScsiError
+from tests.conftest import Layout
 from tests.targetvirt.cluster import Cluster, read, write
 from tests.targetvirt.engine_model import SEG, data_for
 
@@ -35,10 +36,28 @@ class CountingCalls:
 
 
 @pytest.fixture
-def cluster(tmp_path: Path) -> Iterator[Cluster]:
-    c = Cluster(str(tmp_path), vdisks={"v": 8 * SEG, "w": 3 * SEG + 1000})
+def cluster(tmp_path: Path, layout: Layout) -> Iterator[Cluster]:
+    """Every test runs on files, on RADOS, and on both (agents open RADOS containers from
+    the location the controller's ContainerInfo carries)."""
+    c = Cluster(str(tmp_path), vdisks={"v": 8 * SEG, "w": 3 * SEG + 1000}, containers=2,
+                location=layout)  # fmt: skip
     yield c
     c.close()
+
+
+def test_agents_open_every_container_kind_themselves(cluster: Cluster) -> None:
+    write(cluster.vd(0), 0, b"k" * (3 * SEG))  # segments in both containers
+    pool = cluster.catalog.pool("p")
+    assert {t.cid_of(cluster.vd(1).entry(i)) for i in range(3)} == {0, 1}
+    for agent in cluster.agents:
+        opened = {cid: c for (_, cid), c in agent._containers.items()}
+        assert sorted(opened) == [0, 1]
+        for cid, c in opened.items():
+            mine = pool.containers[cid]
+            assert c is not mine and type(c) is type(mine)
+            assert (c.kind, c.path, c.uuid) == (mine.kind, mine.path, mine.uuid)
+            assert (c.fd == -1) == (c.kind == "rados")  # RADOS: the fd fast path never applies
+    assert read(cluster.vd(2), SEG - 2, 4) == b"kkkk"
 
 
 def test_io_on_private_entries_needs_no_round_trip(cluster: Cluster) -> None:
@@ -75,8 +94,10 @@ def test_other_agents_see_new_mappings_and_cow_at_once(cluster: Cluster) -> None
     assert not a.entry(0) & t.SHARED
 
 
-def test_copy_mode_cow_repoints_the_snapshot_for_agents_serving_it(tmp_path: Path) -> None:
-    c = Cluster(str(tmp_path), cow="copy", agents=2)
+def test_copy_mode_cow_repoints_the_snapshot_for_agents_serving_it(
+    tmp_path: Path, layout: Layout
+) -> None:
+    c = Cluster(str(tmp_path), cow="copy", agents=2, containers=2, location=layout)
     try:
         a = c.vd(0)
         write(a, 0, b"o" * SEG)

@@ -22,6 +22,7 @@ from hypothesis.stateful import (
 )
 
 from targetvirt import table as t
+from targetvirt.catalog import Catalog
 from targetvirt.errors import InUse, PoolFull
 from tests.targetvirt.engine_model import (
     SEG,
@@ -47,11 +48,19 @@ class EngineMachine(RuleBasedStateMachine):
         self.dir = tempfile.mkdtemp(prefix="tv-model-")
         self.db = os.path.join(self.dir, "meta.db")
         self.counter = 0
-        self.catalog = open_catalog(self.db)
-        self.catalog.create_pool(
-            "p", self._path(), self._csize(), segment_size=SEG, preallocate=True
-        )
+        self.catalog = self.open_catalog()
+        location, size = self.new_container()
+        self.catalog.create_pool("p", location, size, segment_size=SEG, preallocate=True)
         self.model = Model()
+
+    # --- what variants change (the RADOS run: tests/targetvirt/test_catalog_model_rados.py)
+
+    def open_catalog(self) -> Catalog:
+        return open_catalog(self.db)
+
+    def new_container(self) -> tuple[str, int]:
+        """The location and size of the next container (CONTAINER_SEGMENTS segments)."""
+        return self._path(), self._csize()
 
     def _path(self) -> str:
         self.counter += 1
@@ -220,7 +229,8 @@ class EngineMachine(RuleBasedStateMachine):
     @rule(preallocate=st.booleans())
     def add_container(self, preallocate: bool) -> None:
         # preallocated containers keep freed data in place: stale bytes must never show
-        self.catalog.add_container("p", self._path(), self._csize(), preallocate=preallocate)
+        location, size = self.new_container()
+        self.catalog.add_container("p", location, size, preallocate=preallocate)
 
     @rule(which=st.integers(0, 10))
     def evacuate_and_remove(self, which: int) -> None:
@@ -241,7 +251,7 @@ class EngineMachine(RuleBasedStateMachine):
     @rule()
     def flush_and_reopen(self) -> None:
         self.catalog.close()
-        self.catalog = open_catalog(self.db)
+        self.catalog = self.open_catalog()
 
     # --- invariants ----------------------------------------------------------------------
 
@@ -262,10 +272,11 @@ class EngineMachine(RuleBasedStateMachine):
                 assert t.pseg_of(e) < c.nsegments
 
 
-EngineMachine.TestCase.settings = settings(
+MODEL_SETTINGS = settings(
     max_examples=int(os.environ.get("TV_MODEL_EXAMPLES", "60")),
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+EngineMachine.TestCase.settings = MODEL_SETTINGS
 TestEngineModel = EngineMachine.TestCase

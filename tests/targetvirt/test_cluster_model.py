@@ -37,12 +37,16 @@ class ClusterMachine(RuleBasedStateMachine):
         self.dir = tempfile.mkdtemp(prefix="tv-cluster-")
         self.c = Cluster(
             self.dir, vdisks=dict(SIZES), agents=AGENTS, frozen_timeout=0.0, containers=2,
-            cow={"a": "redirect", "b": "copy"},
+            cow={"a": "redirect", "b": "copy"}, location=self.container_location,
         )  # fmt: skip
         self.model = Model({n: bytearray(s) for n, s in SIZES.items()})
         self.serving = {i: {"a", "b"} for i in range(AGENTS)}
         self.frozen: set[str] = set()
         self.counter = 0
+
+    def container_location(self, i: int) -> str | None:
+        """Where container ``i`` lives (None: a file in the machine's folder)."""
+        return None
 
     def teardown(self) -> None:
         self.c.close()
@@ -309,10 +313,11 @@ class ClusterMachine(RuleBasedStateMachine):
         check_refcounts(self.c.catalog)
 
 
-ClusterMachine.TestCase.settings = settings(
+CLUSTER_SETTINGS = settings(
     max_examples=int(os.environ.get("TV_CLUSTER_EXAMPLES", "40")),
     stateful_step_count=30,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+ClusterMachine.TestCase.settings = CLUSTER_SETTINGS
 TestClusterModel = ClusterMachine.TestCase

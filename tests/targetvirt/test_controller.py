@@ -15,9 +15,10 @@ from targetvirt import agent as agent_mod
 from targetvirt import protocol as p
 from targetvirt import table as t
 from targetvirt.catalog import Catalog
-from targetvirt.container import Container
+from targetvirt.container import FileContainer
 from targetvirt.errors import FrozenTimeout, InvalidArgument, LeaseExpired, SessionLost
 from targetvirt.vdisk import VDisk
+from tests.conftest import Layout
 from tests.targetvirt.cluster import Background, Cluster, drive, read, write
 from tests.targetvirt.engine_model import SEG, check_refcounts
 
@@ -162,9 +163,9 @@ def test_a_flush_queued_behind_writes_completes_after_them(
 ) -> None:
     write(cluster.vd(0), 0, b"x" * 4096)
     order: list[str] = []
-    real_writev, real_flush = Container.writev, agent_mod.Agent.flush
+    real_writev, real_flush = FileContainer.writev, agent_mod.Agent.flush
 
-    def writev(self: Container, bufs: Sequence[memoryview], offset: int) -> None:
+    def writev(self: FileContainer, bufs: Sequence[memoryview], offset: int) -> None:
         real_writev(self, bufs, offset)
         order.append("write")
 
@@ -172,7 +173,7 @@ def test_a_flush_queued_behind_writes_completes_after_them(
         order.append("flush")
         real_flush(self)
 
-    monkeypatch.setattr(Container, "writev", writev)
+    monkeypatch.setattr(FileContainer, "writev", writev)  # the kind the agent opens
     monkeypatch.setattr(agent_mod.Agent, "flush", flush)
     cluster.controller.delay("v", 60.0)
     vd = cluster.vd(0)
@@ -323,9 +324,9 @@ def test_live_snapshot_clone_and_group_record_freeze_windows(cluster: Cluster) -
 
 
 def test_live_migration_holds_writes_to_the_segment(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: Layout
 ) -> None:
-    c = Cluster(str(tmp_path), containers=2)
+    c = Cluster(str(tmp_path), containers=2, location=layout)
     try:
         fill(c, segments=2)
         c.controller.snapshot("v", "s")
@@ -353,8 +354,8 @@ def test_live_migration_holds_writes_to_the_segment(
         c.close()
 
 
-def test_live_evacuation(tmp_path: Path) -> None:
-    c = Cluster(str(tmp_path), containers=2)
+def test_live_evacuation(tmp_path: Path, layout: Layout) -> None:
+    c = Cluster(str(tmp_path), containers=2, location=layout)
     try:
         c.catalog.pool("p").draining.add(1)  # fill container 0 first
         fill(c, segments=6)

@@ -19,6 +19,7 @@ import pytest
 
 from targetvirt.controller import Controller
 from targetvirt.transport.network import ControllerServer
+from tests.conftest import Layout
 from tests.targetvirt.agent_child import REGION as CHILD_REGION
 from tests.targetvirt.agent_child import VDISKS
 from tests.targetvirt.engine_model import SEG, open_catalog
@@ -28,9 +29,17 @@ AGENTS = 3
 
 
 @pytest.fixture
-def setup(tmp_path: Path) -> Iterator[tuple[Controller, ControllerServer, str]]:
+def setup(tmp_path: Path, layout: Layout) -> Iterator[tuple[Controller, ControllerServer, str]]:
+    """Files, RADOS or both: the agent processes open the containers themselves."""
     catalog = open_catalog(str(tmp_path / "meta.db"))
-    catalog.create_pool("p", str(tmp_path / "c0"), (1 << 20) + 400 * SEG, segment_size=SEG)
+    for i in range(2):
+        where, size = layout(i), 200 * SEG
+        if where is None:
+            where, size = str(tmp_path / f"c{i}"), (1 << 20) + size
+        if i == 0:
+            catalog.create_pool("p", where, size, segment_size=SEG)
+        else:
+            catalog.add_container("p", where, size)
     for name in VDISKS:
         catalog.create_vdisk(name, "p", AGENTS * CHILD_REGION)
     controller = Controller(catalog, lease_seconds=10.0, ack_timeout=10.0)

@@ -66,7 +66,8 @@ def test_errors_are_named_and_one_line(api: Any) -> None:
         "org.targetvirt.Error.NotFound", "no vdisk named 'nope'")  # fmt: skip
     assert call_error(api.CreatePool, "p", sv(frob=1)) == (
         "org.targetvirt.Error.InvalidArgument",
-        "CreatePool has no option 'frob' (known: device, path, preallocate, segment_size, size)",
+        "CreatePool has no option 'frob' (known: client_id, conf, device, keyring, path, "
+        "preallocate, rados, segment_size, size)",
     )
     bad = "org.targetvirt.Error.InvalidArgument"
     assert call_error(api.CreatePool, "p", sv(size="big")) == (

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import sys
 import threading
 from pathlib import Path
 from typing import Any
@@ -172,7 +173,8 @@ def test_refusals(world: Manager) -> None:
         (lambda: m.create_pool("p2", device="/dev/null"), InvalidArgument,
          "/dev/null is not a block device"),
         (lambda: m.create_pool("p2"), InvalidArgument,
-         "give path=FILE size=SIZE (a file) or device=BLOCKDEV"),
+         "give path=FILE size=SIZE (a file), device=BLOCKDEV, or rados=CEPHPOOL size=SIZE "
+         "(a Ceph pool)"),
         (lambda: m.create_pool("p 2", path="/x", size=MIB), InvalidArgument,
          "pool name 'p 2' is invalid: use 1-64 letters, digits, '_', '.', '-', starting with a "
          "letter or digit"),
@@ -184,6 +186,46 @@ def test_refusals(world: Manager) -> None:
         with pytest.raises(kind) as e:
             call()
         assert str(e.value) == message
+
+
+def test_rados_refusals_before_any_cluster_is_reached(
+    world: Manager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Bad rados= input is refused at once, in one line, without contacting Ceph."""
+    m = world
+    conf = tmp_path / "ceph.conf"
+    conf.write_text("[global]\n")
+    cases: list[tuple[Any, type[Exception], str]] = [
+        (lambda: m.create_pool("p2", rados="tv", conf="ceph.conf", size=MIB), InvalidArgument,
+         "Ceph config file 'ceph.conf' is not an absolute path"),
+        (lambda: m.add_container("p1", rados="tv", conf=str(conf), keyring="k", size=MIB),
+         InvalidArgument, "keyring 'k' is not an absolute path"),
+        (lambda: m.add_container("p1", rados="tv", size=None), InvalidArgument,
+         "a RADOS container needs size=SIZE (for rados=tv)"),
+        (lambda: m.add_container("p1", path=str(tmp_path / "x"), size=MIB, client_id="u"),
+         InvalidArgument, "id= is for RADOS containers (rados=CEPHPOOL)"),
+        (lambda: m.create_pool("p1", rados="tv", conf=str(conf), size=MIB), AlreadyExists,
+         "a pool named 'p1' already exists"),
+        (lambda: m.add_container("nope", rados="tv", conf=str(conf), size=MIB), NotFound,
+         "no pool named 'nope'"),
+    ]  # fmt: skip
+    for call, kind, message in cases:
+        with pytest.raises(kind) as e:
+            call()
+        assert str(e.value) == message
+    # no conf= and nothing where librados looks for one
+    monkeypatch.setattr("targetvirt.manage.manager._default_ceph_confs", lambda: [])
+    with pytest.raises(NotFound) as e:
+        m.create_pool("p2", rados="tv", size=MIB)
+    assert str(e.value) == (
+        "no Ceph config file: give conf=FILE (/etc/ceph/ceph.conf does not exist)"
+    )
+    # python3-rados missing (None in sys.modules makes its import fail)
+    monkeypatch.setitem(sys.modules, "rados", None)
+    with pytest.raises(InvalidArgument) as e:
+        m.create_pool("p2", rados="tv", conf=str(conf), size=MIB)
+    assert str(e.value) == "Ceph RADOS support needs python3-rados (apt install python3-rados)"
+    assert sorted(m.catalog.pools) == ["p1"] and len(m.catalog.pool("p1").containers) == 1
 
 
 def test_export_unexport_and_persistence(world: Manager, lio: FakeLio, state: Path) -> None:

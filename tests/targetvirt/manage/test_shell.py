@@ -99,15 +99,19 @@ BAD_IQN = ("is not an iSCSI name: use iqn.YYYY-MM.reversed.domain[:name] "
            "(e.g. iqn.2003-01.org.example:disk1), eui.<16 hex> or naa.<hex>")  # fmt: skip
 BAD_NAME = "is invalid: use 1-64 letters, digits, '_', '.', '-', starting with a letter or digit"
 
+NO_SOURCE = (
+    "give path=FILE size=SIZE (a file), device=BLOCKDEV, or rados=CEPHPOOL size=SIZE (a Ceph pool)"
+)
 BAD_INPUT: list[tuple[str, str]] = [
     # /pools
-    ("/pools create name=p2", "give path=FILE size=SIZE (a file) or device=BLOCKDEV"),
+    ("/pools create name=p2", NO_SOURCE),
     ("/pools create name=p2 path=/tmp/x.img", "a file container needs size=SIZE (for /tmp/x.img)"),
     ("/pools create name=p2 path=/nonexistent/x.img size=1G", "folder /nonexistent does not exist"),
     ("/pools create name=p2 path=/etc/hostname size=1G",
      "/etc/hostname already exists; refusing to overwrite it"),
     ("/pools create name=p2 path=/tmp/x.img device=/dev/null",
-     "give either path= (a file) or device= (a block device), not both"),
+     "give one of path= (a file), device= (a block device) or rados= (a Ceph pool), "
+     "not path= and device="),
     ("/pools create name=p2 device=/dev/nope", "device /dev/nope does not exist"),
     ("/pools create name=p2 path=/tmp/x.img size=0", "size must be positive, got '0'"),
     ("/pools create name=p2 path=/tmp/x.img size=lots", f"size 'lots' {BAD_SIZE}"),
@@ -118,9 +122,32 @@ BAD_INPUT: list[tuple[str, str]] = [
     ("/pools create name=p1 path=/tmp/x.img size=1G", "a pool named 'p1' already exists"),
     ("/pools create name=-p path=/tmp/x.img size=1G", f"pool name '-p' {BAD_NAME}"),
     ("/pools create path=/tmp/x.img size=1G", "Missing required parameter name"),
+    ("/pools create name=p2 rados=tv", "a RADOS container needs size=SIZE (for rados=tv)"),
+    ("/pools create name=p2 rados=tv path=/tmp/x.img size=1G",
+     "give one of path= (a file), device= (a block device) or rados= (a Ceph pool), "
+     "not path= and rados="),
+    ("/pools create name=p2 path=/tmp/x.img size=1G conf=/etc/hostname",
+     "conf= is for RADOS containers (rados=CEPHPOOL)"),
+    ("/pools create name=p2 device=/dev/null id=tv keyring=/etc/hostname",
+     "id= and keyring= are for RADOS containers (rados=CEPHPOOL)"),
+    ("/pools create name=p2 rados=tv size=1G conf=/nonexistent/ceph.conf",
+     "Ceph config file /nonexistent/ceph.conf does not exist"),
+    ("/pools create name=p2 rados=tv size=1G conf=/etc/hostname keyring=/nonexistent/k",
+     "keyring /nonexistent/k does not exist"),
+    ("/pools create name=p2 rados=tv size=1G conf=/etc/hostname id=client.admin",
+     "give the cephx user without its prefix: id=admin"),
+    ("/pools create name=p2 rados=tv?x size=1G conf=/etc/hostname",
+     "Ceph pool name 'tv?x' is empty or holds / ? &"),
+    ("/pools create name=p2 rados=/ns size=1G conf=/etc/hostname",
+     "Ceph pool name '' is empty or holds / ? &"),
+    ("/pools create name=p2 rados=tv size=1G conf=/etc/hostname preallocate=true",
+     "preallocate= is for files; RADOS objects are made when written"),
+    ("/pools/p1 add rados=tv size=0 conf=/etc/hostname", "size must be positive, got '0'"),
+    ("/pools/p1 add rados=tv/a/b size=1G conf=/etc/hostname",
+     "RADOS namespace 'a/b' holds / ? &"),
     ("/pools delete name=nope", "no pool named 'nope'"),
     ("/pools delete name=p1", "pool p1 still holds vdisks: c1, db, db@s1, web, web@w1"),
-    ("/pools/p1 add", "give path=FILE size=SIZE (a file) or device=BLOCKDEV"),
+    ("/pools/p1 add", NO_SOURCE),
     ("/pools/p1 add path=/tmp/y.img size=-1", f"size '-1' {BAD_SIZE}"),
     ("/pools/p1 evacuate container=0", "pool p1 has no other container to evacuate 0 to"),
     ("/pools/p1 evacuate container=9", "pool p1 has no container 9"),
