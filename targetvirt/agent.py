@@ -73,7 +73,7 @@ from targetvirt.errors import (
     lba_out_of_range,
 )
 from targetvirt.transport import ControllerLink
-from targetvirt.vdisk import Cursor
+from targetvirt.vdisk import Cursor, check_synced
 
 # Looked up as module globals on the fast path; tests replace them to hold an I/O in flight.
 _preadv = os.preadv
@@ -90,6 +90,7 @@ UNMAP_SPAN = 1 << 16
 _LOG_LENGTH = 64
 _SESSION_RETRIES = 3
 _SLICE = 1 << 16  # entries per slice of a bulk table pass
+FAILURE_REPORT_INTERVAL = 1.0  # seconds between two reports of one failing container
 
 READ, WRITE, CAW_WRITE = 0, 1, 2  # admission modes: a CAW's own write passes its own hold
 _FETCH, _FAULT, _WAIT, _DESCRIBE = "fetch", "fault", "wait", "describe"
@@ -163,6 +164,7 @@ class AgentVDisk:
         self._set_geometry(1 << 20)
         self._containers: dict[int, Container] = {}
         self._fds: list[int] = []
+        self._synced: dict[int, int] = {}  # per container: failed flushes accounted for
         # in-flight accounting
         self._active = [0, 0]
         self._gen = 0
@@ -311,6 +313,7 @@ class AgentVDisk:
             self._release(grant)
         if fua:
             self.agent.flush()
+            self._check_synced()
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         """Make a range read as zeros; ``unmap``: whole segments may be deallocated."""
@@ -430,6 +433,19 @@ class AgentVDisk:
             self.agent.flush()
         finally:
             self._finish(grant)
+        self._check_synced()
+
+    def _check_synced(self) -> None:
+        """Fail the flush if a container this vdisk has data in failed a flush since this
+        vdisk's previous one (see :meth:`targetvirt.vdisk.VDisk.flush`)."""
+        with self._lock:
+            containers = dict(self._containers)
+
+        def entries() -> npt.NDArray[np.uint64]:
+            with self._lock:
+                return self._view(0, len(self._entries)).copy()
+
+        check_synced(self.name, self._synced, containers, entries)
 
     def mapped_ranges(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """Consecutive (offset, length, mapped) runs covering the range (GET LBA STATUS)."""
@@ -842,7 +858,8 @@ class AgentVDisk:
     def _open_containers(self, info: p.VDiskInfo) -> None:
         for ci in info.containers:
             if ci.cid not in self._containers:
-                self._containers[ci.cid] = self.agent.container(ci)
+                c = self._containers[ci.cid] = self.agent.container(ci)
+                self._synced.setdefault(ci.cid, c.sync_errors)
         top = max(self._containers, default=-1) + 1
         fds = [-1] * top
         for cid, c in self._containers.items():
@@ -900,6 +917,7 @@ class Agent:
         self._stream_down = 0  # the session whose command stream broke, if any
         self._vdisks: dict[str, AgentVDisk] = {}
         self._containers: dict[tuple[str, int], Container] = {}
+        self._reported: dict[tuple[str, int], float] = {}  # container -> last failure report
         self._session_lock = threading.RLock()
         self._registry_lock = threading.Lock()
         self._keeper: threading.Thread | None = None
@@ -1141,12 +1159,34 @@ class Agent:
                     info.nsegments,
                 )  # fmt: skip
                 c = self._containers[key] = Container.open(info.path, label, info.preallocated)
+                c.on_failure = functools.partial(self._container_failed, info.pool_uuid)
             return c
 
+    def _container_failed(self, pool_uuid: str, c: Container, first: bool) -> None:
+        """A medium error on a container: tell the controller, so its pool places no new
+        segments there.  Best effort and straight on the link (this runs inside an I/O,
+        which must not re-register); at most once a second per container, so a dead disk
+        does not flood the controller, yet a mark an operator cleared is set again."""
+        key, now = (pool_uuid, c.cid), self.clock.now()
+        if not first and now - self._reported.get(key, -math.inf) < FAILURE_REPORT_INTERVAL:
+            return
+        self._reported[key] = now
+        session = self.session
+        if not session:
+            return
+        msg = p.ContainerFailure(self.agent_id, session, pool_uuid, c.cid, c.last_error)
+        with contextlib.suppress(TargetvirtError, OSError):
+            self.link.call(msg)
+
     def flush(self) -> None:
-        """fdatasync every container this agent wrote through, then the controller commits."""
+        """fdatasync every container this agent wrote through, then the controller commits.
+
+        A container that fails its flush does not stop the others nor the commit: each
+        vdisk's flush reports it if the vdisk has data there (``sync_errors``).
+        """
         for c in list(self._containers.values()):
-            c.sync()
+            with contextlib.suppress(TargetvirtError):
+                c.sync()
         self.request(lambda s: p.Flush(self.agent_id, s), p.Done)
 
     def close(self) -> None:

@@ -10,6 +10,8 @@ volatile write cache.
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 import threading
 import time
@@ -23,12 +25,14 @@ from targetvirt.container import Container, ContainerLabel
 from targetvirt.errors import (
     AlreadyExists,
     Cancelled,
+    ContainerWriteError,
     InUse,
     InvalidArgument,
     NotFound,
     PoolFull,
     ReadOnly,
     StoreCorrupt,
+    TargetvirtError,
 )
 from targetvirt.pool import DEFAULT_SEGMENT, Dropped, Pool
 from targetvirt.store.base import Image, Store, Transaction, chunk_hash, table_root
@@ -41,6 +45,8 @@ from targetvirt.vdisk import (
     VDisk,
     check_size,
 )
+
+log = logging.getLogger(__name__)
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 SNAP_SEP = "@"
@@ -88,6 +94,7 @@ class Catalog:
         self._next_id = 1
         self._pending = Transaction()
         self.commits = 0
+        self._closed = False
         # records of kinds the engine does not interpret (the controller's agent list)
         self._aux: dict[str, dict[int, dict[str, Any]]] = {}
 
@@ -138,9 +145,28 @@ class Catalog:
             body["kind"], pool.uuid, body["uuid"], body["cid"], pool.segment_size,
             body["nsegments"],
         )  # fmt: skip
-        pool.attach(Container.open(body["path"], label, body["preallocated"]))
+        container = Container.open(body["path"], label, body["preallocated"])
+        container.failure = str(body.get("failed", ""))
+        self._attach(pool, container)
         if body.get("draining"):
             pool.draining.add(label.cid)
+
+    def _attach(self, pool: Pool, container: Container) -> None:
+        pool.attach(container)
+        container.on_failure = functools.partial(self._container_failed, pool)
+
+    def _container_failed(self, pool: Pool, container: Container, first: bool) -> None:
+        """A container met a medium error: from the first one on it takes no new segments
+        (the pool's allocator skips it) and the mark is durable at the next commit."""
+        if not first:
+            return
+        log.error(
+            "container %d of pool %s (%s) failed: %s; it takes no new segments until an "
+            "operator clears it", container.cid, pool.name, container.path, container.failure,
+        )  # fmt: skip
+        with self.lock:
+            if pool.containers.get(container.cid) is container:
+                self._stage_container(pool, container)
 
     def _load_vdisk(
         self, vid: int, body: dict[str, Any], image: Image, pools: dict[int, Pool]
@@ -182,9 +208,13 @@ class Catalog:
         return nid
 
     def close(self) -> None:
+        """Commit and close the store and the containers (a second close does nothing)."""
         with self.lock:
+            if self._closed:
+                return
             self.commit()
             self._release()
+            self._closed = True
 
     def _release(self) -> None:
         for pool in self.pools.values():
@@ -253,11 +283,11 @@ class Catalog:
             txn, self._pending = self._pending, Transaction()
             staged = [(v, self._stage_table(v, txn)) for v in self.vdisks.values()]
             try:
+                # Always: data written in place changes no metadata, yet a flush must make
+                # it durable (fdatasync of a container with nothing dirty costs little).
+                self._sync_containers()
                 if txn.empty and not any(d.entries or d.tables for d in dropped.values()):
                     return
-                for pool in self.pools.values():
-                    for c in pool.containers.values():
-                        c.sync()
                 if not txn.empty:
                     self.store.commit(txn)
             except BaseException:
@@ -267,6 +297,18 @@ class Catalog:
             for name, d in dropped.items():
                 if name in self.pools:
                     self._discard(self.pools[name], self.pools[name].settle(d))
+
+    def _sync_containers(self) -> None:
+        """fdatasync every container.  One that fails does not stop the commit: the
+        metadata of every other container's data must still become durable.  The failure
+        is counted in the container (``sync_errors``), and the flush of each vdisk with
+        data there reports it (:meth:`VDisk.flush`): its data may not be on the medium."""
+        for pool in self.pools.values():
+            for c in pool.containers.values():
+                try:
+                    c.sync()
+                except TargetvirtError as e:
+                    log.error("%s", e)
 
     def _stage_table(self, vdisk: VDisk, txn: Transaction) -> list[int]:
         dirty = vdisk.table.take_dirty()
@@ -326,7 +368,7 @@ class Catalog:
                 path, pool_uuid=pool.uuid, cid=0, segment_size=segment_size, size=size,
                 preallocate=preallocate,
             )  # fmt: skip
-            pool.attach(container)
+            self._attach(pool, container)
             self.pools[name] = pool
             self._pending.put("pool", pool.pid, self._pool_record(pool))
             self._stage_container(pool, container)
@@ -341,7 +383,7 @@ class Catalog:
         body = {
             "pool": pool.pid, "cid": c.cid, "uuid": c.uuid, "kind": c.kind, "path": c.path,
             "nsegments": c.nsegments, "preallocated": c.preallocated,
-            "draining": c.cid in pool.draining,
+            "draining": c.cid in pool.draining, "failed": c.failure,
         }  # fmt: skip
         self._pending.put("container", (pool.pid << 16) | c.cid, body)
 
@@ -354,10 +396,30 @@ class Catalog:
                 path, pool_uuid=pool.uuid, cid=pool.next_cid(), segment_size=pool.segment_size,
                 size=size, preallocate=preallocate,
             )  # fmt: skip
-            pool.attach(container)
+            self._attach(pool, container)
             self._stage_container(pool, container)
             self.commit()
             return container
+
+    def mark_failed(self, pool_name: str, cid: int, why: str) -> None:
+        """Mark a container failed on someone else's word (an agent met a medium error)."""
+        with self.lock:
+            container = self.pool(pool_name).container(cid)
+            container.io_errors += 1
+            container.fail(why)
+
+    def clear_failure(self, pool_name: str, cid: int) -> bool:
+        """The operator says a failed container is sound again (repaired, or the error was
+        transient): it takes new segments again.  Returns whether it was failed."""
+        with self.lock:
+            pool = self.pool(pool_name)
+            container = pool.container(cid)
+            was = container.failed
+            container.failure = ""
+            container.io_errors = 0
+            self._stage_container(pool, container)
+            self.commit()
+            return was
 
     def remove_container(self, pool_name: str, cid: int) -> None:
         with self.lock:
@@ -437,9 +499,7 @@ class Catalog:
                 pool.container(dst)
                 if dst == t.cid_of(old):
                     raise InvalidArgument(f"that segment already lives in container {dst}")
-            new = self._allocate(pool, exclude=t.cid_of(old), only=dst)
-            src = pool.containers[t.cid_of(old)]
-            src.copy_segment_to(t.pseg_of(old), pool.containers[t.cid_of(new)], t.pseg_of(new))
+            new = self._place(pool, old, exclude=t.cid_of(old), only=dst)
             self._repoint(vdisk.family.members, index, old, new, pool)
             if commit:
                 self.commit()
@@ -459,6 +519,31 @@ class Catalog:
             pool.decref(old)
         for _ in sharers[1:]:
             pool.incref(new)
+
+    def _place(
+        self, pool: Pool, source: int | None, exclude: int | None = None, only: int | None = None
+    ) -> int:
+        """A new segment holding a copy of segment ``source`` (None: zeros).
+
+        Nothing maps the new segment yet: if filling it fails it is given back.  If it
+        failed because its container just failed, another container is tried (the
+        allocator skips failed ones); a failure of the source is the caller's error.
+        """
+        while True:
+            new = self._allocate(pool, exclude, only)
+            dst = pool.containers[t.cid_of(new)]
+            try:
+                if source is None:
+                    self._zero_segment(pool, new)
+                else:
+                    src = pool.containers[t.cid_of(source)]
+                    src.copy_segment_to(t.pseg_of(source), dst, t.pseg_of(new))
+            except BaseException as e:
+                pool.release(new)
+                if isinstance(e, ContainerWriteError) and dst.failed and only is None:
+                    continue  # writing dst failed it (it was not when allocated): skip it
+                raise
+            return new
 
     def _allocate(self, pool: Pool, exclude: int | None = None, only: int | None = None) -> int:
         try:
@@ -638,8 +723,7 @@ class Catalog:
         with self.lock:
             e = vdisk.table[index]
             if not e & t.MAPPED:
-                new = self._allocate(vdisk.pool)
-                self._zero_segment(vdisk.pool, new)
+                new = self._place(vdisk.pool, None)
                 vdisk.table[index] = new
                 return new
             if vdisk.pool.refcount(e) == 1:
@@ -658,21 +742,15 @@ class Catalog:
 
     def _redirect(self, vdisk: VDisk, index: int, old: int, covered: bool) -> int:
         pool = vdisk.pool
-        new = self._allocate(pool)
-        if covered:  # the old data is overwritten anyway: zero instead of copying
-            self._zero_segment(pool, new)
-        else:
-            src = pool.containers[t.cid_of(old)]
-            src.copy_segment_to(t.pseg_of(old), pool.containers[t.cid_of(new)], t.pseg_of(new))
+        # covered: the old data is overwritten anyway, so zero instead of copying
+        new = self._place(pool, None if covered else old)
         vdisk.table[index] = new
         pool.decref(old)
         return new
 
     def _copy_out(self, vdisk: VDisk, index: int, old: int) -> int:
         pool = vdisk.pool
-        new = self._allocate(pool)
-        src = pool.containers[t.cid_of(old)]
-        src.copy_segment_to(t.pseg_of(old), pool.containers[t.cid_of(new)], t.pseg_of(new))
+        new = self._place(pool, old)
         self._repoint(vdisk.family.others(vdisk), index, old, new, pool)
         # The sharers must durably point at the copy before the writer changes `old`.
         self.commit()

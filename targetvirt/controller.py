@@ -197,6 +197,8 @@ class Controller:
             return self._attach(r)
         if isinstance(r, p.Detach):
             return self._detach(r)
+        if isinstance(r, p.ContainerFailure):
+            return self._container_failure(r)
         raise ProtocolError(f"{type(r).__name__} is not a request the controller answers")
 
     def _session(self, agent_id: str, sid: int) -> Session:
@@ -289,6 +291,17 @@ class Controller:
         with self._op, self._state:
             s.vdisks.discard(r.vdisk)
             s.attached.discard(r.vdisk)
+        return p.Done()
+
+    def _container_failure(self, r: p.ContainerFailure) -> p.Done:
+        """An agent met a medium error: mark the container failed (no _op: the agent may
+        be holding I/O in flight that an operation waits to drain)."""
+        self._session(r.agent_id, r.session)
+        with self.catalog.lock:
+            pool = next((q for q in self.catalog.pools.values() if q.uuid == r.pool_uuid), None)
+            if pool is None or r.cid not in pool.containers:
+                raise InvalidArgument(f"pool {r.pool_uuid} has no container {r.cid}")
+            self.catalog.mark_failed(pool.name, r.cid, f"{r.error} (agent {r.agent_id})")
         return p.Done()
 
     def _info(self, v: VDisk) -> p.VDiskInfo:

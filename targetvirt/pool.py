@@ -14,7 +14,9 @@ table still maps it -- a snapshot would change.  With deferral, both stay shared
 or unallocatable until the commit, then :meth:`Pool.settle` applies the decrements.
 
 Placement policy: a new segment goes to the online container with the most free segments
-(ties: the lowest container id); containers being evacuated or failed get none.
+(ties: the lowest container id); containers being evacuated or failed get none.  A failed
+container keeps the segments it holds (they are read and written as long as the medium
+lets them) until an operator evacuates it or clears the mark.
 """
 
 from __future__ import annotations
@@ -222,10 +224,28 @@ class Pool:
             if len(free) > best_free:
                 best, best_free = cid, len(free)
         if best < 0:
-            raise PoolFull(f"pool {self.name} has no free segment")
+            raise PoolFull(f"pool {self.name} has no free segment" + self._unusable(only))
         pseg = self._free[best].pop()
         self.refs[best][pseg] = 1
         return t.pack(best, pseg)
+
+    def _unusable(self, only: int | None) -> str:
+        """Why free segments that exist were not taken (for the PoolFull message)."""
+        why = [
+            f"container {cid} {'failed' if self.containers[cid].failed else 'evacuating'}"
+            for cid, free in sorted(self._free.items())
+            if free and only is None and (cid in self.draining or self.containers[cid].failed)
+        ]
+        return f" for new data ({', '.join(why)})" if why else ""
+
+    def release(self, entry: int) -> None:
+        """Give back a segment just taken by :meth:`allocate` that nothing maps yet
+        (filling it failed): it is free again at once."""
+        cid, pseg = t.cid_of(entry), t.pseg_of(entry)
+        if self.refs[cid][pseg] != 1:
+            raise InvalidArgument(f"segment {pseg} of container {cid} is not freshly allocated")
+        self.refs[cid][pseg] = 0
+        self._free[cid].append(pseg)
 
     @property
     def unsettled(self) -> bool:

@@ -32,13 +32,14 @@ class Cluster:
         ack_timeout: float = 2.0,
         frozen_timeout: float = 30.0,
         containers: int = 1,
+        segments: int = CONTAINER_SEGMENTS,
         encode: bool = True,
     ) -> None:
         self.dir = directory
         self.clock = FakeClock()
         self.lease, self.ack_timeout, self.encode = lease, ack_timeout, encode
         self.catalog = open_catalog(self.db)
-        size = (1 << 20) + CONTAINER_SEGMENTS * SEG
+        size = (1 << 20) + segments * SEG
         self.catalog.create_pool("p", self._path("c0"), size, segment_size=SEG, preallocate=True)
         for i in range(1, containers):
             self.catalog.add_container("p", self._path(f"c{i}"), size, preallocate=True)
