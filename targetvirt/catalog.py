@@ -34,7 +34,7 @@ from targetvirt.errors import (
     StoreCorrupt,
     TargetvirtError,
 )
-from targetvirt.pool import DEFAULT_SEGMENT, Dropped, Pool
+from targetvirt.pool import DEFAULT_SEGMENT, DEFAULT_THRESHOLD, Dropped, Pool, check_threshold
 from targetvirt.store.base import Image, Store, Transaction, chunk_hash, table_root
 from targetvirt.vdisk import (
     COW_MODES,
@@ -53,6 +53,8 @@ SNAP_SEP = "@"
 
 # progress(done, total) -> None; raise Cancelled (or anything) to stop between steps
 Progress = Callable[[int, int], None]
+# told (under the catalog lock, so quickly) that a pool's usage reached its soft threshold
+ThresholdListener = Callable[[Pool], None]
 COMMIT_EVERY = 256  # long operations make their progress durable this often (segments)
 
 
@@ -95,6 +97,7 @@ class Catalog:
         self._pending = Transaction()
         self.commits = 0
         self._closed = False
+        self.threshold_listeners: list[ThresholdListener] = []
         # records of kinds the engine does not interpret (the controller's agent list)
         self._aux: dict[str, dict[int, dict[str, Any]]] = {}
 
@@ -129,6 +132,7 @@ class Catalog:
         pools_by_pid: dict[int, Pool] = {}
         for pid, body in sorted(recs.get("pool", {}).items()):
             pool = Pool(body["name"], body["uuid"], body["segment_size"], pid)
+            pool.threshold = int(body.get("threshold", DEFAULT_THRESHOLD))
             pools_by_pid[pid] = pool
             self.pools[pool.name] = pool
         for body in recs.get("container", {}).values():
@@ -139,6 +143,9 @@ class Catalog:
             self._load_vdisk(vid, body, image, pools_by_pid)
         for pool in self.pools.values():
             pool.load_refcounts(v.table for v in self.vdisks.values() if v.pool is pool)
+            # a pool found above its threshold counts as having crossed it already: the
+            # warning is for a crossing, and re-arms once usage is below it again
+            pool.crossed_threshold()
 
     def _open_container(self, pool: Pool, body: dict[str, Any]) -> None:
         label = ContainerLabel(
@@ -167,6 +174,21 @@ class Catalog:
         with self.lock:
             if pool.containers.get(container.cid) is container:
                 self._stage_container(pool, container)
+                self._check_threshold(pool)  # its free segments are out of reach now
+
+    def _check_threshold(self, pool: Pool) -> None:
+        """Tell the listeners if the pool's usage has just reached its soft threshold."""
+        if not pool.crossed_threshold():
+            return
+        log.warning(
+            "pool %s is %.0f%% used: it reached its soft threshold of %d%%",
+            pool.name, pool.usage_percent(), pool.threshold,
+        )  # fmt: skip
+        for listener in list(self.threshold_listeners):
+            try:
+                listener(pool)
+            except Exception:  # a listener's bug must not fail the write that allocated
+                log.exception("soft threshold listener failed")
 
     def _load_vdisk(
         self, vid: int, body: dict[str, Any], image: Image, pools: dict[int, Pool]
@@ -297,6 +319,7 @@ class Catalog:
             for name, d in dropped.items():
                 if name in self.pools:
                     self._discard(self.pools[name], self.pools[name].settle(d))
+                    self._check_threshold(self.pools[name])  # freed segments re-arm it
 
     def _sync_containers(self) -> None:
         """fdatasync every container.  One that fails does not stop the commit: the
@@ -356,14 +379,17 @@ class Catalog:
         *,
         segment_size: int = DEFAULT_SEGMENT,
         preallocate: bool = False,
+        threshold: int = DEFAULT_THRESHOLD,
     ) -> Pool:
         """A pool with its first container (a file of ``size`` bytes, or a block device)."""
         check_name(name, "pool")
+        check_threshold(threshold)
         with self.lock:
             if name in self.pools:
                 raise AlreadyExists(f"a pool named {name!r} already exists")
             pool = Pool.new(name, segment_size)
             pool.pid = self._new_id()
+            pool.threshold = threshold
             container = Container.create(
                 path, pool_uuid=pool.uuid, cid=0, segment_size=segment_size, size=size,
                 preallocate=preallocate,
@@ -373,11 +399,24 @@ class Catalog:
             self._pending.put("pool", pool.pid, self._pool_record(pool))
             self._stage_container(pool, container)
             self.commit()
+            pool.crossed_threshold()
             return pool
 
     @staticmethod
     def _pool_record(pool: Pool) -> dict[str, Any]:
-        return {"name": pool.name, "uuid": pool.uuid, "segment_size": pool.segment_size}
+        return {"name": pool.name, "uuid": pool.uuid, "segment_size": pool.segment_size,
+                "threshold": pool.threshold}  # fmt: skip
+
+    def set_threshold(self, pool_name: str, percent: int) -> None:
+        """Set a pool's soft threshold (percent of its segments).  Set below the usage of
+        the moment, it is reached at once and the listeners hear of it."""
+        check_threshold(percent)
+        with self.lock:
+            pool = self.pool(pool_name)
+            pool.threshold = percent
+            self._pending.put("pool", pool.pid, self._pool_record(pool))
+            self.commit()
+            self._check_threshold(pool)
 
     def _stage_container(self, pool: Pool, c: Container) -> None:
         body = {
@@ -399,6 +438,7 @@ class Catalog:
             self._attach(pool, container)
             self._stage_container(pool, container)
             self.commit()
+            self._check_threshold(pool)  # more room: re-arms it
             return container
 
     def mark_failed(self, pool_name: str, cid: int, why: str) -> None:
@@ -419,6 +459,7 @@ class Catalog:
             container.io_errors = 0
             self._stage_container(pool, container)
             self.commit()
+            self._check_threshold(pool)
             return was
 
     def remove_container(self, pool_name: str, cid: int) -> None:
@@ -432,6 +473,7 @@ class Catalog:
             self._pending.delete("container", (pool.pid << 16) | cid)
             self.commit()
             container.close()
+            self._check_threshold(pool)
 
     def delete_pool(self, name: str) -> None:
         with self.lock:
@@ -477,6 +519,7 @@ class Catalog:
             pool.draining.add(cid)
             self._stage_container(pool, container)
             self.commit()
+            self._check_threshold(pool)  # its free segments are out of reach now
             return list(self._mapped_in(pool, cid))
 
     def _mapped_in(self, pool: Pool, cid: int) -> Iterator[tuple[VDisk, int]]:
@@ -543,6 +586,7 @@ class Catalog:
                 if isinstance(e, ContainerWriteError) and dst.failed and only is None:
                     continue  # writing dst failed it (it was not when allocated): skip it
                 raise
+            self._check_threshold(pool)
             return new
 
     def _allocate(self, pool: Pool, exclude: int | None = None, only: int | None = None) -> int:
@@ -728,9 +772,17 @@ class Catalog:
                 return new
             if vdisk.pool.refcount(e) == 1:
                 return e  # another thread faulted it first
-            if vdisk.cow == "copy":
-                return self._copy_out(vdisk, index, e)
-            return self._redirect(vdisk, index, e, covered)
+            try:
+                if vdisk.cow == "copy":
+                    return self._copy_out(vdisk, index, e)
+                return self._redirect(vdisk, index, e, covered)
+            except PoolFull:
+                # Finding the pool full, the allocator committed to settle the references
+                # dropped since the last commit: the segment may be private by now (its
+                # other sharers deleted or moved away), so the write goes in place.
+                if vdisk.pool.refcount(e) == 1:
+                    return e
+                raise
 
     @staticmethod
     def _zero_segment(pool: Pool, entry: int) -> None:

@@ -182,6 +182,9 @@ class Stack:
     def snapshot(self, source: str, snap: str) -> None:
         raise NotImplementedError
 
+    def clone(self, source: str, name: str) -> None:
+        raise NotImplementedError
+
     def delete(self, name: str) -> None:
         raise NotImplementedError
 
@@ -213,7 +216,7 @@ class EngineStack(Stack):
 
     def __init__(
         self, directory: str, vdisks: dict[str, int], *, containers: int = 1,
-        segments: int = CONTAINER_SEGMENTS,
+        segments: int = CONTAINER_SEGMENTS, cow: str = "redirect",
     ) -> None:  # fmt: skip
         self.catalog = open_catalog(os.path.join(directory, "meta.db"))
         size = (1 << 20) + segments * SEG
@@ -222,13 +225,16 @@ class EngineStack(Stack):
         for i in range(1, containers):
             self.catalog.add_container("p", os.path.join(directory, f"c{i}"), size)
         for name, vsize in vdisks.items():
-            self.catalog.create_vdisk(name, "p", vsize)
+            self.catalog.create_vdisk(name, "p", vsize, cow)  # type: ignore[arg-type]
 
     def backend(self, name: str) -> BlockBackend:
         return self.catalog.vdisk(name)
 
     def snapshot(self, source: str, snap: str) -> None:
         self.catalog.snapshot(source, snap)
+
+    def clone(self, source: str, name: str) -> None:
+        self.catalog.clone(source, name)
 
     def delete(self, name: str) -> None:
         self.catalog.delete(name)
@@ -244,18 +250,23 @@ class AgentStack(Stack):
 
     def __init__(
         self, directory: str, vdisks: dict[str, int], *, containers: int = 1,
-        segments: int = CONTAINER_SEGMENTS,
+        segments: int = CONTAINER_SEGMENTS, cow: str = "redirect",
     ) -> None:  # fmt: skip
         self.cluster = Cluster(
-            directory, vdisks=vdisks, agents=1, containers=containers, segments=segments
-        )
+            directory, vdisks=vdisks, agents=1, containers=containers, segments=segments,
+            cow=cow,
+        )  # fmt: skip
         self.catalog = self.cluster.catalog
 
     def backend(self, name: str) -> BlockBackend:
-        return self.cluster.vd(0, name)
+        agent = self.cluster.agents[0]
+        return agent.vdisks[name] if name in agent.vdisks else agent.serve(name)
 
     def snapshot(self, source: str, snap: str) -> None:
         self.cluster.controller.snapshot(source, snap)
+
+    def clone(self, source: str, name: str) -> None:
+        self.cluster.controller.clone(source, name)
 
     def delete(self, name: str) -> None:
         self.cluster.controller.delete(name)

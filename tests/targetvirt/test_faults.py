@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from targetvirt import table as t
-from targetvirt.errors import ContainerWriteError
+from targetvirt.errors import ContainerWriteError, InvalidArgument
 from tests.targetvirt.engine_model import SEG, check_refcounts, open_catalog
 from tests.targetvirt.faults import (
     GOOD,
@@ -243,5 +243,148 @@ def test_engine_vdisk_flush_names_the_container(tmp_path: Path, faults: FaultyFi
         faults.heal()
         vd.flush()
         assert vd.table[0] & t.MAPPED
+    finally:
+        s.close()
+
+
+# --- pool full -------------------------------------------------------------------------
+
+
+def test_a_full_pool_fails_exactly_the_writes_that_need_a_segment(
+    make: MakeStack, tmp_path: Path
+) -> None:
+    s = make({"v": 16 * SEG, "w": 4 * SEG}, segments=8)
+    v, w = s.lun("v"), s.lun("w")
+    for i in range(8):
+        assert outcome(v.write(i * SEG, pattern(i))) is GOOD
+    assert s.pool.free_segments() == 0
+    assert outcome(v.write(8 * SEG, pattern(8))) == SPACE_ALLOCATION_FAILED
+    assert outcome(v.write(9 * SEG + 512, pattern(9, 512))) == SPACE_ALLOCATION_FAILED
+    assert outcome(w.write(0, pattern(1, 4096))) == SPACE_ALLOCATION_FAILED
+    # one that spans an allocated segment and a new one writes nothing at all
+    assert outcome(v.write(7 * SEG, pattern(70, 2 * SEG))) == SPACE_ALLOCATION_FAILED
+    assert v.read(7 * SEG, SEG).data == pattern(7)
+    # allocated data stays readable and writable in place; unallocated reads zeros
+    assert outcome(v.write(3 * SEG + 4096, pattern(33, 4096))) is GOOD
+    r = v.read(3 * SEG, 8192)
+    assert (outcome(r), r.data) == (GOOD, pattern(3, 4096) + pattern(33, 4096))
+    assert v.read(8 * SEG, SEG).data == bytes(SEG)
+    assert outcome(v.sync()) is GOOD
+    # UNMAP gives a segment back: the next write that needs one gets it
+    assert outcome(v.unmap(0, SEG)) is GOOD
+    assert outcome(v.write(8 * SEG, pattern(8))) is GOOD
+    assert outcome(w.write(0, pattern(1, 4096))) == SPACE_ALLOCATION_FAILED
+    # a new container lets writes go on
+    s.add_container(str(tmp_path), 4)
+    assert outcome(w.write(0, pattern(1, 4096))) is GOOD
+    assert outcome(v.write(9 * SEG, pattern(9))) is GOOD
+    expect = {i: pattern(i) for i in range(1, 10)}
+    expect[3] = pattern(3, 4096) + pattern(33, 4096) + pattern(3, SEG - 8192)
+    assert {i: v.read(i * SEG, SEG).data for i in range(1, 10)} == expect
+    assert v.read(0, SEG).data == bytes(SEG)
+    check_refcounts(s.catalog)
+
+
+@pytest.mark.parametrize("cow", ["redirect", "copy"])
+def test_copy_on_write_in_a_full_pool_fails_without_damaging_the_sharers(
+    make: MakeStack, tmp_path: Path, cow: str
+) -> None:
+    s = make({"v": 8 * SEG, "w": 8 * SEG}, segments=6, cow=cow)
+    v, w = s.lun("v"), s.lun("w")
+    for i in range(3):
+        assert outcome(v.write(i * SEG, pattern(i))) is GOOD
+    s.snapshot("v", "s")
+    for i in range(3):
+        assert outcome(w.write(i * SEG, pattern(10 + i))) is GOOD
+    assert s.pool.free_segments() == 0
+    for covering in (False, True):
+        data = pattern(50, SEG if covering else 512)
+        assert outcome(v.write(SEG, data)) == SPACE_ALLOCATION_FAILED
+    snap = s.catalog.vdisk("v@s")
+    for i in range(3):
+        assert v.read(i * SEG, SEG).data == pattern(i)
+        assert snap.read(i * SEG, SEG) == pattern(i)
+    check_refcounts(s.catalog)
+    s.add_container(str(tmp_path), 2)
+    assert outcome(v.write(SEG, pattern(50, 512))) is GOOD
+    assert v.read(SEG, 1024).data == pattern(50, 512) + pattern(1, 512)
+    assert snap.read(SEG, SEG) == pattern(1)
+    check_refcounts(s.catalog)
+
+
+def test_a_segment_no_longer_shared_is_written_in_place_in_a_full_pool(
+    make: MakeStack,
+) -> None:
+    """v's clone c moved away from their shared segment (its drop not yet committed);
+    with the pool full, v's write goes in place instead of failing for want of a copy."""
+    s = make({"v": 4 * SEG}, segments=2)
+    v = s.lun("v")
+    assert outcome(v.write(0, pattern(1))) is GOOD
+    s.clone("v", "c")
+    c = s.lun("c")
+    assert outcome(c.write(0, pattern(2, 512))) is GOOD  # c gets its own copy: pool full
+    assert s.pool.free_segments() == 0
+    assert outcome(v.write(0, pattern(3, 512))) is GOOD
+    assert v.read(0, 1024).data == pattern(3, 512) + pattern(1, 512)
+    assert c.read(0, 1024).data == pattern(2, 512) + pattern(1, 512)
+    check_refcounts(s.catalog)
+
+
+# --- soft threshold (catalog) ----------------------------------------------------------
+
+
+def test_the_soft_threshold_is_reported_once_per_crossing(
+    tmp_path: Path, faults: FaultyFiles
+) -> None:
+    s = STACKS["engine"](str(tmp_path), {"v": 16 * SEG}, segments=10, containers=1)
+    try:
+        heard: list[str] = []
+        s.catalog.threshold_listeners.append(lambda pool: heard.append(pool.name))
+        vd = s.catalog.vdisk("v")
+        assert s.pool.threshold == 80
+        for i in range(7):
+            vd.write(i * SEG, pattern(i))
+        assert heard == []
+        vd.write(7 * SEG, pattern(7))  # 8 of 10 segments: 80 %
+        assert heard == ["p"]
+        vd.write(8 * SEG, pattern(8))
+        vd.write(9 * SEG, pattern(9))
+        assert heard == ["p"]
+        vd.unmap(0, 3 * SEG)
+        vd.flush()  # the freed segments settle: 70 %, the threshold re-arms
+        assert not s.pool.above_threshold
+        vd.write(0, pattern(0))  # 80 % again
+        assert heard == ["p", "p"]
+        vd.write(SEG, pattern(1))
+        assert heard == ["p", "p"]
+        s.catalog.set_threshold("p", 100)  # raised above usage: re-armed
+        s.catalog.set_threshold("p", 50)  # lowered below usage: reached at once
+        assert heard == ["p", "p", "p"]
+        s.add_container(str(tmp_path), 10)  # 45 %: re-armed
+        assert not s.pool.above_threshold
+        faults.fail(s.pool.containers[1].path)
+        vd.write(12 * SEG, pattern(12))  # goes to container 1, which fails it
+        assert s.pool.containers[1].failed
+        assert heard == ["p", "p", "p", "p"]  # its free space is out of reach: 95 %
+    finally:
+        s.close()
+    catalog = open_catalog(str(tmp_path / "meta.db"))
+    try:
+        pool = catalog.pool("p")
+        assert pool.threshold == 50 and pool.above_threshold  # found above: no new report
+    finally:
+        catalog.close()
+
+
+@pytest.mark.parametrize("bad", [0, 101, -5])
+def test_a_soft_threshold_is_a_percentage(tmp_path: Path, bad: int) -> None:
+    s = STACKS["engine"](str(tmp_path), {})
+    try:
+        with pytest.raises(InvalidArgument) as e:
+            s.catalog.set_threshold("p", bad)
+        assert str(e.value) == f"the soft threshold must be from 1 to 100 percent, got {bad}"
+        with pytest.raises(InvalidArgument):
+            s.catalog.create_pool("q", str(tmp_path / "q"), 4 << 20, threshold=bad)
+        assert s.pool.threshold == 80
     finally:
         s.close()
