@@ -187,6 +187,8 @@ class AgentVDisk:
         self._write_fast = False  # the fast path's flag: open and not wholly frozen
         self._next_ticket = 0
         self._held: set[int] = set()
+        # called when the vdisk's pool reaches its soft threshold (the LUNs serving it)
+        self.soft_threshold_listeners: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         return f"<AgentVDisk {self.name} of {self.agent.agent_id}>"
@@ -689,6 +691,9 @@ class AgentVDisk:
             self._change(0, _ALL, functools.partial(setattr, self, "_dropped", True), drain=True)
         elif isinstance(cmd, p.Resize):
             self._change(0, _ALL, functools.partial(self._resize, cmd.size), drain=True)
+        elif isinstance(cmd, p.SoftThreshold):
+            for listener in list(self.soft_threshold_listeners):
+                listener()
         else:  # pragma: no cover - the decoder only yields known commands
             raise ProtocolError(f"unknown command {type(cmd).__name__}")
 

@@ -579,7 +579,17 @@ class Resize(Command):
     size: int
 
 
-COMMANDS = (SetState, Block, Unblock, Update, MarkShared, Delay, CancelDelay, DropVDisk, Resize)
+@message(73, U64, STR)
+@dataclass(frozen=True, slots=True)
+class SoftThreshold(Command):
+    """The vdisk's pool reached its soft threshold: the LUNs of the vdisk report the
+    thin-provisioning unit attention (nothing to drain)."""
+
+
+COMMANDS = (
+    SetState, Block, Unblock, Update, MarkShared, Delay, CancelDelay, DropVDisk, Resize,
+    SoftThreshold,
+)  # fmt: skip
 
 
 # --- encoding --------------------------------------------------------------------------

@@ -15,8 +15,10 @@ import pytest
 import targetvirt.agent
 import targetvirt.container
 from targetvirt import table as t
+from targetvirt.agent import AgentVDisk
 from targetvirt.catalog import Catalog
 from targetvirt.container import Container
+from targetvirt.manage.daemon import report_soft_threshold
 from targetvirt.pool import Pool
 from tcmu_handler.scsi import LunState, handle
 from tcmu_handler.scsi.backend import BlockBackend
@@ -137,9 +139,11 @@ class ScsiLun:
     """One LUN over a backend, driven with CDB bytes through ``handle()``; offsets and
     lengths in bytes (whole blocks)."""
 
-    def __init__(self, backend: BlockBackend, uuid: str, segment_size: int) -> None:
+    def __init__(
+        self, backend: BlockBackend, uuid: str, segment_size: int, lun: LunState | None = None
+    ) -> None:
         self.backend = backend
-        self.lun = LunState.for_vdisk(uuid, backend.size // 512, segment_size=segment_size)
+        self.lun = lun or LunState.for_vdisk(uuid, backend.size // 512, segment_size=segment_size)
         self.bs = 512
 
     def run(self, cdb: bytes, out: bytes = b"", in_len: int = 0) -> Result:
@@ -192,7 +196,13 @@ class Stack:
         raise NotImplementedError
 
     def lun(self, name: str) -> ScsiLun:
-        return ScsiLun(self.backend(name), self.catalog.vdisk(name).uuid, SEG)
+        """A LUN of a vdisk; it reports the soft threshold as the daemon's LUNs do."""
+        lun = ScsiLun(self.backend(name), self.catalog.vdisk(name).uuid, SEG)
+        self._wire(lun)
+        return lun
+
+    def _wire(self, lun: ScsiLun) -> None:
+        raise NotImplementedError
 
     @property
     def pool(self) -> Pool:
@@ -226,9 +236,18 @@ class EngineStack(Stack):
             self.catalog.add_container("p", os.path.join(directory, f"c{i}"), size)
         for name, vsize in vdisks.items():
             self.catalog.create_vdisk(name, "p", vsize, cow)  # type: ignore[arg-type]
+        self.luns: list[ScsiLun] = []
 
     def backend(self, name: str) -> BlockBackend:
         return self.catalog.vdisk(name)
+
+    def _wire(self, lun: ScsiLun) -> None:
+        # as the daemon does: its catalog listener tells the LUNs of the pool's vdisks
+        if not self.luns:
+            self.catalog.threshold_listeners.append(
+                lambda pool: report_soft_threshold(pool, self.luns)
+            )
+        self.luns.append(lun)
 
     def snapshot(self, source: str, snap: str) -> None:
         self.catalog.snapshot(source, snap)
@@ -261,6 +280,11 @@ class AgentStack(Stack):
     def backend(self, name: str) -> BlockBackend:
         agent = self.cluster.agents[0]
         return agent.vdisks[name] if name in agent.vdisks else agent.serve(name)
+
+    def _wire(self, lun: ScsiLun) -> None:
+        # the controller pushes SoftThreshold to the agent, whose vdisk tells its LUNs
+        assert isinstance(lun.backend, AgentVDisk)
+        lun.backend.soft_threshold_listeners.append(lun.lun.report_soft_threshold)
 
     def snapshot(self, source: str, snap: str) -> None:
         self.cluster.controller.snapshot(source, snap)

@@ -22,11 +22,13 @@ from tests.targetvirt.faults import (
     MEDIUM_READ,
     MEDIUM_WRITE,
     READ,
+    SOFT_THRESHOLD,
     SPACE_ALLOCATION_FAILED,
     STACKS,
     SYNC,
     WRITE,
     FaultyFiles,
+    ScsiLun,
     Stack,
     outcome,
 )
@@ -388,3 +390,47 @@ def test_a_soft_threshold_is_a_percentage(tmp_path: Path, bad: int) -> None:
         assert s.pool.threshold == 80
     finally:
         s.close()
+
+
+# --- soft threshold (LUNs) -------------------------------------------------------------
+
+
+def test_the_soft_threshold_unit_attention_fires_once_per_crossing_on_every_lun_of_the_pool(
+    make: MakeStack, tmp_path: Path
+) -> None:
+    s = make({"v": 16 * SEG, "w": 4 * SEG}, segments=10)
+    s.catalog.set_threshold("p", 50)
+    v, w = s.lun("v"), s.lun("w")
+    tur = bytes(6)  # TEST UNIT READY
+
+    def reports(lun: ScsiLun) -> list[tuple[int, int, int] | None]:
+        """What the next two commands get: the unit attention once, then GOOD."""
+        return [outcome(lun.run(tur)), outcome(lun.run(tur))]
+
+    for i in range(4):
+        assert outcome(v.write(i * SEG, pattern(i))) is GOOD
+    assert reports(v) == reports(w) == [GOOD, GOOD]
+    assert outcome(v.write(4 * SEG, pattern(4))) is GOOD  # 5 of 10 segments: 50 %
+    r = v.read(0, 512)  # the next command of any kind reports it
+    assert outcome(r) == SOFT_THRESHOLD
+    assert reports(v) == [GOOD, GOOD]
+    assert reports(w) == [SOFT_THRESHOLD, GOOD]
+    assert outcome(w.write(0, pattern(9))) is GOOD  # 60 %: no new crossing
+    assert reports(v) == reports(w) == [GOOD, GOOD]
+    # below again (UNMAP, then the flush that frees), then across again
+    assert outcome(v.unmap(0, 3 * SEG)) is GOOD
+    assert outcome(v.sync()) is GOOD
+    assert reports(v) == [GOOD, GOOD]
+    assert outcome(v.write(0, pattern(0))) is GOOD  # 40 %
+    assert outcome(v.write(SEG, pattern(1))) is GOOD  # 50 %
+    assert reports(v) == reports(w) == [SOFT_THRESHOLD, GOOD]
+    # up to full: writes needing a segment fail, and no new attention
+    for i in range(5, 10):
+        assert outcome(v.write(i * SEG, pattern(i))) is GOOD
+    assert s.pool.free_segments() == 0
+    assert outcome(v.write(10 * SEG, pattern(10))) == SPACE_ALLOCATION_FAILED
+    assert reports(v) == reports(w) == [GOOD, GOOD]
+    # a container added: 10 of 20 segments, at the threshold still (no new crossing)
+    s.add_container(str(tmp_path), 10)
+    assert outcome(v.write(10 * SEG, pattern(10))) is GOOD
+    assert reports(v) == reports(w) == [GOOD, GOOD]

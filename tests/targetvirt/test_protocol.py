@@ -66,6 +66,7 @@ messages = st.one_of(
     st.builds(p.CancelDelay, u64, names),
     st.builds(p.DropVDisk, u64, names),
     st.builds(p.Resize, u64, names, u64),
+    st.builds(p.SoftThreshold, u64, names),
 )
 
 
