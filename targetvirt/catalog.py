@@ -802,6 +802,15 @@ class Catalog:
 
     def _copy_out(self, vdisk: VDisk, index: int, old: int) -> int:
         pool = vdisk.pool
+        if not any(
+            index < len(m.table) and t.location(m.table[index]) == old
+            for m in vdisk.family.others(vdisk)
+        ):
+            # Shared only through references dropped since the last commit (a sharer
+            # unmapped it): once that is durable the segment is the writer's alone.  A
+            # copy would go to nobody (and leak).
+            self.commit()
+            return old
         new = self._place(pool, old)
         self._repoint(vdisk.family.others(vdisk), index, old, new, pool)
         # The sharers must durably point at the copy before the writer changes `old`.

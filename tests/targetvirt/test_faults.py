@@ -434,3 +434,20 @@ def test_the_soft_threshold_unit_attention_fires_once_per_crossing_on_every_lun_
     s.add_container(str(tmp_path), 10)
     assert outcome(v.write(10 * SEG, pattern(10))) is GOOD
     assert reports(v) == reports(w) == [GOOD, GOOD]
+
+
+def test_copy_mode_takes_no_segment_when_the_sharer_has_let_go(make: MakeStack) -> None:
+    """A copy-mode write to a segment whose only other sharer unmapped it (not yet
+    committed) used to copy it out to nobody: a segment leaked until the next restart."""
+    s = make({"v": 4 * SEG}, cow="copy")
+    v = s.lun("v")
+    assert outcome(v.write(0, pattern(1))) is GOOD
+    s.clone("v", "c")
+    c = s.lun("c")
+    assert outcome(c.unmap(0, SEG)) is GOOD
+    free = s.pool.free_segments()
+    assert outcome(v.write(0, pattern(2, 512))) is GOOD
+    assert s.pool.free_segments() == free
+    check_refcounts(s.catalog)
+    assert v.read(0, 1024).data == pattern(2, 512) + pattern(1, 512)
+    assert c.read(0, SEG).data == bytes(SEG)
