@@ -576,7 +576,9 @@ class AgentVDisk:
                 if e & t.NOWRITE_BIT:
                     return _Need(_WAIT, index)
                 if e & (t.MAPPED | t.SHARED) != t.MAPPED or self._shared_all:
-                    return _Need(_FAULT, index, covered=n == seg)
+                    last = (offset + length - 1) >> shift
+                    covered = n == seg and self._ready_to_write(index + 1, last + 1)
+                    return _Need(_FAULT, index, covered=covered)
             if e & t.MAPPED:
                 c = self._containers.get(t.cid_of(e))
                 if c is None:
@@ -587,6 +589,21 @@ class AgentVDisk:
             offset += n
             length -= n
         return out
+
+    def _ready_to_write(self, lo: int, hi: int) -> bool:
+        """Under the lock: whether entries ``[lo, hi)`` can be written with no round trip.
+
+        A fault may zero a segment the write covers instead of copying it (``covered``)
+        only if no later fault of the same write can fail (a full pool): a failed write
+        must leave the old data, not zeros.
+        """
+        if lo >= hi:
+            return True
+        if self._shared_all:
+            return False
+        stop = np.uint64(t.INVALID_BIT | t.NOWRITE_BIT | t.SHARED)
+        view = self._view(lo, hi)
+        return bool(np.all((view & np.uint64(t.MAPPED)) != 0) and not np.any(view & stop))
 
     def _wait_writable(self, index: int, since: float | None) -> float:
         """Under the lock: wait (one step) for a NOWRITE entry to change, within the bound."""

@@ -173,13 +173,22 @@ class VDisk:
             self._check_range(offset, length)
         out: list[Extent] = []
         entries, shift, mask, pool = self.table.entries, self.shift, self.mask, self.pool
+        # A fault may zero a covered segment instead of copying it only if it is the last
+        # fault of the write: a later one may fail (a full pool), and a failed write must
+        # leave the old data, not zeros.
+        last_fault = max(
+            (i for i in range(offset >> shift, ((offset + length - 1) >> shift) + 1)
+             if not entries[i] & t.MAPPED or pool.refcount(entries[i]) > 1),
+            default=-1,
+        ) if length else -1  # fmt: skip
         while length:
             intra = offset & mask
             n = min(length, self.segment_size - intra)
             index = offset >> shift
             e = entries[index]
             if not e & t.MAPPED or pool.refcount(e) > 1:
-                e = self.catalog.fault(self, index, covered=(n == self.segment_size))
+                covered = n == self.segment_size and index == last_fault
+                e = self.catalog.fault(self, index, covered=covered)
             c = pool.containers[t.cid_of(e)]
             out.append((c, c.offset_of(t.pseg_of(e)) + intra, n))
             offset += n

@@ -226,7 +226,7 @@ class EngineStack(Stack):
 
     def __init__(
         self, directory: str, vdisks: dict[str, int], *, containers: int = 1,
-        segments: int = CONTAINER_SEGMENTS, cow: str = "redirect",
+        segments: int = CONTAINER_SEGMENTS, cow: str | dict[str, str] = "redirect",
     ) -> None:  # fmt: skip
         self.catalog = open_catalog(os.path.join(directory, "meta.db"))
         size = (1 << 20) + segments * SEG
@@ -235,7 +235,8 @@ class EngineStack(Stack):
         for i in range(1, containers):
             self.catalog.add_container("p", os.path.join(directory, f"c{i}"), size)
         for name, vsize in vdisks.items():
-            self.catalog.create_vdisk(name, "p", vsize, cow)  # type: ignore[arg-type]
+            mode = cow if isinstance(cow, str) else cow[name]
+            self.catalog.create_vdisk(name, "p", vsize, mode)  # type: ignore[arg-type]
         self.luns: list[ScsiLun] = []
 
     def backend(self, name: str) -> BlockBackend:
@@ -269,7 +270,7 @@ class AgentStack(Stack):
 
     def __init__(
         self, directory: str, vdisks: dict[str, int], *, containers: int = 1,
-        segments: int = CONTAINER_SEGMENTS, cow: str = "redirect",
+        segments: int = CONTAINER_SEGMENTS, cow: str | dict[str, str] = "redirect",
     ) -> None:  # fmt: skip
         self.cluster = Cluster(
             directory, vdisks=vdisks, agents=1, containers=containers, segments=segments,

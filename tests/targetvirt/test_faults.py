@@ -451,3 +451,22 @@ def test_copy_mode_takes_no_segment_when_the_sharer_has_let_go(make: MakeStack) 
     check_refcounts(s.catalog)
     assert v.read(0, 1024).data == pattern(2, 512) + pattern(1, 512)
     assert c.read(0, SEG).data == bytes(SEG)
+
+
+def test_a_write_that_fails_for_space_leaves_the_old_data_of_segments_it_covers(
+    make: MakeStack,
+) -> None:
+    """The write's first segment is shared and wholly covered, its second needs a segment
+    the full pool no longer has: the first fault must copy, not zero (the write fails)."""
+    s = make({"v": 4 * SEG, "w": 4 * SEG}, segments=4)
+    v, w = s.lun("v"), s.lun("w")
+    assert outcome(v.write(0, pattern(1))) is GOOD
+    s.snapshot("v", "s")
+    assert outcome(w.write(0, pattern(2, 2 * SEG))) is GOOD
+    assert s.pool.free_segments() == 1
+    assert outcome(v.write(0, pattern(3, SEG + 512))) == SPACE_ALLOCATION_FAILED
+    assert outcome(v.run(bytes(6))) == SOFT_THRESHOLD  # the first fault took the last one
+    r = v.read(0, 2 * SEG)
+    assert (outcome(r), r.data) == (GOOD, pattern(1) + bytes(SEG))
+    assert s.catalog.vdisk("v@s").read(0, SEG) == pattern(1)
+    check_refcounts(s.catalog)
