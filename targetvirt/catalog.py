@@ -328,10 +328,12 @@ class Catalog:
         data there reports it (:meth:`VDisk.flush`): its data may not be on the medium."""
         for pool in self.pools.values():
             for c in pool.containers.values():
+                was_failing = c.sync_failing
                 try:
                     c.sync()
                 except TargetvirtError as e:
-                    log.error("%s", e)
+                    if not was_failing:  # once per streak of failed flushes
+                        log.error("%s", e)
 
     def _stage_table(self, vdisk: VDisk, txn: Transaction) -> list[int]:
         dirty = vdisk.table.take_dirty()

@@ -145,6 +145,7 @@ class Container:
         self.last_error = ""
         self.sync_errors = 0  # failed flushes: data written before them may be lost
         self.sync_error = ""  # why the last one failed
+        self.sync_failing = False  # the last flush failed
         # told of every medium error: (container, whether it is the one that failed it)
         self.on_failure: Callable[[Container, bool], None] | None = None
 
@@ -374,7 +375,9 @@ class Container:
     def sync(self) -> None:
         try:
             os.fdatasync(self.fd)
+            self.sync_failing = False
         except OSError as e:
+            self.sync_failing = True
             self.sync_errors += 1
             self.sync_error = f"{e.strerror} (errno {e.errno})"
             raise self._error(e, "flush", True) from None

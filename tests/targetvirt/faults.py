@@ -195,10 +195,12 @@ class Stack:
     def close(self) -> None:
         raise NotImplementedError
 
-    def lun(self, name: str) -> ScsiLun:
-        """A LUN of a vdisk; it reports the soft threshold as the daemon's LUNs do."""
+    def lun(self, name: str, *, soft_threshold: bool = True) -> ScsiLun:
+        """A LUN of a vdisk; it reports the soft threshold as the daemon's LUNs do
+        (unless told not to: tests about something else)."""
         lun = ScsiLun(self.backend(name), self.catalog.vdisk(name).uuid, SEG)
-        self._wire(lun)
+        if soft_threshold:
+            self._wire(lun)
         return lun
 
     def _wire(self, lun: ScsiLun) -> None:

@@ -59,6 +59,13 @@ def pattern(i: int, n: int = SEG) -> bytes:
     return bytes([i % 251 + 1]) * n
 
 
+def attention(*luns: ScsiLun) -> None:
+    """Each LUN reports the soft threshold to its next command, once."""
+    for lun in luns:
+        assert outcome(lun.run(bytes(6))) == SOFT_THRESHOLD
+        assert outcome(lun.run(bytes(6))) is GOOD
+
+
 # --- failing container ---------------------------------------------------------------
 
 
@@ -66,7 +73,7 @@ def test_a_read_error_fails_only_the_commands_that_meet_it(
     make: MakeStack, faults: FaultyFiles
 ) -> None:
     s = make({"v": 8 * SEG, "w": 4 * SEG}, containers=2)
-    v, w = s.lun("v"), s.lun("w")
+    v, w = (s.lun(n, soft_threshold=False) for n in "vw")
     for i in range(4):
         assert outcome(v.write(i * SEG, pattern(i))) is GOOD
     assert outcome(w.write(0, pattern(9))) is GOOD
@@ -101,7 +108,7 @@ def test_a_write_error_fails_only_the_writes_that_meet_it(
     make: MakeStack, faults: FaultyFiles
 ) -> None:
     s = make({"v": 4 * SEG})
-    v = s.lun("v")
+    v = s.lun("v", soft_threshold=False)
     for i in range(3):
         assert outcome(v.write(i * SEG, pattern(i))) is GOOD
     c, pseg = s.container_of("v", 2)
@@ -123,7 +130,7 @@ def test_the_failed_mark_is_durable_until_an_operator_clears_it(
     make: MakeStack, faults: FaultyFiles, tmp_path: Path
 ) -> None:
     s = make({"v": 4 * SEG}, containers=2)
-    v = s.lun("v")
+    v = s.lun("v", soft_threshold=False)
     assert outcome(v.write(0, pattern(0))) is GOOD
     c, pseg = s.container_of("v", 0)
     faults.fail_segment(c, pseg, ops=[READ])
@@ -151,7 +158,7 @@ def test_a_new_segment_whose_container_fails_while_zeroed_goes_to_another(
     make: MakeStack, faults: FaultyFiles
 ) -> None:
     s = make({"v": 4 * SEG}, containers=2)
-    v = s.lun("v")
+    v = s.lun("v", soft_threshold=False)
     c0 = s.pool.containers[0]
     faults.fail(c0.path, ops=[WRITE])  # container 0, the first choice, fails every write
     assert outcome(v.write(0, pattern(1))) is GOOD
@@ -164,7 +171,7 @@ def test_copy_on_write_of_an_unreadable_segment_fails_and_leaks_nothing(
     make: MakeStack, faults: FaultyFiles
 ) -> None:
     s = make({"v": 4 * SEG})
-    v = s.lun("v")
+    v = s.lun("v", soft_threshold=False)
     assert outcome(v.write(0, pattern(1))) is GOOD
     s.snapshot("v", "s")
     c, pseg = s.container_of("v", 0)
@@ -182,7 +189,7 @@ def test_a_failed_flush_fails_only_the_flushes_of_vdisks_with_data_there(
     make: MakeStack, faults: FaultyFiles
 ) -> None:
     s = make({"v": 4 * SEG, "w": 4 * SEG}, containers=2)
-    v, w = s.lun("v"), s.lun("w")
+    v, w = (s.lun(n, soft_threshold=False) for n in "vw")
     assert outcome(v.write(0, pattern(1))) is GOOD  # container 0 (most free, lowest id)
     assert outcome(w.write(0, pattern(2))) is GOOD  # container 1 (more free now)
     assert (s.container_of("v", 0)[0].cid, s.container_of("w", 0)[0].cid) == (0, 1)
@@ -204,7 +211,7 @@ def test_a_flush_syncs_data_written_in_place(
     """SYNCHRONIZE CACHE after overwrites that change no mapping still fdatasyncs the
     containers (the engine's commit used to skip everything when no metadata changed)."""
     s = make({"v": 4 * SEG})
-    v = s.lun("v")
+    v = s.lun("v", soft_threshold=False)
     assert outcome(v.write(0, pattern(1))) is GOOD
     assert outcome(v.sync()) is GOOD
     synced: list[int] = []
@@ -224,7 +231,7 @@ def test_a_full_file_system_under_a_sparse_container_is_a_full_pool(
     make: MakeStack, faults: FaultyFiles
 ) -> None:
     s = make({"v": 4 * SEG})
-    v = s.lun("v")
+    v = s.lun("v", soft_threshold=False)
     assert outcome(v.write(0, pattern(1))) is GOOD
     c, pseg = s.container_of("v", 0)
     faults.fail_segment(c, pseg, ops=[WRITE]).errno = errno.ENOSPC
@@ -256,10 +263,12 @@ def test_a_full_pool_fails_exactly_the_writes_that_need_a_segment(
     make: MakeStack, tmp_path: Path
 ) -> None:
     s = make({"v": 16 * SEG, "w": 4 * SEG}, segments=8)
+    s.catalog.set_threshold("p", 100)
     v, w = s.lun("v"), s.lun("w")
     for i in range(8):
         assert outcome(v.write(i * SEG, pattern(i))) is GOOD
     assert s.pool.free_segments() == 0
+    attention(v, w)  # full is 100 %
     assert outcome(v.write(8 * SEG, pattern(8))) == SPACE_ALLOCATION_FAILED
     assert outcome(v.write(9 * SEG + 512, pattern(9, 512))) == SPACE_ALLOCATION_FAILED
     assert outcome(w.write(0, pattern(1, 4096))) == SPACE_ALLOCATION_FAILED
@@ -275,6 +284,7 @@ def test_a_full_pool_fails_exactly_the_writes_that_need_a_segment(
     # UNMAP gives a segment back: the next write that needs one gets it
     assert outcome(v.unmap(0, SEG)) is GOOD
     assert outcome(v.write(8 * SEG, pattern(8))) is GOOD
+    attention(v, w)  # below (the freed segment settled), then full again
     assert outcome(w.write(0, pattern(1, 4096))) == SPACE_ALLOCATION_FAILED
     # a new container lets writes go on
     s.add_container(str(tmp_path), 4)
@@ -292,6 +302,7 @@ def test_copy_on_write_in_a_full_pool_fails_without_damaging_the_sharers(
     make: MakeStack, tmp_path: Path, cow: str
 ) -> None:
     s = make({"v": 8 * SEG, "w": 8 * SEG}, segments=6, cow=cow)
+    s.catalog.set_threshold("p", 100)
     v, w = s.lun("v"), s.lun("w")
     for i in range(3):
         assert outcome(v.write(i * SEG, pattern(i))) is GOOD
@@ -299,6 +310,7 @@ def test_copy_on_write_in_a_full_pool_fails_without_damaging_the_sharers(
     for i in range(3):
         assert outcome(w.write(i * SEG, pattern(10 + i))) is GOOD
     assert s.pool.free_segments() == 0
+    attention(v, w)
     for covering in (False, True):
         data = pattern(50, SEG if covering else 512)
         assert outcome(v.write(SEG, data)) == SPACE_ALLOCATION_FAILED
@@ -326,6 +338,7 @@ def test_a_segment_no_longer_shared_is_written_in_place_in_a_full_pool(
     c = s.lun("c")
     assert outcome(c.write(0, pattern(2, 512))) is GOOD  # c gets its own copy: pool full
     assert s.pool.free_segments() == 0
+    attention(v, c)
     assert outcome(v.write(0, pattern(3, 512))) is GOOD
     assert v.read(0, 1024).data == pattern(3, 512) + pattern(1, 512)
     assert c.read(0, 1024).data == pattern(2, 512) + pattern(1, 512)
