@@ -16,7 +16,7 @@ import re
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -234,7 +234,7 @@ class Catalog:
         with self.lock:
             if self._closed:
                 return
-            self.commit()
+            self.flush()
             self._release()
             self._closed = True
 
@@ -294,8 +294,11 @@ class Catalog:
 
     # --- durability ------------------------------------------------------------------
 
-    def commit(self) -> None:
+    def commit(self, *, sync: Iterable[Pool] = ()) -> None:
         """Make every change so far durable: containers first, then metadata.
+
+        ``sync``: pools whose containers are synced even when no metadata changed -- a
+        flush must make data written in place durable, and that changes no metadata.
 
         If it fails nothing is lost from memory: the staged changes stay pending and the
         next commit retries them (the caller that asked for durability gets the error).
@@ -305,11 +308,10 @@ class Catalog:
             txn, self._pending = self._pending, Transaction()
             staged = [(v, self._stage_table(v, txn)) for v in self.vdisks.values()]
             try:
-                # Always: data written in place changes no metadata, yet a flush must make
-                # it durable (fdatasync of a container with nothing dirty costs little).
-                self._sync_containers()
                 if txn.empty and not any(d.entries or d.tables for d in dropped.values()):
+                    self._sync_containers(sync)
                     return
+                self._sync_containers(self.pools.values())
                 if not txn.empty:
                     self.store.commit(txn)
             except BaseException:
@@ -321,12 +323,19 @@ class Catalog:
                     self._discard(self.pools[name], self.pools[name].settle(d))
                     self._check_threshold(self.pools[name])  # freed segments re-arm it
 
-    def _sync_containers(self) -> None:
-        """fdatasync every container.  One that fails does not stop the commit: the
-        metadata of every other container's data must still become durable.  The failure
-        is counted in the container (``sync_errors``), and the flush of each vdisk with
-        data there reports it (:meth:`VDisk.flush`): its data may not be on the medium."""
-        for pool in self.pools.values():
+    def flush(self) -> None:
+        """Make everything durable, data written in place included (the periodic flush)."""
+        with self.lock:
+            self.commit(sync=list(self.pools.values()))
+
+    @staticmethod
+    def _sync_containers(pools: Iterable[Pool]) -> None:
+        """fdatasync the containers of ``pools``.  One that fails does not stop the commit:
+        the metadata of every other container's data must still become durable.  The
+        failure is counted in the container (``sync_errors``), and the flush of each vdisk
+        with data there reports it (:meth:`VDisk.flush`): its data may not be on the
+        medium."""
+        for pool in pools:
             for c in pool.containers.values():
                 was_failing = c.sync_failing
                 try:

@@ -346,7 +346,7 @@ class VDisk:
         met it) fails this flush too if the vdisk has data in that container: writes it
         acknowledged may not be on the medium.  Vdisks with no data there are not told.
         """
-        self.catalog.commit()
+        self.catalog.commit(sync=[self.pool])
         check_synced(self.name, self._synced, self.pool.containers, self.table.view)
 
     def mapped_ranges(self, offset: int, length: int) -> list[tuple[int, int, bool]]:

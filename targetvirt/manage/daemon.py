@@ -244,7 +244,7 @@ class Handler:
     def _flusher(self) -> None:
         while not self._stop.wait(FLUSH_INTERVAL):
             try:
-                self.catalog.commit()
+                self.catalog.flush()  # data written in place too, not only new mappings
             except TargetvirtError as e:
                 log.error("periodic flush failed: %s", e)
 
