@@ -73,7 +73,7 @@ from targetvirt.errors import (
     lba_out_of_range,
 )
 from targetvirt.transport import ControllerLink
-from targetvirt.vdisk import Cursor
+from targetvirt.vdisk import Cursor, check_synced
 
 # Looked up as module globals on the fast path; tests replace them to hold an I/O in flight.
 _preadv = os.preadv
@@ -90,6 +90,7 @@ UNMAP_SPAN = 1 << 16
 _LOG_LENGTH = 64
 _SESSION_RETRIES = 3
 _SLICE = 1 << 16  # entries per slice of a bulk table pass
+FAILURE_REPORT_INTERVAL = 1.0  # seconds between two reports of one failing container
 
 READ, WRITE, CAW_WRITE = 0, 1, 2  # admission modes: a CAW's own write passes its own hold
 _FETCH, _FAULT, _WAIT, _DESCRIBE = "fetch", "fault", "wait", "describe"
@@ -163,6 +164,7 @@ class AgentVDisk:
         self._set_geometry(1 << 20)
         self._containers: dict[int, Container] = {}
         self._fds: list[int] = []
+        self._synced: dict[int, int] = {}  # per container: failed flushes accounted for
         # in-flight accounting
         self._active = [0, 0]
         self._gen = 0
@@ -185,6 +187,8 @@ class AgentVDisk:
         self._write_fast = False  # the fast path's flag: open and not wholly frozen
         self._next_ticket = 0
         self._held: set[int] = set()
+        # called when the vdisk's pool reaches its soft threshold (the LUNs serving it)
+        self.soft_threshold_listeners: list[Callable[[], None]] = []
 
     def __repr__(self) -> str:
         return f"<AgentVDisk {self.name} of {self.agent.agent_id}>"
@@ -311,6 +315,7 @@ class AgentVDisk:
             self._release(grant)
         if fua:
             self.agent.flush()
+            self._check_synced()
 
     def write_zeroes(self, offset: int, length: int, unmap: bool) -> None:
         """Make a range read as zeros; ``unmap``: whole segments may be deallocated."""
@@ -430,6 +435,19 @@ class AgentVDisk:
             self.agent.flush()
         finally:
             self._finish(grant)
+        self._check_synced()
+
+    def _check_synced(self) -> None:
+        """Fail the flush if a container this vdisk has data in failed a flush since this
+        vdisk's previous one (see :meth:`targetvirt.vdisk.VDisk.flush`)."""
+        with self._lock:
+            containers = dict(self._containers)
+
+        def entries() -> npt.NDArray[np.uint64]:
+            with self._lock:
+                return self._view(0, len(self._entries)).copy()
+
+        check_synced(self.name, self._synced, containers, entries)
 
     def mapped_ranges(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """Consecutive (offset, length, mapped) runs covering the range (GET LBA STATUS)."""
@@ -558,7 +576,9 @@ class AgentVDisk:
                 if e & t.NOWRITE_BIT:
                     return _Need(_WAIT, index)
                 if e & (t.MAPPED | t.SHARED) != t.MAPPED or self._shared_all:
-                    return _Need(_FAULT, index, covered=n == seg)
+                    last = (offset + length - 1) >> shift
+                    covered = n == seg and self._ready_to_write(index + 1, last + 1)
+                    return _Need(_FAULT, index, covered=covered)
             if e & t.MAPPED:
                 c = self._containers.get(t.cid_of(e))
                 if c is None:
@@ -569,6 +589,21 @@ class AgentVDisk:
             offset += n
             length -= n
         return out
+
+    def _ready_to_write(self, lo: int, hi: int) -> bool:
+        """Under the lock: whether entries ``[lo, hi)`` can be written with no round trip.
+
+        A fault may zero a segment the write covers instead of copying it (``covered``)
+        only if no later fault of the same write can fail (a full pool): a failed write
+        must leave the old data, not zeros.
+        """
+        if lo >= hi:
+            return True
+        if self._shared_all:
+            return False
+        stop = np.uint64(t.INVALID_BIT | t.NOWRITE_BIT | t.SHARED)
+        view = self._view(lo, hi)
+        return bool(np.all((view & np.uint64(t.MAPPED)) != 0) and not np.any(view & stop))
 
     def _wait_writable(self, index: int, since: float | None) -> float:
         """Under the lock: wait (one step) for a NOWRITE entry to change, within the bound."""
@@ -673,6 +708,9 @@ class AgentVDisk:
             self._change(0, _ALL, functools.partial(setattr, self, "_dropped", True), drain=True)
         elif isinstance(cmd, p.Resize):
             self._change(0, _ALL, functools.partial(self._resize, cmd.size), drain=True)
+        elif isinstance(cmd, p.SoftThreshold):
+            for listener in list(self.soft_threshold_listeners):
+                listener()
         else:  # pragma: no cover - the decoder only yields known commands
             raise ProtocolError(f"unknown command {type(cmd).__name__}")
 
@@ -842,7 +880,8 @@ class AgentVDisk:
     def _open_containers(self, info: p.VDiskInfo) -> None:
         for ci in info.containers:
             if ci.cid not in self._containers:
-                self._containers[ci.cid] = self.agent.container(ci)
+                c = self._containers[ci.cid] = self.agent.container(ci)
+                self._synced.setdefault(ci.cid, c.sync_errors)
         top = max(self._containers, default=-1) + 1
         fds = [-1] * top
         for cid, c in self._containers.items():
@@ -900,6 +939,7 @@ class Agent:
         self._stream_down = 0  # the session whose command stream broke, if any
         self._vdisks: dict[str, AgentVDisk] = {}
         self._containers: dict[tuple[str, int], Container] = {}
+        self._reported: dict[tuple[str, int], float] = {}  # container -> last failure report
         self._session_lock = threading.RLock()
         self._registry_lock = threading.Lock()
         self._keeper: threading.Thread | None = None
@@ -1141,12 +1181,34 @@ class Agent:
                     info.nsegments,
                 )  # fmt: skip
                 c = self._containers[key] = Container.open(info.path, label, info.preallocated)
+                c.on_failure = functools.partial(self._container_failed, info.pool_uuid)
             return c
 
+    def _container_failed(self, pool_uuid: str, c: Container, first: bool) -> None:
+        """A medium error on a container: tell the controller, so its pool places no new
+        segments there.  Best effort and straight on the link (this runs inside an I/O,
+        which must not re-register); at most once a second per container, so a dead disk
+        does not flood the controller, yet a mark an operator cleared is set again."""
+        key, now = (pool_uuid, c.cid), self.clock.now()
+        if not first and now - self._reported.get(key, -math.inf) < FAILURE_REPORT_INTERVAL:
+            return
+        self._reported[key] = now
+        session = self.session
+        if not session:
+            return
+        msg = p.ContainerFailure(self.agent_id, session, pool_uuid, c.cid, c.last_error)
+        with contextlib.suppress(TargetvirtError, OSError):
+            self.link.call(msg)
+
     def flush(self) -> None:
-        """fdatasync every container this agent wrote through, then the controller commits."""
+        """fdatasync every container this agent wrote through, then the controller commits.
+
+        A container that fails its flush does not stop the others nor the commit: each
+        vdisk's flush reports it if the vdisk has data there (``sync_errors``).
+        """
         for c in list(self._containers.values()):
-            c.sync()
+            with contextlib.suppress(TargetvirtError):
+                c.sync()
         self.request(lambda s: p.Flush(self.agent_id, s), p.Done)
 
     def close(self) -> None:

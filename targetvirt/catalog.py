@@ -10,11 +10,13 @@ volatile write cache.
 
 from __future__ import annotations
 
+import functools
+import logging
 import re
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,14 +25,16 @@ from targetvirt.container import Container, ContainerLabel
 from targetvirt.errors import (
     AlreadyExists,
     Cancelled,
+    ContainerWriteError,
     InUse,
     InvalidArgument,
     NotFound,
     PoolFull,
     ReadOnly,
     StoreCorrupt,
+    TargetvirtError,
 )
-from targetvirt.pool import DEFAULT_SEGMENT, Dropped, Pool
+from targetvirt.pool import DEFAULT_SEGMENT, DEFAULT_THRESHOLD, Dropped, Pool, check_threshold
 from targetvirt.store.base import Image, Store, Transaction, chunk_hash, table_root
 from targetvirt.vdisk import (
     COW_MODES,
@@ -42,11 +46,15 @@ from targetvirt.vdisk import (
     check_size,
 )
 
+log = logging.getLogger(__name__)
+
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 SNAP_SEP = "@"
 
 # progress(done, total) -> None; raise Cancelled (or anything) to stop between steps
 Progress = Callable[[int, int], None]
+# told (under the catalog lock, so quickly) that a pool's usage reached its soft threshold
+ThresholdListener = Callable[[Pool], None]
 COMMIT_EVERY = 256  # long operations make their progress durable this often (segments)
 
 
@@ -88,6 +96,8 @@ class Catalog:
         self._next_id = 1
         self._pending = Transaction()
         self.commits = 0
+        self._closed = False
+        self.threshold_listeners: list[ThresholdListener] = []
         # records of kinds the engine does not interpret (the controller's agent list)
         self._aux: dict[str, dict[int, dict[str, Any]]] = {}
 
@@ -122,6 +132,7 @@ class Catalog:
         pools_by_pid: dict[int, Pool] = {}
         for pid, body in sorted(recs.get("pool", {}).items()):
             pool = Pool(body["name"], body["uuid"], body["segment_size"], pid)
+            pool.threshold = int(body.get("threshold", DEFAULT_THRESHOLD))
             pools_by_pid[pid] = pool
             self.pools[pool.name] = pool
         for body in recs.get("container", {}).values():
@@ -132,6 +143,9 @@ class Catalog:
             self._load_vdisk(vid, body, image, pools_by_pid)
         for pool in self.pools.values():
             pool.load_refcounts(v.table for v in self.vdisks.values() if v.pool is pool)
+            # a pool found above its threshold counts as having crossed it already: the
+            # warning is for a crossing, and re-arms once usage is below it again
+            pool.crossed_threshold()
 
     def _open_container(self, pool: Pool, body: dict[str, Any]) -> None:
         # "path" is the container's location: a file or device path, or a RADOS location
@@ -139,9 +153,43 @@ class Catalog:
             body["kind"], pool.uuid, body["uuid"], body["cid"], pool.segment_size,
             body["nsegments"],
         )  # fmt: skip
-        pool.attach(Container.open(body["path"], label, body["preallocated"]))
+        container = Container.open(body["path"], label, body["preallocated"])
+        container.failure = str(body.get("failed", ""))
+        self._attach(pool, container)
         if body.get("draining"):
             pool.draining.add(label.cid)
+
+    def _attach(self, pool: Pool, container: Container) -> None:
+        pool.attach(container)
+        container.on_failure = functools.partial(self._container_failed, pool)
+
+    def _container_failed(self, pool: Pool, container: Container, first: bool) -> None:
+        """A container met a medium error: from the first one on it takes no new segments
+        (the pool's allocator skips it) and the mark is durable at the next commit."""
+        if not first:
+            return
+        log.error(
+            "container %d of pool %s (%s) failed: %s; it takes no new segments until an "
+            "operator clears it", container.cid, pool.name, container.path, container.failure,
+        )  # fmt: skip
+        with self.lock:
+            if pool.containers.get(container.cid) is container:
+                self._stage_container(pool, container)
+                self._check_threshold(pool)  # its free segments are out of reach now
+
+    def _check_threshold(self, pool: Pool) -> None:
+        """Tell the listeners if the pool's usage has just reached its soft threshold."""
+        if not pool.crossed_threshold():
+            return
+        log.warning(
+            "pool %s is %.0f%% used: it reached its soft threshold of %d%%",
+            pool.name, pool.usage_percent(), pool.threshold,
+        )  # fmt: skip
+        for listener in list(self.threshold_listeners):
+            try:
+                listener(pool)
+            except Exception:  # a listener's bug must not fail the write that allocated
+                log.exception("soft threshold listener failed")
 
     def _load_vdisk(
         self, vid: int, body: dict[str, Any], image: Image, pools: dict[int, Pool]
@@ -183,9 +231,13 @@ class Catalog:
         return nid
 
     def close(self) -> None:
+        """Commit and close the store and the containers (a second close does nothing)."""
         with self.lock:
-            self.commit()
+            if self._closed:
+                return
+            self.flush()
             self._release()
+            self._closed = True
 
     def _release(self) -> None:
         for pool in self.pools.values():
@@ -243,8 +295,11 @@ class Catalog:
 
     # --- durability ------------------------------------------------------------------
 
-    def commit(self) -> None:
+    def commit(self, *, sync: Iterable[Pool] = ()) -> None:
         """Make every change so far durable: containers first, then metadata.
+
+        ``sync``: pools whose containers are synced even when no metadata changed -- a
+        flush must make data written in place durable, and that changes no metadata.
 
         If it fails nothing is lost from memory: the staged changes stay pending and the
         next commit retries them (the caller that asked for durability gets the error).
@@ -255,10 +310,9 @@ class Catalog:
             staged = [(v, self._stage_table(v, txn)) for v in self.vdisks.values()]
             try:
                 if txn.empty and not any(d.entries or d.tables for d in dropped.values()):
+                    self._sync_containers(sync)
                     return
-                for pool in self.pools.values():
-                    for c in pool.containers.values():
-                        c.sync()
+                self._sync_containers(self.pools.values())
                 if not txn.empty:
                     self.store.commit(txn)
             except BaseException:
@@ -268,6 +322,28 @@ class Catalog:
             for name, d in dropped.items():
                 if name in self.pools:
                     self._discard(self.pools[name], self.pools[name].settle(d))
+                    self._check_threshold(self.pools[name])  # freed segments re-arm it
+
+    def flush(self) -> None:
+        """Make everything durable, data written in place included (the periodic flush)."""
+        with self.lock:
+            self.commit(sync=list(self.pools.values()))
+
+    @staticmethod
+    def _sync_containers(pools: Iterable[Pool]) -> None:
+        """fdatasync the containers of ``pools``.  One that fails does not stop the commit:
+        the metadata of every other container's data must still become durable.  The
+        failure is counted in the container (``sync_errors``), and the flush of each vdisk
+        with data there reports it (:meth:`VDisk.flush`): its data may not be on the
+        medium."""
+        for pool in pools:
+            for c in pool.containers.values():
+                was_failing = c.sync_failing
+                try:
+                    c.sync()
+                except TargetvirtError as e:
+                    if not was_failing:  # once per streak of failed flushes
+                        log.error("%s", e)
 
     def _stage_table(self, vdisk: VDisk, txn: Transaction) -> list[int]:
         dirty = vdisk.table.take_dirty()
@@ -315,6 +391,7 @@ class Catalog:
         *,
         segment_size: int = DEFAULT_SEGMENT,
         preallocate: bool = False,
+        threshold: int = DEFAULT_THRESHOLD,
     ) -> Pool:
         """A pool with its first container.
 
@@ -323,31 +400,46 @@ class Catalog:
         segments); see :mod:`targetvirt.container`.
         """
         check_name(name, "pool")
+        check_threshold(threshold)
         with self.lock:
             if name in self.pools:
                 raise AlreadyExists(f"a pool named {name!r} already exists")
             pool = Pool.new(name, segment_size)
             pool.pid = self._new_id()
+            pool.threshold = threshold
             container = Container.create(
                 location, pool_uuid=pool.uuid, cid=0, segment_size=segment_size, size=size,
                 preallocate=preallocate,
             )  # fmt: skip
-            pool.attach(container)
+            self._attach(pool, container)
             self.pools[name] = pool
             self._pending.put("pool", pool.pid, self._pool_record(pool))
             self._stage_container(pool, container)
             self.commit()
+            pool.crossed_threshold()
             return pool
 
     @staticmethod
     def _pool_record(pool: Pool) -> dict[str, Any]:
-        return {"name": pool.name, "uuid": pool.uuid, "segment_size": pool.segment_size}
+        return {"name": pool.name, "uuid": pool.uuid, "segment_size": pool.segment_size,
+                "threshold": pool.threshold}  # fmt: skip
+
+    def set_threshold(self, pool_name: str, percent: int) -> None:
+        """Set a pool's soft threshold (percent of its segments).  Set below the usage of
+        the moment, it is reached at once and the listeners hear of it."""
+        check_threshold(percent)
+        with self.lock:
+            pool = self.pool(pool_name)
+            pool.threshold = percent
+            self._pending.put("pool", pool.pid, self._pool_record(pool))
+            self.commit()
+            self._check_threshold(pool)
 
     def _stage_container(self, pool: Pool, c: Container) -> None:
         body = {
             "pool": pool.pid, "cid": c.cid, "uuid": c.uuid, "kind": c.kind, "path": c.path,
             "nsegments": c.nsegments, "preallocated": c.preallocated,
-            "draining": c.cid in pool.draining,
+            "draining": c.cid in pool.draining, "failed": c.failure,
         }  # fmt: skip
         self._pending.put("container", (pool.pid << 16) | c.cid, body)
 
@@ -361,10 +453,32 @@ class Catalog:
                 location, pool_uuid=pool.uuid, cid=pool.next_cid(),
                 segment_size=pool.segment_size, size=size, preallocate=preallocate,
             )  # fmt: skip
-            pool.attach(container)
+            self._attach(pool, container)
             self._stage_container(pool, container)
             self.commit()
+            self._check_threshold(pool)  # more room: re-arms it
             return container
+
+    def mark_failed(self, pool_name: str, cid: int, why: str) -> None:
+        """Mark a container failed on someone else's word (an agent met a medium error)."""
+        with self.lock:
+            container = self.pool(pool_name).container(cid)
+            container.io_errors += 1
+            container.fail(why)
+
+    def clear_failure(self, pool_name: str, cid: int) -> bool:
+        """The operator says a failed container is sound again (repaired, or the error was
+        transient): it takes new segments again.  Returns whether it was failed."""
+        with self.lock:
+            pool = self.pool(pool_name)
+            container = pool.container(cid)
+            was = container.failed
+            container.failure = ""
+            container.io_errors = 0
+            self._stage_container(pool, container)
+            self.commit()
+            self._check_threshold(pool)
+            return was
 
     def remove_container(self, pool_name: str, cid: int) -> None:
         with self.lock:
@@ -377,6 +491,7 @@ class Catalog:
             self._pending.delete("container", (pool.pid << 16) | cid)
             self.commit()
             container.close()
+            self._check_threshold(pool)
 
     def delete_pool(self, name: str) -> None:
         with self.lock:
@@ -422,6 +537,7 @@ class Catalog:
             pool.draining.add(cid)
             self._stage_container(pool, container)
             self.commit()
+            self._check_threshold(pool)  # its free segments are out of reach now
             return list(self._mapped_in(pool, cid))
 
     def _mapped_in(self, pool: Pool, cid: int) -> Iterator[tuple[VDisk, int]]:
@@ -444,9 +560,7 @@ class Catalog:
                 pool.container(dst)
                 if dst == t.cid_of(old):
                     raise InvalidArgument(f"that segment already lives in container {dst}")
-            new = self._allocate(pool, exclude=t.cid_of(old), only=dst)
-            src = pool.containers[t.cid_of(old)]
-            src.copy_segment_to(t.pseg_of(old), pool.containers[t.cid_of(new)], t.pseg_of(new))
+            new = self._place(pool, old, exclude=t.cid_of(old), only=dst)
             self._repoint(vdisk.family.members, index, old, new, pool)
             if commit:
                 self.commit()
@@ -466,6 +580,32 @@ class Catalog:
             pool.decref(old)
         for _ in sharers[1:]:
             pool.incref(new)
+
+    def _place(
+        self, pool: Pool, source: int | None, exclude: int | None = None, only: int | None = None
+    ) -> int:
+        """A new segment holding a copy of segment ``source`` (None: zeros).
+
+        Nothing maps the new segment yet: if filling it fails it is given back.  If it
+        failed because its container just failed, another container is tried (the
+        allocator skips failed ones); a failure of the source is the caller's error.
+        """
+        while True:
+            new = self._allocate(pool, exclude, only)
+            dst = pool.containers[t.cid_of(new)]
+            try:
+                if source is None:
+                    self._zero_segment(pool, new)
+                else:
+                    src = pool.containers[t.cid_of(source)]
+                    src.copy_segment_to(t.pseg_of(source), dst, t.pseg_of(new))
+            except BaseException as e:
+                pool.release(new)
+                if isinstance(e, ContainerWriteError) and dst.failed and only is None:
+                    continue  # writing dst failed it (it was not when allocated): skip it
+                raise
+            self._check_threshold(pool)
+            return new
 
     def _allocate(self, pool: Pool, exclude: int | None = None, only: int | None = None) -> int:
         try:
@@ -645,15 +785,22 @@ class Catalog:
         with self.lock:
             e = vdisk.table[index]
             if not e & t.MAPPED:
-                new = self._allocate(vdisk.pool)
-                self._zero_segment(vdisk.pool, new)
+                new = self._place(vdisk.pool, None)
                 vdisk.table[index] = new
                 return new
             if vdisk.pool.refcount(e) == 1:
                 return e  # another thread faulted it first
-            if vdisk.cow == "copy":
-                return self._copy_out(vdisk, index, e)
-            return self._redirect(vdisk, index, e, covered)
+            try:
+                if vdisk.cow == "copy":
+                    return self._copy_out(vdisk, index, e)
+                return self._redirect(vdisk, index, e, covered)
+            except PoolFull:
+                # Finding the pool full, the allocator committed to settle the references
+                # dropped since the last commit: the segment may be private by now (its
+                # other sharers deleted or moved away), so the write goes in place.
+                if vdisk.pool.refcount(e) == 1:
+                    return e
+                raise
 
     @staticmethod
     def _zero_segment(pool: Pool, entry: int) -> None:
@@ -665,21 +812,24 @@ class Catalog:
 
     def _redirect(self, vdisk: VDisk, index: int, old: int, covered: bool) -> int:
         pool = vdisk.pool
-        new = self._allocate(pool)
-        if covered:  # the old data is overwritten anyway: zero instead of copying
-            self._zero_segment(pool, new)
-        else:
-            src = pool.containers[t.cid_of(old)]
-            src.copy_segment_to(t.pseg_of(old), pool.containers[t.cid_of(new)], t.pseg_of(new))
+        # covered: the old data is overwritten anyway, so zero instead of copying
+        new = self._place(pool, None if covered else old)
         vdisk.table[index] = new
         pool.decref(old)
         return new
 
     def _copy_out(self, vdisk: VDisk, index: int, old: int) -> int:
         pool = vdisk.pool
-        new = self._allocate(pool)
-        src = pool.containers[t.cid_of(old)]
-        src.copy_segment_to(t.pseg_of(old), pool.containers[t.cid_of(new)], t.pseg_of(new))
+        if not any(
+            index < len(m.table) and t.location(m.table[index]) == old
+            for m in vdisk.family.others(vdisk)
+        ):
+            # Shared only through references dropped since the last commit (a sharer
+            # unmapped it): once that is durable the segment is the writer's alone.  A
+            # copy would go to nobody (and leak).
+            self.commit()
+            return old
+        new = self._place(pool, old)
         self._repoint(vdisk.family.others(vdisk), index, old, new, pool)
         # The sharers must durably point at the copy before the writer changes `old`.
         self.commit()

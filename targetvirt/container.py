@@ -19,6 +19,16 @@ take such absolute offsets.  fd-backed containers expose ``fd`` so the data path
 ``os.preadv``/``os.pwritev`` straight between the container and a caller's buffers;
 kinds without a file descriptor have ``fd == -1``, which makes those calls fail at once
 (EBADF) and the data path fall back to the container's own methods.
+
+Failure: the first I/O that fails with EIO (or ENXIO/ENODEV: the device went away) marks
+the container *failed* (:attr:`Container.failure` says why).  A failed container goes on
+serving the segments it holds -- each command that meets a bad range fails with MEDIUM
+ERROR, the others succeed, like a disk with bad blocks -- but takes no new segments
+(see :mod:`targetvirt.pool`).  Its owner hears of every such error through
+:attr:`Container.on_failure` (the catalog persists the mark; an agent tells the
+controller).  ENOSPC/EDQUOT (the file system under a sparse file is full) is no medium
+failure: it is reported as the pool being full.  A failed flush (``sync``) is counted in
+:attr:`Container.sync_errors`, so the flushes of the vdisks with data there can report it.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ from targetvirt.errors import (
     ContainerWriteError,
     InvalidArgument,
     NotFound,
+    PoolFull,
     StoreCorrupt,
 )
 
@@ -63,6 +74,12 @@ _BLKGETSIZE64 = 0x80081272
 _BLKDISCARD = 0x1277
 _BLKZEROOUT = 0x127F
 _SEEK_DATA = 3
+# errnos that mean the medium failed (or went away): the container is failed from then on
+MEDIUM_ERRNOS = frozenset({errno.EIO, errno.ENXIO, errno.ENODEV})
+_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+# copy_file_range errors after which a plain read + write is tried (EIO too: the plain
+# path tells which end failed, so the right container is marked)
+_COPY_FALLBACK = frozenset({errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS, errno.EIO})
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
@@ -142,8 +159,14 @@ class Container:
         self.preallocated = preallocated
         self.segment_size = label.segment_size
         self.nsegments = label.nsegments
-        self.io_errors = 0
+        self.io_errors = 0  # medium errors met (EIO and friends)
+        self.failure = ""  # why the container is failed; "" while it is not
         self.last_error = ""
+        self.sync_errors = 0  # failed flushes: data written before them may be lost
+        self.sync_error = ""  # why the last one failed
+        self.sync_failing = False  # the last flush failed
+        # told of every medium error: (container, whether it is the one that failed it)
+        self.on_failure: Callable[[Container, bool], None] | None = None
 
     # --- identity ------------------------------------------------------------------
 
@@ -161,7 +184,15 @@ class Container:
 
     @property
     def failed(self) -> bool:
-        return self.io_errors > 0
+        return bool(self.failure)
+
+    def fail(self, why: str) -> None:
+        """Mark the container failed (the first reason stays) and tell its owner."""
+        first = not self.failure
+        if first:
+            self.failure = why
+        if self.on_failure is not None:
+            self.on_failure(self, first)
 
     def offset_of(self, pseg: int) -> int:
         return DATA_OFFSET + pseg * self.segment_size
@@ -366,12 +397,17 @@ class FileContainer(Container):
 
     # --- I/O -----------------------------------------------------------------------
 
-    def _error(self, e: OSError, what: str, write: bool) -> ContainerIOError:
-        if e.errno == errno.EIO:
-            self.io_errors += 1
+    def _error(self, e: OSError, what: str, write: bool) -> ContainerIOError | PoolFull:
+        """The error to raise for a failed I/O; a medium error marks the container failed."""
         self.last_error = f"{what}: {e.strerror}"
+        where = f"container {self.cid} ({self.path}) {what}"
+        if e.errno in _FULL_ERRNOS:
+            return PoolFull(f"{where}: the file system holding it is full ({e.strerror})")
+        if e.errno in MEDIUM_ERRNOS:
+            self.io_errors += 1
+            self.fail(self.last_error)
         cls = ContainerWriteError if write else ContainerIOError
-        return cls(f"container {self.cid} ({self.path}) {what}: {e.strerror}")
+        return cls(f"{where}: {e.strerror}")
 
     def readv(self, bufs: Sequence[memoryview | bytearray], offset: int) -> None:
         """Fill ``bufs`` from ``offset`` (absolute within the container)."""
@@ -466,8 +502,9 @@ class FileContainer(Container):
                     break
                 src_off, dst_off, left = src_off + n, dst_off + n, left - n
         except OSError as e:
-            if e.errno not in (errno.EXDEV, errno.EINVAL, errno.EOPNOTSUPP, errno.ENOSYS):
-                raise self._error(e, f"copying segment {pseg}", True) from None
+            if e.errno not in _COPY_FALLBACK:
+                what = f"copying segment {pseg} of container {self.cid}"
+                raise dst._error(e, what, True) from None
         if left:
             buf = bytearray(left)
             self.readv([buf], src_off)
@@ -476,7 +513,11 @@ class FileContainer(Container):
     def sync(self) -> None:
         try:
             os.fdatasync(self.fd)
+            self.sync_failing = False
         except OSError as e:
+            self.sync_failing = True
+            self.sync_errors += 1
+            self.sync_error = f"{e.strerror} (errno {e.errno})"
             raise self._error(e, "flush", True) from None
 
 

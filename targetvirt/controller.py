@@ -21,7 +21,10 @@ master tables) and keeps the agents' volatile copies coherent with it:
   durably, push ``MarkShared`` and the thaw together, and record the freeze window;
 * user freeze/thaw (with an optional timeout, run by :meth:`Controller.tick`), delay and
   cancel, block and unblock, and rollback / resize / delete / flatten / migrate /
-  evacuate performed live.
+  evacuate performed live;
+* a pool reaching its soft threshold: ``SoftThreshold`` to every agent serving a vdisk of
+  it (pushed after the fault that allocated, or by :meth:`Controller.tick`, never under
+  the catalog lock that the catalog's listener is called with).
 
 A restarted controller refuses to allocate or change mappings until every lease its
 predecessor may have granted has expired (the lease duration, plus a margin), unless
@@ -60,6 +63,7 @@ from targetvirt.errors import (
     SessionLost,
     TargetvirtError,
 )
+from targetvirt.pool import Pool
 from targetvirt.transport import CommandSink
 from targetvirt.vdisk import VDisk
 
@@ -160,6 +164,8 @@ class Controller:
         self._closed = False
         self._timer: threading.Thread | None = None
         known = catalog.records(AGENT_RECORD)
+        self._crossed: list[str] = []  # pools that reached their soft threshold, to announce
+        catalog.threshold_listeners.append(self._threshold_reached)
         self._agent_keys = {str(b["agent_id"]): k for k, b in known.items()}
         self._awaiting = set(self._agent_keys)
         prior = max((float(b.get("lease_seconds", 0)) for b in known.values()), default=0.0)
@@ -177,6 +183,25 @@ class Controller:
             return self._dispatch(request)
         except TargetvirtError as e:
             return p.refusal(e)
+        finally:
+            if self._crossed and isinstance(request, p.Fault | p.Unmap):
+                self._announce()
+
+    # --- soft threshold --------------------------------------------------------------------
+
+    def _threshold_reached(self, pool: Pool) -> None:
+        """Catalog listener (under the catalog lock): note it; :meth:`_announce` tells."""
+        with self._state:
+            if pool.name not in self._crossed:
+                self._crossed.append(pool.name)
+
+    def _announce(self) -> None:
+        """Tell every agent serving a vdisk of a pool that reached its soft threshold."""
+        with self._state:
+            pools, self._crossed = self._crossed, []
+        if pools:
+            names = [v.name for v in list(self.catalog.vdisks.values()) if v.pool.name in pools]
+            self._push(self._to_servers(names, lambda n: p.SoftThreshold(0, n)))
 
     def _dispatch(self, r: p.Request) -> p.Reply:
         if isinstance(r, p.Fetch):
@@ -197,6 +222,8 @@ class Controller:
             return self._attach(r)
         if isinstance(r, p.Detach):
             return self._detach(r)
+        if isinstance(r, p.ContainerFailure):
+            return self._container_failure(r)
         raise ProtocolError(f"{type(r).__name__} is not a request the controller answers")
 
     def _session(self, agent_id: str, sid: int) -> Session:
@@ -289,6 +316,17 @@ class Controller:
         with self._op, self._state:
             s.vdisks.discard(r.vdisk)
             s.attached.discard(r.vdisk)
+        return p.Done()
+
+    def _container_failure(self, r: p.ContainerFailure) -> p.Done:
+        """An agent met a medium error: mark the container failed (no _op: the agent may
+        be holding I/O in flight that an operation waits to drain)."""
+        self._session(r.agent_id, r.session)
+        with self.catalog.lock:
+            pool = next((q for q in self.catalog.pools.values() if q.uuid == r.pool_uuid), None)
+            if pool is None or r.cid not in pool.containers:
+                raise InvalidArgument(f"pool {r.pool_uuid} has no container {r.cid}")
+            self.catalog.mark_failed(pool.name, r.cid, f"{r.error} (agent {r.agent_id})")
         return p.Done()
 
     def _info(self, v: VDisk) -> p.VDiskInfo:
@@ -848,6 +886,8 @@ class Controller:
                     self.fenced.append(s.agent_id)
             for name in [n for n, until in self._delays.items() if now >= until]:
                 del self._delays[name]
+        if self._crossed:
+            self._announce()
 
     def _next_due(self) -> float:
         times = [f.until for f in self._frozen.values() if f.until is not None]

@@ -89,10 +89,6 @@ class ContainerWriteError(ContainerIOError):
     sense = Sense(MEDIUM_ERROR, 0x0C, 0x00)  # WRITE ERROR
 
 
-class ContainerFailed(ContainerIOError):
-    """The container was marked failed after an I/O error; no further I/O is tried."""
-
-
 class ReadOnly(TargetvirtError):
     """A write reached something that is read-only (a snapshot, a read-only store)."""
 

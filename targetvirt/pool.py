@@ -13,8 +13,16 @@ after a sharer moved away in memory would be written in place while the sharer's
 table still maps it -- a snapshot would change.  With deferral, both stay shared (COW)
 or unallocatable until the commit, then :meth:`Pool.settle` applies the decrements.
 
+Soft threshold: a pool warns before it is full.  Its *usage* is the share of its segments
+that new data cannot take -- allocated ones, plus the free ones of failed or evacuating
+containers -- and :meth:`Pool.crossed_threshold` says when usage reaches ``threshold``
+percent from below (the catalog turns that into the thin-provisioning soft-threshold unit
+attention).  It re-arms once usage is below the threshold again.
+
 Placement policy: a new segment goes to the online container with the most free segments
-(ties: the lowest container id); containers being evacuated or failed get none.
+(ties: the lowest container id); containers being evacuated or failed get none.  A failed
+container keeps the segments it holds (they are read and written as long as the medium
+lets them) until an operator evacuates it or clears the mark.
 """
 
 from __future__ import annotations
@@ -34,8 +42,14 @@ from targetvirt.errors import InUse, InvalidArgument, NotFound, PoolFull
 MIN_SEGMENT = 64 << 10
 MAX_SEGMENT = 64 << 20
 DEFAULT_SEGMENT = 1 << 20
+DEFAULT_THRESHOLD = 80  # percent: the soft threshold of a new pool
 _SLICE = 1 << 16  # entries per slice of a bulk refcount update (512 KiB: stays in cache)
 _PSEG = np.uint64(t.PSEG_MASK)
+
+
+def check_threshold(percent: int) -> None:
+    if not 1 <= percent <= 100:
+        raise InvalidArgument(f"the soft threshold must be from 1 to 100 percent, got {percent}")
 
 
 def check_segment_size(size: int) -> None:
@@ -78,6 +92,8 @@ class Pool:
         self._dropped: list[int] = []
         self._dropped_tables: list[npt.NDArray[np.uint64]] = []
         self.draining: set[int] = set()
+        self.threshold = DEFAULT_THRESHOLD  # percent of the segments (see module doc)
+        self.above_threshold = False
 
     @classmethod
     def new(cls, name: str, segment_size: int = DEFAULT_SEGMENT) -> Pool:
@@ -222,10 +238,28 @@ class Pool:
             if len(free) > best_free:
                 best, best_free = cid, len(free)
         if best < 0:
-            raise PoolFull(f"pool {self.name} has no free segment")
+            raise PoolFull(f"pool {self.name} has no free segment" + self._unusable(only))
         pseg = self._free[best].pop()
         self.refs[best][pseg] = 1
         return t.pack(best, pseg)
+
+    def _unusable(self, only: int | None) -> str:
+        """Why free segments that exist were not taken (for the PoolFull message)."""
+        why = [
+            f"container {cid} {'failed' if self.containers[cid].failed else 'evacuating'}"
+            for cid, free in sorted(self._free.items())
+            if free and only is None and (cid in self.draining or self.containers[cid].failed)
+        ]
+        return f" for new data ({', '.join(why)})" if why else ""
+
+    def release(self, entry: int) -> None:
+        """Give back a segment just taken by :meth:`allocate` that nothing maps yet
+        (filling it failed): it is free again at once."""
+        cid, pseg = t.cid_of(entry), t.pseg_of(entry)
+        if self.refs[cid][pseg] != 1:
+            raise InvalidArgument(f"segment {pseg} of container {cid} is not freshly allocated")
+        self.refs[cid][pseg] = 0
+        self._free[cid].append(pseg)
 
     @property
     def unsettled(self) -> bool:
@@ -281,6 +315,26 @@ class Pool:
         return freed
 
     # --- accounting ----------------------------------------------------------------
+
+    def available_segments(self) -> int:
+        """Free segments that new data may take (not in failed or evacuating containers)."""
+        return sum(
+            len(free) for cid, free in self._free.items()
+            if cid not in self.draining and not self.containers[cid].failed
+        )  # fmt: skip
+
+    def usage_percent(self) -> float:
+        """The share of the pool new data cannot take, in percent (see module doc)."""
+        total = self.total_segments()
+        return 100.0 * (total - self.available_segments()) / total if total else 100.0
+
+    def crossed_threshold(self) -> bool:
+        """Re-evaluate the soft threshold: True when usage has just reached it from below."""
+        total = self.total_segments()
+        above = (total - self.available_segments()) * 100 >= self.threshold * total
+        crossed = above and not self.above_threshold
+        self.above_threshold = above
+        return crossed
 
     def free_segments(self, cid: int | None = None) -> int:
         if cid is not None:

@@ -15,8 +15,8 @@ Three families of messages:
 
 * requests, agent -> controller (unary): :class:`Register` then, with the session it
   returns, :class:`Attach`, :class:`Fetch`, :class:`Fault`, :class:`Unmap`,
-  :class:`Flush`, :class:`LeaseRenew`; on the command stream :class:`Hello` then
-  :class:`Ack` for each command;
+  :class:`Flush`, :class:`LeaseRenew`, :class:`ContainerFailure`; on the command stream
+  :class:`Hello` then :class:`Ack` for each command;
 * replies, controller -> agent: one per request, or :class:`Refused` carrying an error;
 * commands, controller -> agent, pushed down the stream, each with a sequence number
   that its :class:`Ack` repeats.
@@ -406,6 +406,19 @@ class Ack(Request):
     error: str = ""
 
 
+@message(11, STR, U64, STR, U16, STR)
+@dataclass(frozen=True, slots=True)
+class ContainerFailure(Request):
+    """The agent met a medium error on a container: the pool must place no new segments
+    there (answered by :class:`Done`; best effort, nothing waits for it)."""
+
+    agent_id: str
+    session: int
+    pool_uuid: str
+    cid: int
+    error: str
+
+
 # replies
 
 
@@ -566,7 +579,17 @@ class Resize(Command):
     size: int
 
 
-COMMANDS = (SetState, Block, Unblock, Update, MarkShared, Delay, CancelDelay, DropVDisk, Resize)
+@message(73, U64, STR)
+@dataclass(frozen=True, slots=True)
+class SoftThreshold(Command):
+    """The vdisk's pool reached its soft threshold: the LUNs of the vdisk report the
+    thin-provisioning unit attention (nothing to drain)."""
+
+
+COMMANDS = (
+    SetState, Block, Unblock, Update, MarkShared, Delay, CancelDelay, DropVDisk, Resize,
+    SoftThreshold,
+)  # fmt: skip
 
 
 # --- encoding --------------------------------------------------------------------------

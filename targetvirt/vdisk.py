@@ -22,14 +22,14 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
 from targetvirt import table as t
 from targetvirt.container import DATA_OFFSET, Container
-from targetvirt.errors import InvalidArgument, ReadOnly, lba_out_of_range
+from targetvirt.errors import ContainerWriteError, InvalidArgument, ReadOnly, lba_out_of_range
 
 if TYPE_CHECKING:
     from targetvirt.catalog import Catalog
@@ -95,6 +95,8 @@ class VDisk:
         self.segment_size = pool.segment_size
         self.shift = self.segment_size.bit_length() - 1
         self.mask = self.segment_size - 1
+        # per container: its failed flushes this vdisk has accounted for (see flush)
+        self._synced = {cid: c.sync_errors for cid, c in pool.containers.items()}
 
     def __repr__(self) -> str:
         return f"<VDisk {self.name} {self.kind} {self.size} bytes>"
@@ -171,13 +173,22 @@ class VDisk:
             self._check_range(offset, length)
         out: list[Extent] = []
         entries, shift, mask, pool = self.table.entries, self.shift, self.mask, self.pool
+        # A fault may zero a covered segment instead of copying it only if it is the last
+        # fault of the write: a later one may fail (a full pool), and a failed write must
+        # leave the old data, not zeros.
+        last_fault = max(
+            (i for i in range(offset >> shift, ((offset + length - 1) >> shift) + 1)
+             if not entries[i] & t.MAPPED or pool.refcount(entries[i]) > 1),
+            default=-1,
+        ) if length else -1  # fmt: skip
         while length:
             intra = offset & mask
             n = min(length, self.segment_size - intra)
             index = offset >> shift
             e = entries[index]
             if not e & t.MAPPED or pool.refcount(e) > 1:
-                e = self.catalog.fault(self, index, covered=(n == self.segment_size))
+                covered = n == self.segment_size and index == last_fault
+                e = self.catalog.fault(self, index, covered=covered)
             c = pool.containers[t.cid_of(e)]
             out.append((c, c.offset_of(t.pseg_of(e)) + intra, n))
             offset += n
@@ -231,7 +242,7 @@ class VDisk:
                 assert c is not None
                 c.writev(parts.take(n), coff)
         if fua:
-            self.catalog.commit()
+            self.flush()
 
     def _write_fast(self, offset: int, bufs: Sequence[Buffer | bytes]) -> bool:
         """One buffer inside one privately owned segment: no fault, one pwritev."""
@@ -329,7 +340,14 @@ class VDisk:
         return [_STRIPES[(base + i) % len(_STRIPES)] for i in range(first, last + 1)]
 
     def flush(self) -> None:
-        self.catalog.commit()
+        """Make every write so far durable (SYNCHRONIZE CACHE).
+
+        A container flush that failed since this vdisk's previous flush (whoever's commit
+        met it) fails this flush too if the vdisk has data in that container: writes it
+        acknowledged may not be on the medium.  Vdisks with no data there are not told.
+        """
+        self.catalog.commit(sync=[self.pool])
+        check_synced(self.name, self._synced, self.pool.containers, self.table.view)
 
     def mapped_ranges(self, offset: int, length: int) -> list[tuple[int, int, bool]]:
         """Consecutive (offset, length, mapped) runs covering the range (GET LBA STATUS)."""
@@ -389,6 +407,32 @@ class Cursor:
                 self._i += 1
                 self._off = 0
         return out
+
+
+def check_synced(
+    name: str,
+    synced: dict[int, int],
+    containers: dict[int, Container],
+    table: Callable[[], np.ndarray[Any, np.dtype[np.uint64]]],
+) -> None:
+    """Raise :class:`ContainerWriteError` if a container that the entries ``table()``
+    returns map into failed a flush since ``synced`` (updated here) last saw it."""
+    failed = []
+    mapped: np.ndarray[Any, np.dtype[np.uint64]] | None = None
+    for cid, c in list(containers.items()):
+        if c.sync_errors == synced.get(cid, 0):
+            continue
+        synced[cid] = c.sync_errors
+        if mapped is None:
+            entries = table()
+            mapped = entries[(entries & np.uint64(t.MAPPED)) != 0]
+        if np.any(((mapped >> np.uint64(t.CID_SHIFT)) & np.uint64(t.CID_MASK)) == cid):
+            failed.append(f"container {cid} ({c.path}): {c.sync_error}")
+    if failed:
+        raise ContainerWriteError(
+            f"{name}: flushing {'; '.join(failed)}; data written there since the previous "
+            "flush may be lost"
+        )
 
 
 def check_size(size: int, what: str = "size") -> None:

@@ -21,12 +21,15 @@ List               -                                  -
 Info               s kind, s name                     -  (kind: pool vdisk export job daemon)
 CreatePool         s name                             path s, device s, rados s, conf s,
                                                       client_id s, keyring s, size t,
-                                                      segment_size t, preallocate b
+                                                      segment_size t, preallocate b,
+                                                      threshold u
+SetPool            s name                             threshold u
 DeletePool         s name                             -
 AddContainer       s pool                             path s, device s, rados s, conf s,
                                                       client_id s, keyring s, size t,
                                                       preallocate b
 RemoveContainer    s pool, u container                -
+ClearContainer     s pool, u container                -  (the failed mark)
 Evacuate           s pool, u container                -  -> job
 CreateVdisk        s name, s pool, t size             cow s, segment_size t
 DeleteVdisk        s name                             recursive b  -> job
@@ -222,8 +225,16 @@ class ManagerObject(dbus.service.Object):  # type: ignore[misc]
     def CreatePool(self, name: str, opts: Any, _ok: Any, _err: Any,
                    _sender: str | None = None) -> None:  # fmt: skip
         def call() -> Any:
-            o = options(opts, {**_SOURCE, "segment_size": int}, "CreatePool")
+            o = options(opts, {**_SOURCE, "segment_size": int, "threshold": int}, "CreatePool")
             return self.m.create_pool(str(name), **o)
+
+        self._run(_sender, _ok, _err, call)
+
+    @_m("sa{sv}")  # type: ignore[untyped-decorator]
+    def SetPool(self, name: str, opts: Any, _ok: Any, _err: Any,
+                _sender: str | None = None) -> None:  # fmt: skip
+        def call() -> Any:
+            return self.m.set_pool(str(name), **options(opts, {"threshold": int}, "SetPool"))
 
         self._run(_sender, _ok, _err, call)
 
@@ -243,6 +254,11 @@ class ManagerObject(dbus.service.Object):  # type: ignore[misc]
     def RemoveContainer(self, pool: str, cid: int, _ok: Any, _err: Any,
                         _sender: str | None = None) -> None:  # fmt: skip
         self._run(_sender, _ok, _err, lambda: self.m.remove_container(str(pool), int(cid)))
+
+    @_m("su")  # type: ignore[untyped-decorator]
+    def ClearContainer(self, pool: str, cid: int, _ok: Any, _err: Any,
+                       _sender: str | None = None) -> None:  # fmt: skip
+        self._run(_sender, _ok, _err, lambda: self.m.clear_container(str(pool), int(cid)))
 
     @_m("su")  # type: ignore[untyped-decorator]
     def Evacuate(self, pool: str, cid: int, _ok: Any, _err: Any,

@@ -136,6 +136,12 @@ class ManagerClient:
     def create_pool(self, name: str, **opts: Any) -> Any:
         return self.call("CreatePool", name, self._opts(opts))
 
+    def set_pool(self, name: str, **opts: Any) -> Any:
+        return self.call("SetPool", name, self._opts(opts))
+
+    def clear_container(self, pool: str, cid: int) -> Any:
+        return self.call("ClearContainer", pool, dbus.UInt32(cid))
+
     def delete_pool(self, name: str) -> Any:
         return self.call("DeletePool", name)
 

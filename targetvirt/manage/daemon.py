@@ -3,7 +3,9 @@
 It composes the pieces: the catalog (metadata store in the state folder), the TCMU
 service (every ``user:targetvirt`` device of this host), the ``org.kernel.TCMUService1``
 registration (so targetcli lists and validates ``user:targetvirt``), a periodic flush
-(the durability contract's "at least every few seconds"), systemd readiness and
+(the durability contract's "at least every few seconds"), the thin-provisioning soft
+threshold (a pool reaching it makes every LUN of its vdisks report THIN PROVISIONING SOFT
+THRESHOLD REACHED to its initiators), systemd readiness and
 watchdog, and a clean shutdown on SIGTERM: devices finish or fail back their in-flight
 commands, then the metadata is committed.
 """
@@ -19,6 +21,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,9 @@ from targetvirt.manage.api import ManagerBusService
 from targetvirt.manage.common import BUS_ENV, BUS_FILE
 from targetvirt.manage.lio import LioExporter
 from targetvirt.manage.manager import Manager
+from targetvirt.pool import Pool
 from targetvirt.store.sqlite import SqliteStore
+from targetvirt.vdisk import VDisk
 from tcmu_handler import uio
 from tcmu_handler.scsi.lun import LunState
 from tcmu_handler.service import TcmuService
@@ -104,6 +109,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)  # fmt: skip
 
 
+def report_soft_threshold(pool: Pool, devices: Iterable[Any]) -> int:
+    """Every device (``.backend``, ``.lun``) served from a vdisk of ``pool`` queues THIN
+    PROVISIONING SOFT THRESHOLD REACHED for its initiators; returns how many did."""
+    told = 0
+    for device in devices:
+        backend = device.backend
+        if isinstance(backend, VDisk) and backend.pool is pool:
+            device.lun.report_soft_threshold()
+            told += 1
+    if told:
+        log.info("pool %s reached its soft threshold: %d LUNs told", pool.name, told)
+    return told
+
+
 def open_catalog(state_dir: str) -> Catalog:
     os.makedirs(state_dir, mode=0o700, exist_ok=True)
     return Catalog.open(SqliteStore(os.path.join(state_dir, "targetvirt.db"), create=True))
@@ -115,6 +134,7 @@ class Handler:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.catalog = open_catalog(args.state_dir)
+        self.catalog.threshold_listeners.append(self.soft_threshold)
         self._stop = threading.Event()
         self.tcmu: Any = None
         self.bus: Any = None
@@ -149,6 +169,12 @@ class Handler:
         if size <= 0:
             raise InvalidArgument(f"{info.name} has no block size yet")
         return size
+
+    def soft_threshold(self, pool: Pool) -> None:
+        """The catalog's listener: ``pool`` reached its soft threshold (called under the
+        catalog lock: it only queues unit attentions)."""
+        if self.tcmu is not None:
+            report_soft_threshold(pool, list(self.tcmu.devices.values()))
 
     def check_vdisk(self, cfg: Any) -> None:
         name = cfg.vdisk + (f"@{cfg.snapshot}" if cfg.snapshot else "")
@@ -218,7 +244,7 @@ class Handler:
     def _flusher(self) -> None:
         while not self._stop.wait(FLUSH_INTERVAL):
             try:
-                self.catalog.commit()
+                self.catalog.flush()  # data written in place too, not only new mappings
             except TargetvirtError as e:
                 log.error("periodic flush failed: %s", e)
 

@@ -59,7 +59,12 @@ from targetvirt.manage.values import (
     format_size,
     normalize_portal,
 )
-from targetvirt.pool import DEFAULT_SEGMENT, check_segment_size
+from targetvirt.pool import (
+    DEFAULT_SEGMENT,
+    DEFAULT_THRESHOLD,
+    check_segment_size,
+    check_threshold,
+)
 from targetvirt.vdisk import COW_MODES, VDisk
 
 FREEZE_MODES = ("nowrite", "invalid")
@@ -289,13 +294,19 @@ class Manager:
         seg = pool.segment_size
         containers = [
             {"cid": c.cid, "path": c.path, "kind": c.kind, "state": c.state,
-             "bytes": c.segments * seg, "used_bytes": c.used * seg, "free_bytes": c.free * seg}
+             "bytes": c.segments * seg, "used_bytes": c.used * seg, "free_bytes": c.free * seg,
+             "failure": pool.containers[c.cid].failure}
             for c in pool.usage()
         ]  # fmt: skip
         return {
             "name": pool.name, "uuid": pool.uuid, "segment_size": seg,
             "total_bytes": usage.total_bytes, "used_bytes": usage.used_bytes,
-            "free_bytes": usage.free_bytes, "containers": containers,
+            "free_bytes": usage.free_bytes,
+            # what new data can still take (free segments of failed or evacuating
+            # containers excluded), and the soft threshold against it
+            "available_bytes": pool.available_segments() * seg,
+            "usage_percent": int(pool.usage_percent()),
+            "soft_threshold_percent": pool.threshold, "containers": containers,
             "vdisks": sorted(v.name for v in self.catalog.vdisks.values() if v.pool is pool),
             "jobs": [j.id for j in self.jobs.all() if j.state == "running"
                      and f"pool:{name}" in j.locks],
@@ -437,12 +448,14 @@ class Manager:
         size: int | None = None,
         segment_size: int = DEFAULT_SEGMENT,
         preallocate: bool = False,
+        threshold: int = DEFAULT_THRESHOLD,
     ) -> dict[str, Any]:
         """A pool with its first container: a file (path=, size=), a block device
         (device=), or objects in a Ceph pool (rados=POOL[/NAMESPACE], size=; conf=,
         client_id=, keyring= say how to reach and authenticate to the cluster)."""
         check_name(name, "pool")
         check_segment_size(segment_size)
+        check_threshold(threshold)
         ceph = CephOptions(conf, client_id, keyring)
         where, nbytes = self._container_source(
             path, device, size, rados=rados, ceph=ceph, preallocate=preallocate
@@ -453,13 +466,40 @@ class Manager:
             if name in self.catalog.pools:
                 raise AlreadyExists(f"a pool named {name!r} already exists")
             pool = self.catalog.create_pool(
-                name, where, nbytes, segment_size=segment_size, preallocate=preallocate
-            )
+                name, where, nbytes, segment_size=segment_size, preallocate=preallocate,
+                threshold=threshold,
+            )  # fmt: skip
             usage = self.catalog.pool_usage(pool)
         return {
             "name": name,
             "message": f"Created pool {name}: {format_size(usage.total_bytes)} in {where} "
             f"({format_size(segment_size)} segments)",
+        }
+
+    def set_pool(self, name: str, *, threshold: int | None = None) -> dict[str, Any]:
+        """Change a pool's settings: ``threshold``, its soft threshold in percent."""
+        check_name(name, "pool")
+        if threshold is None:
+            raise InvalidArgument("give threshold=PERCENT: the pool's soft threshold")
+        check_threshold(threshold)
+        with self.lock:
+            self.catalog.set_threshold(name, threshold)
+            used = int(self.catalog.pool(name).usage_percent())
+        return {
+            "message": f"Set the soft threshold of pool {name} to {threshold}% (it is {used}% used)"
+        }
+
+    def clear_container(self, pool: str, cid: int) -> dict[str, Any]:
+        """An operator says a failed container is sound again: it takes new segments."""
+        check_name(pool, "pool")
+        with self.lock:
+            container = self.catalog.pool(pool).container(cid)
+            if not container.failed:
+                raise InvalidArgument(f"container {cid} of pool {pool} is not failed")
+            self.catalog.clear_failure(pool, cid)
+        return {
+            "message": f"Container {cid} of pool {pool} is online again: new segments may go "
+            "to it (if its medium fails again, it is marked failed again)"
         }
 
     def delete_pool(self, name: str) -> dict[str, Any]:

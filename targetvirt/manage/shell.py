@@ -333,7 +333,7 @@ class Pools(Node):
         self, name: str, path: str | None = None, size: str | None = None,
         device: str | None = None, segment: str | None = None,
         preallocate: str = "false", rados: str | None = None, conf: str | None = None,
-        id: str | None = None, keyring: str | None = None,
+        id: str | None = None, keyring: str | None = None, threshold: str | None = None,
     ) -> None:  # fmt: skip
         """Creates a pool with its first container: a file (path=FILE size=SIZE,
         created sparse unless preallocate=true), a whole block device
@@ -342,10 +342,12 @@ class Pools(Node):
         names the ceph.conf, default /etc/ceph/ceph.conf; id=CLIENT the cephx user,
         default admin; keyring=FILE its keyring if the conf file does not name it).
         segment=SIZE sets the pool's segment size (a power of two from 64K to 64M,
-        default 1M); every vdisk of the pool uses it."""
+        default 1M); every vdisk of the pool uses it.  threshold=PERCENT sets its soft
+        threshold (default 80; see set in a pool)."""
         seg = val.parse_size(segment, "segment") if segment else None
         src = _source(path, size, device, preallocate, rados, conf, id, keyring)
-        self.done(self.client.create_pool(name, **src, segment_size=seg))
+        pct = val.parse_percent(threshold, "threshold") if threshold is not None else None
+        self.done(self.client.create_pool(name, **src, segment_size=seg, threshold=pct))
 
     def ui_command_delete(self, name: str) -> None:
         """Deletes an empty pool (no vdisks). Its container files (and RADOS objects)
@@ -363,9 +365,12 @@ class Pool(Node):
     def summary(self) -> tuple[str, bool | None]:
         p = self.pool
         pct = 100 * p["used_bytes"] // p["total_bytes"] if p["total_bytes"] else 0
+        failed = sum(1 for c in p["containers"] if c["state"] == "failed")
         return (f"{val.format_size(p['total_bytes'])}, {pct}% used, "
                 f"{len(p['containers'])} containers, "
-                f"{val.format_size(p['segment_size'])} segments", None)  # fmt: skip
+                f"{val.format_size(p['segment_size'])} segments"
+                + (f", {failed} failed" if failed else ""),
+                False if failed else None)  # fmt: skip
 
     def info_data(self) -> dict[str, Any]:
         return dict(self.client.info("pool", self.name))
@@ -400,6 +405,33 @@ class Pool(Node):
         cid = val.parse_int(container, "container", high=65535)
         self.done(self.client.remove_container(self.name, cid))
 
+    def ui_command_clear(self, container: str) -> None:
+        """Clears the failed mark of a container (its medium was repaired, or the error
+        was transient): new segments may go to it again.  A container is marked
+        failed at its first medium error (EIO); it keeps serving the segments it holds
+        but takes no new ones.  To retire it instead: evacuate, then remove."""
+        cid = val.parse_int(container, "container", high=65535)
+        self.done(self.client.clear_container(self.name, cid))
+
+    def ui_command_set(self, group: str | None = None, **parameter: str) -> None:
+        """Changes the pool's settings: threshold=PERCENT, its soft threshold (1 to 100,
+        default 80).  When the share of the pool that new data cannot take reaches it,
+        every LUN of the pool's vdisks tells its initiators once (THIN PROVISIONING
+        SOFT THRESHOLD REACHED); it is told again after usage has fallen below it.
+        set GROUP ... sets the shell's own preferences (e.g. set global color_mode=true)."""
+        if group is not None:
+            super().ui_command_set(group, **parameter)
+            return
+        if not parameter:
+            raise InvalidArgument("give threshold=PERCENT: the pool's soft threshold")
+        unknown = sorted(set(parameter) - {"threshold"})
+        if unknown:
+            raise InvalidArgument(
+                f"a pool has no setting {unknown[0]}= (settings: threshold=PERCENT)"
+            )
+        pct = val.parse_percent(parameter["threshold"], "threshold")
+        self.done(self.client.set_pool(self.name, threshold=pct))
+
 
 class Container(Node):
     def __init__(self, parent: Any, info: dict[str, Any]) -> None:
@@ -422,6 +454,10 @@ class Container(Node):
     def ui_command_remove(self) -> None:
         """Removes this container (it must be empty: evacuate it first)."""
         self.parent.ui_command_remove(self.name)
+
+    def ui_command_clear(self) -> None:
+        """Clears this container's failed mark: new segments may go to it again."""
+        self.parent.ui_command_clear(self.name)
 
 
 # -- vdisks ---------------------------------------------------------------------

@@ -98,6 +98,16 @@ def parse_int(text: str, what: str, *, low: int = 0, high: int | None = None) ->
     return value
 
 
+def parse_percent(text: str, what: str) -> int:
+    """A whole percentage from 1 to 100: ``80`` or ``80%``."""
+    digits = text.strip().removesuffix("%").strip()
+    if not digits.isdigit():
+        raise InvalidArgument(
+            f"{what} {text!r} is not a percentage: use a whole number from 1 to 100 (e.g. 80)"
+        )
+    return parse_int(digits, what, low=1, high=100)
+
+
 def parse_list(text: str, what: str) -> list[str]:
     """A comma-separated list with no empty items and no repeats."""
     items = [item.strip() for item in text.split(",")]

@@ -32,6 +32,7 @@ class Cluster:
         ack_timeout: float = 2.0,
         frozen_timeout: float = 30.0,
         containers: int = 1,
+        segments: int = CONTAINER_SEGMENTS,
         encode: bool = True,
         location: Callable[[int], str | None] | None = None,
     ) -> None:
@@ -43,7 +44,7 @@ class Cluster:
         self.catalog = open_catalog(self.db)
         for i in range(containers):
             where = location(i) if location is not None else None
-            size = CONTAINER_SEGMENTS * SEG  # segment space: a file adds its 1 MiB header
+            size = segments * SEG  # segment space: a file adds its 1 MiB header
             if where is None:
                 where, size = self._path(f"c{i}"), (1 << 20) + size
             if i == 0:

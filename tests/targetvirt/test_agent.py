@@ -202,3 +202,36 @@ def test_a_released_vdisk_fails_its_io(cluster: Cluster) -> None:
     with pytest.raises(NotFound):
         read(vd, 0, 10)
     assert cluster.controller.servers("v") == ["gw1", "gw2"]
+
+
+@pytest.fixture
+def one_container(tmp_path: Path) -> Iterator[Cluster]:
+    """One file container of 48 segments (thresholds below count in its segments)."""
+    c = Cluster(str(tmp_path), vdisks={"v": 8 * SEG, "w": 3 * SEG + 1000})
+    yield c
+    c.close()
+
+
+def test_every_agent_serving_a_vdisk_of_the_pool_hears_of_its_soft_threshold(
+    one_container: Cluster,
+) -> None:
+    cluster = one_container
+    heard: list[tuple[int, str]] = []
+    for i in range(3):
+        for name in ("v", "w"):
+            cluster.vd(i, name).soft_threshold_listeners.append(
+                lambda i=i, name=name: heard.append((i, name))
+            )
+    cluster.catalog.set_threshold("p", 10)  # of 48 segments: reached at the 5th
+    for i in range(4):
+        write(cluster.vd(0), i * SEG, b"x")
+    assert heard == []
+    write(cluster.vd(1, "w"), 0, b"y")  # the fault that allocates it tells every agent
+    assert sorted(heard) == [(i, n) for i in range(3) for n in ("v", "w")]
+    write(cluster.vd(2), 5 * SEG, b"z")
+    assert len(heard) == 6  # once per crossing
+    cluster.catalog.set_threshold("p", 50)
+    cluster.catalog.set_threshold("p", 5)  # reached at once: the timer's tick tells them
+    assert len(heard) == 6
+    cluster.controller.tick()
+    assert len(heard) == 12

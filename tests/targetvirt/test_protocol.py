@@ -42,6 +42,7 @@ messages = st.one_of(
     st.builds(p.LeaseRenew, names, u64),
     st.builds(p.Hello, names, u64),
     st.builds(p.Ack, u64, st.booleans(), names),
+    st.builds(p.ContainerFailure, names, u64, names, st.integers(0, 2**16 - 1), names),
     st.builds(p.Registered, u64, seconds),
     st.builds(
         p.VDiskInfo,
@@ -65,6 +66,7 @@ messages = st.one_of(
     st.builds(p.CancelDelay, u64, names),
     st.builds(p.DropVDisk, u64, names),
     st.builds(p.Resize, u64, names, u64),
+    st.builds(p.SoftThreshold, u64, names),
 )
 
 

@@ -67,7 +67,19 @@ def test_errors_are_named_and_one_line(api: Any) -> None:
     assert call_error(api.CreatePool, "p", sv(frob=1)) == (
         "org.targetvirt.Error.InvalidArgument",
         "CreatePool has no option 'frob' (known: client_id, conf, device, keyring, path, "
-        "preallocate, rados, segment_size, size)",
+        "preallocate, rados, segment_size, size, threshold)",
+    )
+    assert call_error(api.SetPool, "p", sv(frob=1)) == (
+        "org.targetvirt.Error.InvalidArgument",
+        "SetPool has no option 'frob' (known: threshold)",
+    )
+    assert call_error(api.SetPool, "p", sv(threshold=dbus.UInt32(50))) == (
+        "org.targetvirt.Error.NotFound",
+        "no pool named 'p'",
+    )
+    assert call_error(api.ClearContainer, "p", dbus.UInt32(0)) == (
+        "org.targetvirt.Error.NotFound",
+        "no pool named 'p'",
     )
     bad = "org.targetvirt.Error.InvalidArgument"
     assert call_error(api.CreatePool, "p", sv(size="big")) == (

@@ -415,3 +415,36 @@ def test_freeze_thaw_delay_resume_through_the_controller(
     finally:
         m.stop()
         m.catalog.close()
+
+
+def test_pool_threshold_and_failed_containers(manager: Manager, tmp_path: Path) -> None:
+    manager.create_pool("p1", path=str(tmp_path / "p.img"), size=11 * MIB, threshold=30)
+    manager.add_container("p1", path=str(tmp_path / "q.img"), size=11 * MIB)
+    manager.create_vdisk("db", "p1", 8 * MIB)
+    fill(manager, "db", 4 * MIB)
+    info = manager.info("pool", "p1")
+    assert (info["soft_threshold_percent"], info["usage_percent"]) == (30, 20)
+    assert info["available_bytes"] == 16 * MIB
+    assert [c["state"] for c in info["containers"]] == ["online", "online"]
+    r = manager.set_pool("p1", threshold=15)
+    assert r["message"] == "Set the soft threshold of pool p1 to 15% (it is 20% used)"
+    with pytest.raises(InvalidArgument, match="give threshold=PERCENT"):
+        manager.set_pool("p1")
+    with pytest.raises(InvalidArgument) as e:
+        manager.set_pool("p1", threshold=0)
+    assert str(e.value) == "the soft threshold must be from 1 to 100 percent, got 0"
+    with pytest.raises(NotFound):
+        manager.set_pool("nope", threshold=50)
+    manager.catalog.mark_failed("p1", 1, "write at 0: Input/output error")
+    info = manager.info("pool", "p1")
+    assert info["containers"][1]["state"] == "failed"
+    assert info["containers"][1]["failure"] == "write at 0: Input/output error"
+    assert (info["available_bytes"], info["usage_percent"]) == (8 * MIB, 60)  # 2 + 2 used
+    assert manager.clear_container("p1", 1)["message"].startswith(
+        "Container 1 of pool p1 is online again"
+    )
+    with pytest.raises(InvalidArgument) as e:
+        manager.clear_container("p1", 1)
+    assert str(e.value) == "container 1 of pool p1 is not failed"
+    with pytest.raises(NotFound):
+        manager.clear_container("p1", 5)

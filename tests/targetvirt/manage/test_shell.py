@@ -155,6 +155,21 @@ BAD_INPUT: list[tuple[str, str]] = [
     ("/pools/p1 evacuate", "Missing required parameter container"),
     ("/pools/p1 remove container=0", "container 0 is the last of pool p1; delete the pool"),
     ("/pools/nope add path=/tmp/y.img size=1G", "No such path /pools/nope"),
+    ("/pools create name=p2 path=/tmp/x.img size=1G threshold=101",
+     "threshold must be from 1 to 100, got 101"),
+    ("/pools create name=p2 path=/tmp/x.img size=1G threshold=high",
+     "threshold 'high' is not a percentage: use a whole number from 1 to 100 (e.g. 80)"),
+    ("/pools/p1 set", "give threshold=PERCENT: the pool's soft threshold"),
+    ("/pools/p1 set threshold=0", "threshold must be from 1 to 100, got 0"),
+    ("/pools/p1 set threshold=8.5",
+     "threshold '8.5' is not a percentage: use a whole number from 1 to 100 (e.g. 80)"),
+    ("/pools/p1 set color=red", "a pool has no setting color= (settings: threshold=PERCENT)"),
+    ("/pools/p1 set threshold=50 threshold=60", "parameter threshold= is given twice"),
+    ("/pools/p1 set nope threshold=50", "Unknown configuration group: nope"),
+    ("/pools/p1 clear container=0", "container 0 of pool p1 is not failed"),
+    ("/pools/p1 clear container=7", "pool p1 has no container 7"),
+    ("/pools/p1 clear", "Missing required parameter container"),
+    ("/pools/p1/0 clear", "container 0 of pool p1 is not failed"),
     # /vdisks
     ("/vdisks create name=db size=1G pool=p1", "a vdisk named 'db' already exists"),
     ("/vdisks create name=x size=1G pool=nope", "no pool named 'nope'"),
@@ -241,6 +256,33 @@ BAD_INPUT: list[tuple[str, str]] = [
 def test_bad_input(w: Shell, cmd: str, message: str) -> None:
     r = w(*cmd.split())
     assert (r.rc, r.out, r.err) == (1, "", f"targetvirt: {message}\n")
+
+
+def test_pool_settings_and_failed_containers(w: Shell, world: Manager, tmp_path: Path) -> None:
+    assert "soft_threshold_percent: 80" in ok(w, "/pools/p1", "info")
+    assert ok(w, "/pools/p1", "set", "threshold=90%") == (
+        "Set the soft threshold of pool p1 to 90% (it is 0% used)\n"
+    )
+    info = ok(w, "/pools/p1", "info")
+    assert "soft_threshold_percent: 90" in info and "usage_percent: 0" in info
+    assert world.catalog.pool("p1").threshold == 90
+    p2 = tmp_path / "p2.img"
+    ok(w, "/pools", "create", "name=p2", f"path={p2}", "size=16M", "threshold=50")
+    assert world.catalog.pool("p2").threshold == 50
+    # a container failed at its first medium error: shown, then cleared by the operator
+    world.catalog.mark_failed("p1", 0, "read at 1048576: Input/output error")
+    tree = ok(w, "ls", "/pools")
+    assert "1MiB segments, 1 failed]" in tree and "63MiB, 0% used, failed]" in tree
+    info = ok(w, "/pools/p1", "info")
+    assert "state: failed" in info and "failure: read at 1048576: Input/output error" in info
+    assert "available_bytes: 0B (0 bytes)" in info and "usage_percent: 100" in info
+    assert ok(w, "/pools/p1/0", "clear") == (
+        "Container 0 of pool p1 is online again: new segments may go to it (if its medium "
+        "fails again, it is marked failed again)\n"
+    )
+    assert "state: online" in ok(w, "/pools/p1", "info")
+    assert not world.catalog.pool("p1").containers[0].failed
+    assert "Changes the pool's settings: threshold=PERCENT" in ok(w, "/pools/p1", "help", "set")
 
 
 def test_ls_info_and_summaries(w: Shell) -> None:

@@ -111,3 +111,17 @@ def test_bad_portals(text: str, message: str) -> None:
     with pytest.raises(InvalidArgument) as e:
         v.parse_portal(text)
     assert str(e.value) == message
+
+
+def test_percentages() -> None:
+    assert [v.parse_percent(t, "threshold") for t in ("80", "80%", " 1 ", "100 %")] == [
+        80, 80, 1, 100,
+    ]  # fmt: skip
+    bad = "is not a percentage: use a whole number from 1 to 100 (e.g. 80)"
+    for text, message in [("", f"threshold '' {bad}"), ("8.5", f"threshold '8.5' {bad}"),
+                          ("-3", f"threshold '-3' {bad}"), ("%", f"threshold '%' {bad}"),
+                          ("0", "threshold must be from 1 to 100, got 0"),
+                          ("101%", "threshold must be from 1 to 100, got 101")]:  # fmt: skip
+        with pytest.raises(InvalidArgument) as e:
+            v.parse_percent(text, "threshold")
+        assert str(e.value) == message

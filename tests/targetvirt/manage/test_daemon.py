@@ -1,0 +1,105 @@
+"""The daemon's composition, without the kernel: the LUNs it builds for the TCMU service
+hear of their pool's soft threshold; a failing container fails only what meets it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from targetvirt.manage.daemon import Handler, parse_args
+from tcmu_handler import config
+from tcmu_handler.scsi.backend import BlockBackend
+from tcmu_handler.scsi.lun import LunState
+from tcmu_handler.service import DeviceInfo
+from tests.targetvirt.faults import (
+    GOOD,
+    MEDIUM_READ,
+    READ,
+    SOFT_THRESHOLD,
+    SPACE_ALLOCATION_FAILED,
+    FaultyFiles,
+    ScsiLun,
+    outcome,
+)
+
+MIB = 1 << 20
+TUR = bytes(6)
+
+
+@dataclass
+class FakeDevice:
+    name: str
+    backend: BlockBackend
+    lun: LunState
+
+
+class FakeTcmu:
+    """What the daemon looks at of its TCMU service: the devices it serves."""
+
+    def __init__(self) -> None:
+        self.devices: dict[str, FakeDevice] = {}
+
+    def stop(self) -> None:
+        pass
+
+
+@pytest.fixture
+def handler(tmp_path: Path) -> Iterator[Handler]:
+    args = parse_args(["--state-dir", str(tmp_path / "state"), "--run-dir",
+                       str(tmp_path / "run"), "--no-dbus", "--no-restore"])  # fmt: skip
+    h = Handler(args)
+    h.tcmu = FakeTcmu()
+    yield h
+    h.stop()
+
+
+def serve(handler: Handler, spec: str, size: int) -> ScsiLun:
+    """Open a LUN as the TCMU service does (the daemon's open_lun) and 'serve' it."""
+    cfg = config.parse(spec)
+    key = f"user_1/{cfg.vdisk}"
+    backend, lun = handler.open_lun(cfg, DeviceInfo(1, cfg.vdisk, 512, size, spec))
+    handler.tcmu.devices[key] = FakeDevice(key, backend, lun)
+    return ScsiLun(backend, "", MIB, lun=lun)
+
+
+def test_every_lun_of_the_pool_reports_its_soft_threshold(handler: Handler, tmp_path: Path) -> None:
+    cat = handler.catalog
+    cat.create_pool("p", str(tmp_path / "p.img"), 11 * MIB, threshold=60)  # 10 segments
+    cat.create_pool("q", str(tmp_path / "q.img"), 11 * MIB)
+    for name, pool in (("a", "p"), ("b", "p"), ("c", "q")):
+        cat.create_vdisk(name, pool, 8 * MIB)
+    a, b, c = (serve(handler, f"targetvirt/{n}", 8 * MIB) for n in "abc")
+    for i in range(5):
+        assert outcome(a.write(i * MIB, b"x" * MIB)) is GOOD
+    assert [outcome(x.run(TUR)) for x in (a, b, c)] == [GOOD, GOOD, GOOD]
+    assert outcome(b.write(0, b"y" * 4096)) is GOOD  # 6 of 10 segments: 60 %
+    assert [outcome(x.run(TUR)) for x in (a, b, c)] == [SOFT_THRESHOLD] * 2 + [GOOD]
+    assert [outcome(x.run(TUR)) for x in (a, b, c)] == [GOOD, GOOD, GOOD]
+    assert outcome(a.read(0, 4096)) is GOOD
+
+
+def test_a_failing_container_fails_only_the_reads_that_meet_it(
+    handler: Handler, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    faults = FaultyFiles(monkeypatch)
+    cat = handler.catalog
+    cat.create_pool("p", str(tmp_path / "p.img"), 11 * MIB)
+    cat.create_vdisk("a", "p", 8 * MIB)
+    a = serve(handler, "targetvirt/a", 8 * MIB)
+    for i in range(3):
+        assert outcome(a.write(i * MIB, bytes([i + 1]) * MIB)) is GOOD
+    c = cat.pool("p").containers[0]
+    faults.fail(c.path, c.offset_of(1), 4096, ops=[READ])
+    assert outcome(a.read(MIB, 4096)) == MEDIUM_READ
+    # its only container failed, the pool can take no new data: past its threshold
+    assert outcome(a.run(TUR)) == SOFT_THRESHOLD
+    assert outcome(a.read(MIB + 4096, 4096)) is GOOD
+    assert outcome(a.read(2 * MIB, 4096)) is GOOD
+    assert [u.state for u in cat.pool("p").usage()] == ["failed"]
+    assert outcome(a.write(0, b"z" * 4096)) is GOOD  # in place
+    assert outcome(a.write(5 * MIB, b"z" * 4096)) == SPACE_ALLOCATION_FAILED
+    assert cat.clear_failure("p", 0)
+    assert outcome(a.write(5 * MIB, b"z" * 4096)) is GOOD
