@@ -58,11 +58,7 @@ def vpd_serial(lun: LunState) -> bytes:
 
 
 def vpd_device_identification(lun: LunState) -> bytes:
-    # NAA (binary, LU association), then T10 vendor ID (ASCII): vendor + serial.
-    naa = bytes((0x01, 0x03, 0x00, len(lun.naa))) + lun.naa
-    t10_id = _pad(lun.vendor, 8) + (lun.serial or lun.naa.hex()).encode("ascii")
-    t10 = bytes((0x02, 0x01, 0x00, len(t10_id))) + t10_id
-    return _vpd(0x83, naa + t10)
+    return _vpd(0x83, b"".join(lun.designators()))
 
 
 def vpd_block_limits(lun: LunState) -> bytes:
