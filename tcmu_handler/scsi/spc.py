@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from targetvirt.errors import invalid_field_in_cdb
 from tcmu_handler.scsi import opcodes as op
 from tcmu_handler.scsi import sense as sn
+from tcmu_handler.scsi import xcopy
 from tcmu_handler.scsi.backend import BlockBackend
 from tcmu_handler.scsi.common import COMPLETED, Completion, respond
 from tcmu_handler.scsi.lun import LunState
@@ -23,7 +24,7 @@ Buffers = Sequence[memoryview]
 # libiscsi looks for before it holds a LUN to SBC-3 rules (Block Limits page of 3Ch).
 VERSION_DESCRIPTORS = (0x00A0, 0x0460, 0x04C0)
 STANDARD_INQUIRY_LEN = 96
-SUPPORTED_VPD = (0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2)
+SUPPORTED_VPD = (0x00, 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2)
 
 
 def _pad(text: str, width: int) -> bytes:
@@ -36,6 +37,7 @@ def standard_inquiry(lun: LunState) -> bytes:
     data[2] = 0x06  # SPC-4
     data[3] = 0x12  # HISUP, response data format 2
     data[4] = STANDARD_INQUIRY_LEN - 5
+    data[5] = 0x08  # 3PC: EXTENDED COPY is supported (VMware looks here for "full copy")
     data[7] = 0x02  # CMDQUE
     data[8:16] = _pad(lun.vendor, 8)
     data[16:32] = _pad(lun.product, 16)
@@ -100,6 +102,7 @@ VPD_PAGES: dict[int, Callable[[LunState], bytes]] = {
     0x00: vpd_supported,
     0x80: vpd_serial,
     0x83: vpd_device_identification,
+    0x8F: xcopy.vpd_third_party_copy,
     0xB0: vpd_block_limits,
     0xB1: vpd_block_characteristics,
     0xB2: vpd_provisioning,
