@@ -584,3 +584,27 @@ def test_bad_parameter_lists_get_the_right_sense_and_copy_nothing(
         assert r.sense.field_pointer == pointer
     assert dev.read(0, BLOCKS) == before
     assert dev.lun.copy_status(1) is None
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    tdll=st.sampled_from([0, 31, 32, 33, 64, 256, 288]),
+    sdll=st.sampled_from([0, 4, 27, 28, 56, 448, 476]),
+    body=st.binary(max_size=800),
+    seed=st.lists(st.tuples(st.integers(0, 799), st.sampled_from([0x02, 0xE4, 0x18])), max_size=8),
+    usage=st.integers(0, 3),
+)
+def test_arbitrary_descriptor_bytes_never_crash_the_copy_manager(
+    tdll: int, sdll: int, body: bytes, seed: list[tuple[int, int]], usage: int
+) -> None:
+    dev = Device(num_blocks=BLOCKS)
+    data = bytearray(body)
+    for pos, value in seed:  # plant type codes and lengths where parsing looks for them
+        if pos < len(data):
+            data[pos] = value
+    params = header(tdll, sdll, usage=usage, list_id=0 if usage == 3 else 1) + bytes(data)
+    r = run(dev, params)
+    assert r.status in (0, 2)
+    if r.status == 2:
+        assert r.sense.triple != (0x04, 0x44, 0x00)
+        assert dev.lun.copy_status(1) is None  # refused copies leave nothing behind
