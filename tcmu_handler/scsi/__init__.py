@@ -20,7 +20,8 @@ The device loop calls, for each TCMU command::
 Modules: ``command`` (entry points, dispatch), ``spc`` (INQUIRY, VPD, REQUEST SENSE,
 REPORT SUPPORTED OPERATION CODES...), ``modepages`` (MODE SENSE/SELECT), ``sbc`` (data
 path, WRITE SAME, UNMAP, COMPARE AND WRITE, GET LBA STATUS...), ``longops`` (FORMAT
-UNIT, SANITIZE), ``sense``, ``lun``, ``backend``, ``opcodes``, ``common``.
+UNIT, SANITIZE), ``xcopy`` (EXTENDED COPY, RECEIVE COPY RESULTS), ``sense``, ``lun``,
+``backend``, ``opcodes``, ``common``.
 """
 
 from tcmu_handler.scsi.backend import BlockBackend, RamBackend

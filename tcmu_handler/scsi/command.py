@@ -11,10 +11,9 @@ READ and WRITE go from the opcode table straight to their handler: one attribute
 (``lun.gate``), one struct unpack, one range check and one backend call.
 
 Not emulated, answered INVALID COMMAND OPERATION CODE so initiators (and libiscsi)
-know it: EXTENDED COPY and RECEIVE COPY RESULTS (copy offload would need a second,
-cross-LUN data path), WRITE ATOMIC(16) (no crash atomicity across segments to promise),
-the 32-byte CDBs, LOG SENSE/SELECT, and everything LIO answers itself (REPORT LUNS,
-persistent reservations, RESERVE/RELEASE).
+know it: WRITE ATOMIC(16) (no crash atomicity across segments to promise), the 32-byte
+CDBs, LOG SENSE/SELECT, and everything LIO answers itself (REPORT LUNS, persistent
+reservations, RESERVE/RELEASE). EXTENDED COPY copies only within the LUN (``xcopy``).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ import struct
 from collections.abc import Callable, Sequence
 
 from targetvirt.errors import ScsiError, invalid_field_in_cdb, invalid_opcode, sense_of
-from tcmu_handler.scsi import longops, modepages, sbc, spc
+from tcmu_handler.scsi import longops, modepages, sbc, spc, xcopy
 from tcmu_handler.scsi import opcodes as op
 from tcmu_handler.scsi import sense as sn
 from tcmu_handler.scsi.backend import BlockBackend, WouldBlock
@@ -82,6 +81,8 @@ _HANDLERS: dict[int, tuple[Handler, Kind]] = {
     op.SANITIZE: (longops.sanitize, Kind.LONG),
     op.MODE_SELECT_10: (modepages.mode_select_10, Kind.IO),
     op.MODE_SENSE_10: (modepages.mode_sense_10, Kind.INLINE),
+    op.EXTENDED_COPY: (xcopy.extended_copy, Kind.IO),
+    op.RECEIVE_COPY_RESULTS: (xcopy.receive_copy_results, Kind.INLINE),
     op.READ_16: (sbc.read_16, Kind.IO),
     op.COMPARE_AND_WRITE: (sbc.compare_and_write, Kind.IO),
     op.WRITE_16: (sbc.write_16, Kind.IO),

@@ -6,12 +6,15 @@ attentions and the long operation (FORMAT UNIT, SANITIZE) in progress, if any.
 
 It is shared by every thread that runs commands for the LUN. Plain fields are read
 without locking (a stale read of ``num_blocks`` or ``write_cache_enabled`` races with
-the command that changes it, as on any disk); the unit-attention queue and the
-operation in progress change under ``_lock``, and ``gate`` is the one flag the READ/WRITE
-fast path looks at to learn that either needs attention.
+the command that changes it, as on any disk); the unit-attention queue, the operation in
+progress and the table of EXTENDED COPY statuses change under ``_lock``, and ``gate`` is
+the one flag the READ/WRITE fast path looks at to learn that either of the first two
+needs attention.
 
 TCMU tells the handler nothing about the I_T nexus, so a unit attention is one per LUN,
 not one per initiator as SAM-5 wants: the first command from any initiator reports it.
+EXTENDED COPY list identifiers are per LUN for the same reason (SPC-4 scopes them to the
+I_T nexus).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from tcmu_handler.scsi import sense as sn
 LIO_OUI = 0x001405  # the IEEE company id LIO (and tcmu-runner) put in NAA designators
 BLOCK_SIZES = (512, 4096)
 PROVISIONING_THIN = 0x2
+HELD_COPY_STATUSES = 16  # finished EXTENDED COPY statuses kept for RECEIVE COPY RESULTS
 
 
 def naa_from_uuid(uuid: bytes | str, oui: int = LIO_OUI) -> bytes:
@@ -52,6 +56,20 @@ def _uuid_bytes(uuid: bytes | str) -> bytes:
     if len(uuid) != 16:
         raise InvalidArgument(f"a UUID is 16 bytes, not {len(uuid)}")
     return bytes(uuid)
+
+
+@dataclass(slots=True, eq=False)
+class CopyStatus:
+    """Progress of one EXTENDED COPY that has a list identifier (RECEIVE COPY RESULTS).
+
+    Updated by the thread running the copy, read by any other without locking: each
+    field is one Python object, and a reader seeing one segment behind is still correct.
+    """
+
+    done: bool = False
+    failed: bool = False
+    segments: int = 0  # segment descriptors completed
+    transferred: int = 0  # bytes written to the destination
 
 
 def _check_ascii(name: str, value: str, width: int) -> None:
@@ -84,6 +102,12 @@ class LunState:
     max_unmap_descriptors: int = 256
     max_write_same_length: int = 0x40000
     max_compare_and_write_length: int = 255
+    # EXTENDED COPY (LID1) limits, reported by RECEIVE COPY RESULTS (OPERATING PARAMETERS)
+    # and the Third-party Copy VPD page, and enforced. Every copy runs in one worker
+    # thread, so segments x segment bytes (256 MiB) bounds how long one command holds it.
+    max_copy_targets: int = 8  # CSCD (target) descriptors in one parameter list
+    max_copy_segments: int = 16  # segment descriptors in one parameter list
+    max_copy_segment_bytes: int = 16 << 20  # bytes one block-to-block segment may copy
     # READ CAPACITY(16) LOGICAL BLOCKS PER PHYSICAL BLOCK EXPONENT. 0 by default:
     # libiscsi 1.19's GetLBAStatus.UnmapSingle expects GET LBA STATUS to round its
     # starting LBA up to a physical block when this is > 0, which SBC-4 forbids.
@@ -106,6 +130,7 @@ class LunState:
     _ua: deque[Sense] = field(default_factory=deque, init=False, repr=False)
     _operation: Sense | None = field(default=None, init=False, repr=False)
     _progress: int = field(default=0, init=False, repr=False)
+    _copies: dict[int, CopyStatus] = field(default_factory=dict, init=False, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -154,6 +179,20 @@ class LunState:
             # writes every block: bound it to 1 GiB of data.
             max_write_same_length=(1 << 30) // block_size,
         )
+
+    # --- identity ------------------------------------------------------------------------
+
+    def designators(self) -> tuple[bytes, ...]:
+        """The logical unit's designation descriptors (SPC-4 7.8.6), as VPD page 83h lists
+        them: NAA (binary), then T10 vendor ID (ASCII, vendor + serial).
+
+        EXTENDED COPY names a copy source or destination by one of these, so both use
+        this one list.
+        """
+        naa = bytes((0x01, 0x03, 0x00, len(self.naa))) + self.naa
+        t10_id = self.vendor.encode("ascii").ljust(8, b" ")
+        t10_id += (self.serial or self.naa.hex()).encode("ascii")
+        return naa, bytes((0x02, 0x01, 0x00, len(t10_id))) + t10_id
 
     # --- capacity and unit attentions -------------------------------------------------
 
@@ -222,6 +261,36 @@ class LunState:
         """The long operation in progress and its progress (a fraction of 65536)."""
         op = self._operation
         return None if op is None else (op, min(self._progress, 0xFFFF))
+
+    # --- EXTENDED COPY statuses ------------------------------------------------------------
+
+    def begin_copy(self, list_id: int) -> CopyStatus | None:
+        """Register a copy under ``list_id``, replacing a finished one with that identifier.
+
+        Returns None if a copy with that identifier is still running (the caller reports
+        OPERATION IN PROGRESS). Only the newest ``HELD_COPY_STATUSES`` finished copies are
+        kept.
+        """
+        with self._lock:
+            old = self._copies.pop(list_id, None)
+            if old is not None and not old.done:
+                self._copies[list_id] = old
+                return None
+            finished = [k for k, v in self._copies.items() if v.done]
+            for key in finished[: max(0, len(finished) + 1 - HELD_COPY_STATUSES)]:
+                del self._copies[key]
+            status = self._copies[list_id] = CopyStatus()
+            return status
+
+    def drop_copy(self, list_id: int, status: CopyStatus) -> None:
+        """Forget a copy that was refused before it started: it leaves no status behind."""
+        with self._lock:
+            if self._copies.get(list_id) is status:
+                del self._copies[list_id]
+
+    def copy_status(self, list_id: int) -> CopyStatus | None:
+        with self._lock:
+            return self._copies.get(list_id)
 
     @property
     def write_protect(self) -> Sense | None:

@@ -57,6 +57,9 @@ READ_DEFECT_DATA_12 = 0xB7
 SAI_READ_CAPACITY_16 = 0x10
 SAI_GET_LBA_STATUS = 0x12
 MI_REPORT_SUPPORTED_OPCODES = 0x0C
+XCOPY_LID1 = 0x00
+RCR_COPY_STATUS = 0x00
+RCR_OPERATING_PARAMETERS = 0x03
 SANITIZE_OVERWRITE = 0x01
 SANITIZE_BLOCK_ERASE = 0x02
 SANITIZE_CRYPTO_ERASE = 0x03
@@ -79,6 +82,7 @@ WRITE_TYPE = frozenset(
         SANITIZE,
         COMPARE_AND_WRITE,
         ORWRITE_16,
+        EXTENDED_COPY,
     }
 )
 
@@ -155,6 +159,12 @@ SUPPORTED: tuple[CommandInfo, ...] = (
     ),
     CommandInfo(MODE_SELECT_10, None, _u(0x55, 0x11, 0, 0, 0, 0, 0, 0xFF, 0xFF, 0)),
     CommandInfo(MODE_SENSE_10, None, _u(0x5A, 0x18, 0xFF, 0xFF, 0, 0, 0, 0xFF, 0xFF, 0)),
+    # A copy may move MAXIMUM SEGMENT DESCRIPTOR COUNT x MAXIMUM SEGMENT LENGTH (256 MiB).
+    CommandInfo(EXTENDED_COPY, XCOPY_LID1, _u(0x83, 0x1F, *(0,) * 8, *_FF4, 0, 0), timeout=60),
+    *(
+        CommandInfo(RECEIVE_COPY_RESULTS, sa, _u(0x84, 0x1F, 0xFF, *(0,) * 7, *_FF4, 0, 0))
+        for sa in (RCR_COPY_STATUS, RCR_OPERATING_PARAMETERS)
+    ),
     _rw16(READ_16, DPO_FUA),
     CommandInfo(COMPARE_AND_WRITE, None, _u(0x89, 0x18, *_FF8, 0, 0, 0, 0xFF, 0x1F, 0)),
     _rw16(WRITE_16, DPO_FUA),

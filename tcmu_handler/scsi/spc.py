@@ -13,6 +13,7 @@ from collections.abc import Callable, Sequence
 from targetvirt.errors import invalid_field_in_cdb
 from tcmu_handler.scsi import opcodes as op
 from tcmu_handler.scsi import sense as sn
+from tcmu_handler.scsi import xcopy
 from tcmu_handler.scsi.backend import BlockBackend
 from tcmu_handler.scsi.common import COMPLETED, Completion, respond
 from tcmu_handler.scsi.lun import LunState
@@ -23,7 +24,7 @@ Buffers = Sequence[memoryview]
 # libiscsi looks for before it holds a LUN to SBC-3 rules (Block Limits page of 3Ch).
 VERSION_DESCRIPTORS = (0x00A0, 0x0460, 0x04C0)
 STANDARD_INQUIRY_LEN = 96
-SUPPORTED_VPD = (0x00, 0x80, 0x83, 0xB0, 0xB1, 0xB2)
+SUPPORTED_VPD = (0x00, 0x80, 0x83, 0x8F, 0xB0, 0xB1, 0xB2)
 
 
 def _pad(text: str, width: int) -> bytes:
@@ -36,6 +37,7 @@ def standard_inquiry(lun: LunState) -> bytes:
     data[2] = 0x06  # SPC-4
     data[3] = 0x12  # HISUP, response data format 2
     data[4] = STANDARD_INQUIRY_LEN - 5
+    data[5] = 0x08  # 3PC: EXTENDED COPY is supported (VMware looks here for "full copy")
     data[7] = 0x02  # CMDQUE
     data[8:16] = _pad(lun.vendor, 8)
     data[16:32] = _pad(lun.product, 16)
@@ -58,11 +60,7 @@ def vpd_serial(lun: LunState) -> bytes:
 
 
 def vpd_device_identification(lun: LunState) -> bytes:
-    # NAA (binary, LU association), then T10 vendor ID (ASCII): vendor + serial.
-    naa = bytes((0x01, 0x03, 0x00, len(lun.naa))) + lun.naa
-    t10_id = _pad(lun.vendor, 8) + (lun.serial or lun.naa.hex()).encode("ascii")
-    t10 = bytes((0x02, 0x01, 0x00, len(t10_id))) + t10_id
-    return _vpd(0x83, naa + t10)
+    return _vpd(0x83, b"".join(lun.designators()))
 
 
 def vpd_block_limits(lun: LunState) -> bytes:
@@ -104,6 +102,7 @@ VPD_PAGES: dict[int, Callable[[LunState], bytes]] = {
     0x00: vpd_supported,
     0x80: vpd_serial,
     0x83: vpd_device_identification,
+    0x8F: xcopy.vpd_third_party_copy,
     0xB0: vpd_block_limits,
     0xB1: vpd_block_characteristics,
     0xB2: vpd_provisioning,

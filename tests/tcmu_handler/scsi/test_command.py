@@ -24,7 +24,9 @@ def dev() -> Device:
         (bytes((0x48, 0x02)) + bytes(8), Kind.LONG),
         (bytes((0x04,)) + bytes(5), Kind.LONG),
         (bytes((0x15, 0x10, 0, 0, 24, 0)), Kind.IO),  # MODE SELECT may flush
-        (bytes((0x83,)) + bytes(15), Kind.INLINE),  # unsupported: answered inline
+        (bytes((0x83,)) + bytes(15), Kind.IO),  # EXTENDED COPY reads and writes
+        (bytes((0x84, 0x03)) + bytes(14), Kind.INLINE),  # RECEIVE COPY RESULTS
+        (bytes((0x9C,)) + bytes(15), Kind.INLINE),  # unsupported: answered inline
         (b"", Kind.INLINE),
         (b"\x9e", Kind.INLINE),
     ],
@@ -46,6 +48,8 @@ def test_inline_commands_never_call_the_backend(dev: Device) -> None:
         bytes((0x25,)) + bytes(9),
         bytes((0xA3, 0x0C, 0, 0, 0, 0, 0, 0, 1, 0, 0, 0)),
         cdb10(0x34, 0, 1),
+        bytes((0x84, 0x03)) + bytes(8) + bytes((0, 0, 1, 0, 0, 0)),
+        bytes((0x12, 1, 0x8F, 0, 255, 0)),
     ):
         assert classify(cdb) is Kind.INLINE
         assert dev.run(cdb, in_len=256).status in (0, 2)

@@ -5,6 +5,7 @@ import pytest
 from targetvirt.errors import InvalidArgument
 from tcmu_handler.scsi import LunState, naa_from_uuid
 from tcmu_handler.scsi import sense as sn
+from tcmu_handler.scsi.lun import HELD_COPY_STATUSES
 
 U = "12345678-9abc-4def-8123-456789abcdef"
 
@@ -114,3 +115,36 @@ def test_write_protect_reason() -> None:
     assert lun.write_protect == (0x7, 0x27, 0x02)
     lun.read_only = True
     assert lun.write_protect == (0x7, 0x27, 0x00)
+
+
+def test_designators_are_naa_then_t10_vendor_id() -> None:
+    lun = LunState.for_vdisk(U, 8)
+    naa, t10 = lun.designators()
+    assert naa == bytes.fromhex("01030010") + naa_from_uuid(U)
+    assert t10 == bytes((0x02, 0x01, 0x00, 40)) + b"TGTVIRT " + uuid.UUID(U).hex.encode()
+
+
+def test_copy_statuses_one_running_copy_per_list_identifier() -> None:
+    lun = LunState(num_blocks=8)
+    first = lun.begin_copy(7)
+    assert first is not None and lun.copy_status(7) is first
+    assert lun.begin_copy(7) is None  # still running
+    first.done = True
+    second = lun.begin_copy(7)
+    assert second is not None and second is not first and lun.copy_status(7) is second
+    lun.drop_copy(7, first)  # not the current one: nothing happens
+    assert lun.copy_status(7) is second
+    lun.drop_copy(7, second)
+    assert lun.copy_status(7) is None
+
+
+def test_copy_statuses_keep_the_newest_finished_and_every_running_one() -> None:
+    lun = LunState(num_blocks=8)
+    running = lun.begin_copy(255)
+    for list_id in range(40):
+        status = lun.begin_copy(list_id)
+        assert status is not None
+        status.done = True
+    assert lun.copy_status(255) is running
+    held = [i for i in range(40) if lun.copy_status(i) is not None]
+    assert held == list(range(40 - HELD_COPY_STATUSES, 40))

@@ -29,7 +29,7 @@ def test_standard_inquiry_exact_bytes(dev: Device) -> None:
     r = dev.run([0x12, 0, 0, 0x01, 0x04, 0], in_len=260)
     assert r.completion.read_len == 96  # the rest of the 260 bytes is not sent
     expected = (
-        bytes((0x00, 0x00, 0x06, 0x12, 91, 0x00, 0x00, 0x02))
+        bytes((0x00, 0x00, 0x06, 0x12, 91, 0x08, 0x00, 0x02))  # 3PC
         + b"TGTVIRT "
         + b"targetvirt      "
         + b"0001"
@@ -78,7 +78,7 @@ def vpd(dev: Device, page: int) -> bytes:
 
 
 def test_vpd_supported_pages_ascending(dev: Device) -> None:
-    assert vpd(dev, 0x00) == bytes.fromhex("00000006008083b0b1b2")
+    assert vpd(dev, 0x00) == bytes.fromhex("000000070080838fb0b1b2")
 
 
 def test_vpd_unit_serial(dev: Device) -> None:
@@ -195,7 +195,7 @@ def test_send_diagnostic_default_self_test(dev: Device) -> None:
     assert dev.run([0x1D, 0x10, 0, 0, 8, 0]).sense.triple == INVALID_FIELD_IN_CDB
 
 
-@pytest.mark.parametrize("opcode", [0x83, 0x84, 0x9C, 0x7F, 0x4D, 0x3B, 0xC0])
+@pytest.mark.parametrize("opcode", [0x9C, 0x7F, 0x4D, 0x3B, 0xC0])
 def test_not_emulated_opcodes_are_invalid_operation_codes(dev: Device, opcode: int) -> None:
     r = dev.run(bytes([opcode]) + bytes(31 if opcode == 0x7F else 15))
     assert r.sense.triple == INVALID_OPCODE
@@ -259,7 +259,7 @@ def test_rsoc_option_3_takes_either(dev: Device) -> None:
 
 
 def test_rsoc_unsupported_command(dev: Device) -> None:
-    assert dev.run(rsoc(0, 1, 0x83), in_len=512).data == bytes((0, 1, 0, 0))
+    assert dev.run(rsoc(0, 1, 0x9C), in_len=512).data == bytes((0, 1, 0, 0))
     assert dev.run(rsoc(0, 2, 0x9E, 0x11), in_len=512).data == bytes((0, 1, 0, 0))
 
 
