@@ -231,11 +231,7 @@ def test_lifecycle_through_the_shell(stack: Stack) -> None:
     lifecycle(stack)
 
 
-# --- Must show 1, continued: freeze and delay (they need the controller) -----------------------
-
-NEEDS_CONTROLLER = pytest.mark.skip(
-    reason="freeze/thaw/delay/resume go through the controller (issue 3), not wired in yet"
-)
+# --- Must show 1, continued: freeze and delay (through the controller) -------------------
 
 
 def freeze_and_delay(s: Stack) -> None:
@@ -272,7 +268,6 @@ def freeze_and_delay(s: Stack) -> None:
     assert s.fails("/vdisks/db", "resume") == "targetvirt: db is not delayed"
 
 
-@NEEDS_CONTROLLER
 @pytest.mark.vm
 def test_freeze_thaw_delay_resume(stack: Stack) -> None:
     freeze_and_delay(stack)
