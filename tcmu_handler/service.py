@@ -108,6 +108,14 @@ class TcmuService:
         self._thread = threading.Thread(target=self._events, name="tcmu-netlink", daemon=True)
         self._thread.start()
 
+    def set_reply_mode(self, on: bool) -> None:
+        """Whether the kernel waits for an answer to device events (a global setting,
+        SET_FEATURES; tcmu.md 2.4).  Beside tcmu-runner it must be off: tcmu-runner
+        answers -ENOENT for devices of subtypes it does not serve, and the kernel takes
+        the first answer, so a ``user:targetvirt`` device made by targetcli would fail."""
+        assert self._channel is not None
+        self._channel.set_features(on)
+
     def stop(self) -> None:
         self._stopping.set()
         if self._thread is not None:

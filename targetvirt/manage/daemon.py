@@ -253,6 +253,11 @@ class Handler:
         except Exception as e:  # noqa: BLE001 - the data path runs without D-Bus
             log.warning("not registered on the system bus: %s", e)
             self.bus = None
+            return
+        if self.bus.mode == "registered":
+            self.tcmu.set_reply_mode(False)
+            log.info("tcmu-runner runs: the kernel no longer waits for answers to device "
+                     "events (tcmu-runner would refuse ours first)")  # fmt: skip
 
     def _flusher(self) -> None:
         while not self._stop.wait(FLUSH_INTERVAL):
