@@ -202,8 +202,9 @@ def lifecycle(s: Stack) -> None:
 
     # the tree shows it all
     tree = s.tv("ls").stdout
+    agent = g.run(["hostname"]).stdout.strip()  # the handler's agent is named after its host
     for needle in ("o- p1 ", "o- db ", "o- s1 ", "o- c1 ", iqn_db, iqn_s1, iqn_c1,
-                   "served by local"):  # fmt: skip
+                   f"served by {agent}"):  # fmt: skip
         assert needle in tree, (needle, tree)
 
     # refusals on the live objects
