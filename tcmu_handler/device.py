@@ -144,8 +144,8 @@ class Device:
                 if fd == self._wake:
                     with contextlib.suppress(BlockingIOError):
                         os.eventfd_read(self._wake)
-                else:
-                    self.handle.take_event()
+                elif not self._take_event():
+                    self._stopping.set()  # the kernel removed the device
             if self.broken is None:
                 self._drain_ring()
             self._reap()
@@ -153,6 +153,16 @@ class Device:
         while self._submitted != self._returned or self._done:
             poller.poll(100)
             self._reap()
+
+    def _take_event(self) -> bool:
+        """Consume the uio event; False once the device is gone (uio answers EIO as soon
+        as the kernel unregisters it, before the REMOVED_DEVICE event reaches us)."""
+        try:
+            self.handle.take_event()
+        except OSError as e:
+            log.info("%s: the kernel removed the device (%s)", self.name, e.strerror)
+            return False
+        return True
 
     def _drain_ring(self) -> None:
         fetched = self.ring.fetch()

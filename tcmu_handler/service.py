@@ -65,6 +65,7 @@ def read_info(name: uio.UioName, configfs_root: Path) -> DeviceInfo:
 
 
 OpenLun = Callable[[config.DevConfig, DeviceInfo], tuple[BlockBackend, LunState]]
+CloseLun = Callable[[str], None]  # the last device of this vdisk (or vdisk@snap) is gone
 
 
 class TcmuService:
@@ -74,12 +75,14 @@ class TcmuService:
         self,
         open_lun: OpenLun,
         *,
+        close_lun: CloseLun | None = None,
         sysfs_root: Path = uio.SYSFS_UIO,
         configfs_root: Path = uio.CONFIGFS_ROOT,
         dev_root: Path = uio.DEV_ROOT,
         workers: int = 4,
     ) -> None:
         self.open_lun = open_lun
+        self.close_lun = close_lun
         self.sysfs_root = sysfs_root
         self.configfs_root = configfs_root
         self.dev_root = dev_root
@@ -104,6 +107,14 @@ class TcmuService:
         self.rescan()
         self._thread = threading.Thread(target=self._events, name="tcmu-netlink", daemon=True)
         self._thread.start()
+
+    def set_reply_mode(self, on: bool) -> None:
+        """Whether the kernel waits for an answer to device events (a global setting,
+        SET_FEATURES; tcmu.md 2.4).  Beside tcmu-runner it must be off: tcmu-runner
+        answers -ENOENT for devices of subtypes it does not serve, and the kernel takes
+        the first answer, so a ``user:targetvirt`` device made by targetcli would fail."""
+        assert self._channel is not None
+        self._channel.set_features(on)
 
     def stop(self) -> None:
         self._stopping.set()
@@ -155,6 +166,8 @@ class TcmuService:
         if device is not None:
             device.stop()
             log.info("stopped serving %s", key)
+            if self.close_lun is not None and not self.devices_of(device.vdisk):
+                self.close_lun(device.vdisk)
 
     def devices_of(self, vdisk: str) -> list[Device]:
         with self._lock:
@@ -179,7 +192,16 @@ class TcmuService:
                 raise
             for msg in messages:
                 if isinstance(msg, netlink.DeviceEvent):
-                    self._channel.reply(msg, self._on_event(msg))
+                    self._channel.reply(msg, self._answer(msg))
+
+    def _answer(self, ev: netlink.DeviceEvent) -> int:
+        """The reply to one event, whatever happens: a kernel that waits for it holds the
+        configfs write (targetcli) in D state until it comes, so nothing may escape."""
+        try:
+            return self._on_event(ev)
+        except Exception:  # logged with its traceback; the kernel gets -EIO
+            log.exception("netlink event %s for %s failed", ev.cmd, ev.device)
+            return -errno.EIO
 
     def _on_event(self, ev: netlink.DeviceEvent) -> int:
         name = uio.parse_uio_name(ev.device)

@@ -1,7 +1,9 @@
 """``targetvirt-handler``: the daemon that serves targetvirt LUNs on this host.
 
-It composes the pieces: the catalog (metadata store in the state folder), the TCMU
-service (every ``user:targetvirt`` device of this host), the ``org.kernel.TCMUService1``
+It composes the pieces: the catalog (metadata store in the state folder) under the
+controller, an in-process agent that serves every LUN from its copies of the tables
+(so snapshots, freezes and delays reach the data path through the table protocol), the
+TCMU service (every ``user:targetvirt`` device of this host), the ``org.kernel.TCMUService1``
 registration (so targetcli lists and validates ``user:targetvirt``), a periodic flush
 (the durability contract's "at least every few seconds"), the thin-provisioning soft
 threshold (a pool reaching it makes every LUN of its vdisks report THIN PROVISIONING SOFT
@@ -18,6 +20,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -27,7 +30,9 @@ from typing import Any
 
 import dbus
 
+from targetvirt.agent import Agent, AgentVDisk
 from targetvirt.catalog import Catalog
+from targetvirt.controller import Controller
 from targetvirt.errors import InvalidArgument, NotFound, TargetvirtError
 from targetvirt.manage.api import ManagerBusService
 from targetvirt.manage.common import BUS_ENV, BUS_FILE
@@ -35,6 +40,7 @@ from targetvirt.manage.lio import LioExporter
 from targetvirt.manage.manager import Manager
 from targetvirt.pool import Pool
 from targetvirt.store.sqlite import SqliteStore
+from targetvirt.transport.inprocess import InProcessLink
 from targetvirt.vdisk import VDisk
 from tcmu_handler import uio
 from tcmu_handler.scsi.lun import LunState
@@ -99,6 +105,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "for the handler (e.g. across a restart) before it fails; default LIO's 30 s",
     )
     parser.add_argument(
+        "--lease",
+        type=float,
+        default=15.0,
+        metavar="SECONDS",
+        help="agent lease: how long an agent that lost the controller may go on writing",
+    )
+    parser.add_argument(
+        "--frozen-timeout",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="how long a write waits on a frozen (no-write) vdisk before it fails as "
+        "write-protected (keep it below the LUN's command timeout)",
+    )
+    parser.add_argument(
         "--no-restore",
         action="store_true",
         help="do not restore saved exports at start (the targetvirt-restore unit does it)",
@@ -129,32 +150,48 @@ def open_catalog(state_dir: str) -> Catalog:
 
 
 class Handler:
-    """The running daemon: catalog, TCMU service, D-Bus, flusher."""
+    """The running daemon: controller, agent, TCMU service, D-Bus, flusher."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.catalog = open_catalog(args.state_dir)
-        self.catalog.threshold_listeners.append(self.soft_threshold)
+        self.controller = Controller(self.catalog, lease_seconds=args.lease)
+        # The agent id is the host name: stable across restarts, so a restarted
+        # controller sees its agent back at once instead of waiting out the old lease.
+        self.agent = Agent(
+            socket.gethostname(), InProcessLink(self.controller),
+            frozen_timeout=args.frozen_timeout,
+        )  # fmt: skip
         self._stop = threading.Event()
         self.tcmu: Any = None
         self.bus: Any = None
         self.manager: Manager | None = None
         self.api: ManagerBusService | None = None
 
-    def open_lun(self, cfg: Any, info: Any) -> tuple[Any, Any]:
+    def open_lun(self, cfg: Any, info: Any) -> tuple[AgentVDisk, LunState]:
+        """A new device: the agent serves its vdisk; the LUN's identity is the vdisk's."""
         name = cfg.vdisk + (f"@{cfg.snapshot}" if cfg.snapshot else "")
-        vdisk = self.catalog.vdisk(name)
-        if info.size > vdisk.size:
-            raise InvalidArgument(
-                f"LUN size {info.size} is larger than {name} ({vdisk.size} bytes)"
-            )
+        uuid = self.catalog.vdisk(name).uuid
         if info.block_size <= 0:
             info = dataclasses.replace(info, block_size=self._hw_block_size(info))
+        served = self.agent.serve(name)
+        if info.size > served.size:
+            if not self.tcmu.devices_of(name):
+                self.agent.release(name)
+            raise InvalidArgument(
+                f"LUN size {info.size} is larger than {name} ({served.size} bytes)"
+            )
         lun = LunState.for_vdisk(
-            vdisk.uuid, info.size // info.block_size, block_size=info.block_size,
-            segment_size=vdisk.segment_size, read_only=vdisk.readonly or cfg.read_only,
+            uuid, info.size // info.block_size, block_size=info.block_size,
+            segment_size=served.segment_size, read_only=served.readonly or cfg.read_only,
         )  # fmt: skip
-        return vdisk, lun
+        # the controller tells the agent when the pool reaches its soft threshold
+        served.soft_threshold_listeners.append(lun.report_soft_threshold)
+        return served, lun
+
+    def close_lun(self, vdisk: str) -> None:
+        """The last device of ``vdisk`` is gone: the agent stops serving it."""
+        self.agent.release(vdisk)
 
     @staticmethod
     def _hw_block_size(info: Any) -> int:
@@ -169,12 +206,6 @@ class Handler:
         if size <= 0:
             raise InvalidArgument(f"{info.name} has no block size yet")
         return size
-
-    def soft_threshold(self, pool: Pool) -> None:
-        """The catalog's listener: ``pool`` reached its soft threshold (called under the
-        catalog lock: it only queues unit attentions)."""
-        if self.tcmu is not None:
-            report_soft_threshold(pool, list(self.tcmu.devices.values()))
 
     def check_vdisk(self, cfg: Any) -> None:
         name = cfg.vdisk + (f"@{cfg.snapshot}" if cfg.snapshot else "")
@@ -193,13 +224,16 @@ class Handler:
         return "absent"
 
     def start(self) -> None:
-        self.tcmu = TcmuService(self.open_lun, workers=self.args.workers)
+        self.controller.start()  # timers: freeze timeouts, leases
+        self.agent.connect()
+        self.agent.start()  # lease keeper
+        self.tcmu = TcmuService(self.open_lun, close_lun=self.close_lun, workers=self.args.workers)
         self.tcmu.start()
         # The handler serves devices from here on: exports may be (re)created.
         self.manager = Manager(
             self.catalog, self.args.state_dir,
             exporter=LioExporter(cmd_time_out=self.args.lun_timeout),
-            device_state=self.device_state,
+            ops=self.controller, device_state=self.device_state,
         )  # fmt: skip
         if not self.args.no_restore:
             self._restore()
@@ -240,6 +274,11 @@ class Handler:
         except Exception as e:  # noqa: BLE001 - the data path runs without D-Bus
             log.warning("not registered on the system bus: %s", e)
             self.bus = None
+            return
+        if self.bus.mode == "registered":
+            self.tcmu.set_reply_mode(False)
+            log.info("tcmu-runner runs: the kernel no longer waits for answers to device "
+                     "events (tcmu-runner would refuse ours first)")  # fmt: skip
 
     def _flusher(self) -> None:
         while not self._stop.wait(FLUSH_INTERVAL):
@@ -259,7 +298,8 @@ class Handler:
             self.tcmu.stop()
         if self.bus is not None:
             self.bus.stop()
-        self.catalog.close()
+        self.agent.close()
+        self.controller.close()  # and the catalog, committed
 
 
 def _notify(state: str) -> None:

@@ -8,6 +8,7 @@ in whatever order the workers finish, and stopping completes what was in flight.
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import struct
@@ -186,3 +187,43 @@ def test_stop_completes_in_flight_commands() -> None:
     stopper.join(10)
     assert not stopper.is_alive()
     assert all(c.status == 0 for c in uio.wait_all(tags, timeout=5))
+
+
+def test_a_removed_device_ends_its_loop_quietly() -> None:
+    """uio answers EIO once the kernel unregisters the device (before REMOVED_DEVICE
+    arrives): the loop ends without a traceback, in-flight work is completed, and the
+    service's stop afterwards still closes it."""
+    gate = threading.Event()
+    started = threading.Semaphore(0)
+
+    class Held(RamBackend):
+        def read_into(self, offset: int, bufs: object) -> None:
+            started.release()
+            gate.wait(10)
+            super().read_into(offset, bufs)  # type: ignore[arg-type]
+
+    device, uio = make_device(Held(64 * BLOCK), 64)
+    errors: list[BaseException] = []
+    old_hook = threading.excepthook
+    threading.excepthook = lambda args: errors.append(args.exc_value)  # type: ignore[assignment,arg-type]
+    try:
+        device.start()
+        tag = uio.submit(read10(0, 1), data_in=BLOCK)
+        assert started.acquire(timeout=10)
+
+        def gone() -> int | None:
+            raise OSError(errno.EIO, "Input/output error")
+
+        uio.take_event = gone  # type: ignore[method-assign]
+        os.eventfd_write(uio.efd, 1)
+        loop = next(t for t in device._threads if t.name.endswith("-ring"))
+        loop.join(0.5)
+        assert loop.is_alive()  # it waits for the read it handed out
+        gate.set()
+        loop.join(10)
+        assert not loop.is_alive() and errors == []
+        assert uio.wait_all([tag], timeout=5)[0].status == 0
+        device.stop()
+        assert uio.closed
+    finally:
+        threading.excepthook = old_hook

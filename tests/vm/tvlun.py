@@ -13,6 +13,7 @@ vdisk; the daemon picks it up through netlink.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,6 +26,21 @@ from tests.vm import lio
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
+
+
+POLICY = ROOT / "packaging" / "dbus" / "targetvirt.conf"
+SYSTEM_POLICY = Path("/etc/dbus-1/system.d/targetvirt.conf")
+
+
+def install_bus_policy() -> None:
+    """What the package installs: the system bus lets root own the daemon's names."""
+    if SYSTEM_POLICY.exists() and SYSTEM_POLICY.read_bytes() == POLICY.read_bytes():
+        return
+    shutil.copyfile(POLICY, SYSTEM_POLICY)
+    subprocess.run(
+        ["dbus-send", "--system", "--type=method_call", "--dest=org.freedesktop.DBus",
+         "/org/freedesktop/DBus", "org.freedesktop.DBus.ReloadConfig"], check=True,
+    )  # fmt: skip
 
 
 class Handler:
@@ -56,6 +72,8 @@ class Handler:
 
     def start(self, *extra: str, timeout: float = 120.0) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if "--no-dbus" not in extra:
+            install_bus_policy()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
