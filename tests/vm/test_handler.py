@@ -96,9 +96,18 @@ def test_handler_killed_and_restarted_loses_nothing_acknowledged(
     guest: Guest, lun: tuple[str, str], results_dir: Path
 ) -> None:
     """SIGKILL the handler under I/O, start it again: it takes the device over (block,
-    reset ring, reopen), the initiator's retries go through, fio's verify passes."""
+    reset ring, reopen), the initiator's retries go through, fio's verify passes.
+
+    The LUN behaves like a disk with a volatile write cache (DESIGN.md, durability
+    contract): only flushed writes must survive a crash.  fio flushes nothing, so the
+    initiator first turns the cache off (MODE SELECT, WCE=0, through the sd driver):
+    every write is then write-through and every acknowledged one must read back.
+    """
     target, _ = lun
     dev = iscsi_login(guest, target)
+    cache = f"/sys/block/{Path(dev).name}/device/scsi_disk/*/cache_type"
+    guest.run(["sh", "-c", f"echo 'write through' > {cache}"])
+    assert guest.run(["sh", "-c", f"cat {cache}"]).stdout.strip() == "write through"
     try:
         fio = guest.spawn(["fio", "--name=kill", f"--filename={dev}", "--ioengine=libaio",
                            "--direct=1", "--rw=randwrite", "--bs=4k", "--iodepth=8",
