@@ -106,7 +106,8 @@ def test_handler_killed_and_restarted_loses_nothing_acknowledged(
     target, _ = lun
     dev = iscsi_login(guest, target)
     cache = f"/sys/block/{Path(dev).name}/device/scsi_disk/*/cache_type"
-    guest.run(["sh", "-c", f"echo 'write through' > {cache}"])
+    # (dash expands no glob in a redirection: tee gets the expanded path)
+    guest.run(["sh", "-c", f"echo 'write through' | tee {cache}"])
     assert guest.run(["sh", "-c", f"cat {cache}"]).stdout.strip() == "write through"
     try:
         fio = guest.spawn(["fio", "--name=kill", f"--filename={dev}", "--ioengine=libaio",

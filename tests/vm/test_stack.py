@@ -39,8 +39,12 @@ def test_guest_basics(guest: Guest, results_dir: Path) -> None:
     assert Path(out[0]).name == ".venv" and out[1].startswith("2.")
     guest.run(["sh", "-c", 'echo from-guest > "$0"', str(results_dir / "hello.txt")])
     assert (results_dir / "hello.txt").read_text() == "from-guest\n"
-    # LIO keeps APTPL/ALUA metadata under dbroot; the setup points it at a real folder.
-    assert guest.run(["cat", "/sys/kernel/config/target/dbroot"]).stdout.strip() == "/etc/target"
+    # LIO keeps APTPL/ALUA metadata under dbroot, which must be a real folder: the setup
+    # points it at /etc/target; Debian's rtslib-fb (used by tests that run Debian's
+    # targetcli) moves it to /etc/rtslib-fb-target once configfs has been cleared.
+    dbroot = guest.run(["cat", "/sys/kernel/config/target/dbroot"]).stdout.strip()
+    assert dbroot in ("/etc/target", "/etc/rtslib-fb-target"), dbroot
+    guest.run(["test", "-d", dbroot])
     mods = guest.run(["cat", "/proc/modules"]).stdout
     for m in ("target_core_user", "tcm_loop", "iscsi_target_mod", "target_core_file", "uio"):
         assert f"{m} " in mods
