@@ -1,5 +1,6 @@
 """Property tests of the ring: a stateful kernel/handler interleaving against the
-emulator, and arbitrary corruption of ring bytes."""
+emulator, and arbitrary corruption of ring bytes (a fuzz target; both scale with
+TV_FUZZ_SCALE)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from tcmu_handler import abi
 from tcmu_handler.ring import Command, Ring, RingError
+from tests.fuzzing import examples
 from tests.tcmu_handler.kernel_emulator import KernelCommand, KernelEmulator, round_up
 
 GOOD, CHECK, BUSY = abi.SAM_STAT_GOOD, abi.SAM_STAT_CHECK_CONDITION, abi.SAM_STAT_BUSY
@@ -166,7 +168,7 @@ class RingMachine(RuleBasedStateMachine):
 
 
 RingMachine.TestCase.settings = settings(
-    max_examples=60,
+    max_examples=examples(60),
     stateful_step_count=40,
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
@@ -207,7 +209,7 @@ def allowed_changes(snapshot: bytes, ring: Ring, start: int, cmds: list[Command]
     return allowed
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=examples(300), deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     sizes=st.lists(st.integers(0, 9000), min_size=1, max_size=12),
     done_first=st.integers(0, 6),
