@@ -15,6 +15,7 @@ from targetvirt.catalog import Catalog
 from targetvirt.errors import NotFound, StoreCorrupt, StoreError, StoreLocked, TargetvirtError
 from targetvirt.store.base import Transaction
 from targetvirt.store.sqlite import SqliteStore
+from tests.fuzzing import one_line
 from tests.targetvirt.engine_model import SEG
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -137,6 +138,56 @@ def test_damaged_record_is_detected(tmp_path: Path) -> None:
     con.close()
     with pytest.raises(StoreCorrupt, match="fails its checksum"):
         reopen(db)
+
+
+def _damaged(db: str, sql: str) -> None:
+    con = sqlite3.connect(db)
+    con.execute(sql)
+    con.commit()
+    con.close()
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        # found by the fuzzer: a record under another kind or id passed its checksum, and
+        # the catalog opened without that vdisk (its segments counted free) or container
+        "UPDATE records SET kind='vdisj' WHERE kind='vdisk' AND id=(SELECT MIN(id) FROM "
+        "records WHERE kind='vdisk')",
+        "UPDATE records SET kind='containeR' WHERE kind='container'",
+        "UPDATE records SET id=id+100 WHERE kind='vdisk' AND id=(SELECT MAX(id) FROM records "
+        "WHERE kind='vdisk')",
+        # ... or a value of another type reached code that expected bytes
+        "UPDATE records SET body=CAST(body AS TEXT) WHERE kind='pool'",
+        "UPDATE records SET body=42 WHERE kind='container'",
+        "UPDATE table_chunks SET hash=1099511627776 WHERE idx=0",
+        "UPDATE chunks SET data=CAST(data AS TEXT)",
+        "UPDATE meta SET value='x' WHERE key='generation'",
+    ],
+)
+def test_damaged_record_key_or_type_is_detected(tmp_path: Path, sql: str) -> None:
+    db, _ = make_store(tmp_path)
+    _damaged(db, sql)
+    with pytest.raises(StoreCorrupt) as e:
+        reopen(db)
+    assert one_line(str(e.value))
+
+
+def test_damaged_schema_quoted_in_an_error_is_detected(tmp_path: Path) -> None:
+    """Found by the fuzzer: SQLite's message quoted schema text that is not UTF-8, and
+    the sqlite3 module raised UnicodeDecodeError instead of DatabaseError."""
+    db, _ = make_store(tmp_path)
+    con = sqlite3.connect(db)
+    con.execute("PRAGMA writable_schema=ON")
+    con.execute(
+        "UPDATE sqlite_master SET sql=CAST(? AS TEXT) WHERE name='chunks'",
+        (b"CREATE TABLE chunks(a int) \xf2\xf2",),
+    )
+    con.commit()
+    con.close()
+    with pytest.raises(StoreCorrupt, match="unknown table option") as e:
+        reopen(db)
+    assert one_line(str(e.value))
 
 
 def test_damaged_table_index_is_detected(tmp_path: Path) -> None:
