@@ -1,4 +1,5 @@
-"""The SQLite store: atomicity, single writer, and damage detection."""
+"""The SQLite store: atomicity, single writer, and damage detection (with a fuzz target
+over damaged store files and container headers, scaled by TV_FUZZ_SCALE)."""
 
 from __future__ import annotations
 
@@ -10,12 +11,15 @@ import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import event, given
+from hypothesis import strategies as st
 
 from targetvirt.catalog import Catalog
+from targetvirt.container import HEADER_BYTES
 from targetvirt.errors import NotFound, StoreCorrupt, StoreError, StoreLocked, TargetvirtError
 from targetvirt.store.base import Transaction
 from targetvirt.store.sqlite import SqliteStore
-from tests.fuzzing import one_line
+from tests.fuzzing import fuzz_settings, one_line
 from tests.targetvirt.engine_model import SEG
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -253,3 +257,107 @@ def test_a_refused_store_is_released(tmp_path: Path) -> None:
     cat = reopen(db)  # StoreLocked here if the refused open still held the lock
     assert {n: v.read(0, v.size) for n, v in cat.vdisks.items()} == expected
     cat.close()
+
+
+# --- fuzz: damaged store files and container headers -----------------------------------
+
+
+class Pristine:
+    """A store and its container, checkpointed, with their bytes and contents."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        db, self.expected = make_store(root)
+        _checkpoint(db)
+        self.db = Path(db)
+        self.container = root / "c0"
+        self.db_bytes = self.db.read_bytes()
+        self.container_bytes = self.container.read_bytes()
+
+    def restore(self) -> None:
+        self.db.write_bytes(self.db_bytes)
+        for suffix in ("-wal", "-shm"):
+            Path(str(self.db) + suffix).unlink(missing_ok=True)
+        with open(self.container, "r+b") as f:
+            f.write(self.container_bytes[:HEADER_BYTES])
+            if os.fstat(f.fileno()).st_size != len(self.container_bytes):
+                f.seek(0)
+                f.write(self.container_bytes)  # a truncation took data with it
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory: pytest.TempPathFactory) -> Pristine:
+    return Pristine(tmp_path_factory.mktemp("damage"))
+
+
+def damage(data: bytearray, how: str, where: int, value: bytes) -> bytearray:
+    at = where % (len(data) + 1)
+    if how == "flip" and at < len(data):
+        data[at] ^= value[0] or 0x80
+    elif how == "set":
+        data[at : at + len(value)] = value[: len(data) - at]
+    elif how == "zero_page":  # a lost 4 KiB write
+        start = at // 4096 * 4096
+        data[start : start + 4096] = bytes(len(data[start : start + 4096]))
+    elif how == "truncate":
+        del data[at:]
+    return data
+
+
+damages = st.lists(
+    st.tuples(
+        st.sampled_from(["flip", "flip", "flip", "set", "zero_page", "truncate"]),
+        st.integers(0, 2**24),
+        st.binary(min_size=1, max_size=8),
+    ),
+    min_size=1,
+    max_size=3,
+)
+header_damages = st.lists(
+    st.tuples(
+        st.sampled_from(["flip", "flip", "set", "truncate"]),
+        st.one_of(st.integers(0, 80), st.integers(0, HEADER_BYTES)),
+        st.binary(min_size=1, max_size=8),
+    ),
+    min_size=1,
+    max_size=3,
+)
+
+
+@fuzz_settings(200)
+@given(
+    db_damage=st.one_of(st.just([]), damages),
+    header_damage=st.one_of(st.just([]), header_damages),
+)
+def test_damaged_store_or_container_header_is_refused_or_intact(
+    pristine: Pristine,
+    db_damage: list[tuple[str, int, bytes]],
+    header_damage: list[tuple[str, int, bytes]],
+) -> None:
+    """Any flips, overwrites, lost pages or truncation of the store file, and of a
+    container's header: opening and reading every vdisk either raises a one-line
+    TargetvirtError or gives back exactly what was written."""
+    pristine.restore()
+    db = bytearray(pristine.db_bytes)
+    for how, where, value in db_damage:
+        db = damage(db, how, where, value)
+    pristine.db.write_bytes(db)
+    header = bytearray(pristine.container_bytes[:HEADER_BYTES])
+    for how, where, value in header_damage:
+        header = damage(header, how, where, value)
+    with open(pristine.container, "r+b") as f:
+        f.write(header)
+        if len(header) < HEADER_BYTES:
+            f.truncate(len(header))
+    try:
+        cat = reopen(str(pristine.db))
+        try:
+            contents = {n: v.read(0, v.size) for n, v in cat.vdisks.items()}
+        finally:
+            cat.close()
+    except TargetvirtError as e:
+        assert one_line(str(e)), str(e)
+        event(f"refused: {type(e).__name__}")
+        return
+    event("intact" if db_damage or header_damage else "undamaged")
+    assert contents == pristine.expected
