@@ -122,11 +122,16 @@ class _Freeze:
 class Controller:
     """The controller role around one catalog.
 
+    (It is the :class:`~targetvirt.manage.manager.Operations` the management layer uses:
+    ``live`` says that changes to served vdisks reach their agents coherently.)
+
     While agents serve vdisks, every operation that changes an existing table goes
     through the controller (snapshot, clone, rollback, resize, delete, flatten, migrate,
     evacuate...): it keeps the agents coherent.  ``catalog`` itself is for what changes no
     served table: creating pools, containers and vdisks, usage, checks.
     """
+
+    live = True
 
     def __init__(
         self,
@@ -671,6 +676,12 @@ class Controller:
             self._delays.pop(name, None)
             self._push(self._to_servers([name], lambda n: p.CancelDelay(0, n)))
 
+    def delayed(self, name: str) -> bool:
+        """Whether a delay of ``name`` is running (its agents release it by themselves at
+        the deadline; :meth:`tick` forgets it then)."""
+        until = self._delays.get(name)
+        return until is not None and self.clock.now() < until
+
     # --- live table changes ----------------------------------------------------------------
 
     @contextlib.contextmanager
@@ -870,6 +881,16 @@ class Controller:
     def servers(self, name: str) -> list[str]:
         """Agent ids serving a vdisk."""
         return sorted(s.agent_id for s in self._servers(name))
+
+    def agents(self) -> list[dict[str, object]]:
+        """The live agent sessions, for operators: id, host, lease left, vdisks served."""
+        now = self.clock.now()
+        return [
+            {"id": s.agent_id, "kind": f"host {s.host}", "host": s.host, "session": f"{s.sid:#x}",
+             "lease": f"{max(0.0, s.lease_until - now):.1f} s left",
+             "vdisks": sorted(s.vdisks)}
+            for s in sorted(self.sessions(), key=lambda s: s.agent_id)
+        ]  # fmt: skip
 
     def close(self) -> None:
         """Stop (agents will find their sessions gone at the next controller)."""

@@ -78,6 +78,9 @@ log = logging.getLogger(__name__)
 
 Call = Callable[[], Any]
 
+# Connections of stopped services, never collected (see ManagerBusService.stop).
+_RETIRED: list[Any] = []
+
 
 def error_name(e: BaseException) -> str:
     if isinstance(e, TargetvirtError):
@@ -417,4 +420,7 @@ class ManagerBusService:
         # The connection stays open, and referenced (the process is about to exit, or a
         # test goes on): the other GLib loop of the process (TCMUService1's, on the same
         # default context) may still dispatch its last messages (NameLost...), and
-        # dbus-python fails that loop if the connection was closed or collected.
+        # dbus-python fails that loop if the connection was closed or collected.  So the
+        # module keeps it: a service dropped by its owner (tests make one per test) must
+        # not take its connection with it while the context may still dispatch for it.
+        _RETIRED.append(self._conn)

@@ -7,9 +7,8 @@ busy...), then performs it:
 * pool, container and vdisk bookkeeping directly on the :class:`Catalog`;
 * everything that touches a vdisk agents may be serving (snapshot, clone, group
   snapshot, freeze/thaw, delay/resume, resize, rollback, delete, flatten, evacuate)
-  through an :class:`Operations` object.  Today that is :class:`LocalOperations`
-  (the catalog, in the handler's own process; freeze and delay need the controller and
-  say so); once the controller lands, the daemon passes the controller instead;
+  through an :class:`Operations` object: the :class:`~targetvirt.controller.Controller`,
+  which keeps every agent serving the vdisk coherent;
 * exports through an :class:`~targetvirt.manage.exports.Exporter` (rtslib-fb in the
   daemon, a fake in host tests), persisted in ``<state-dir>/exports.json``.
 
@@ -31,6 +30,7 @@ from typing import Any, Protocol
 import targetvirt
 from targetvirt import check as checker
 from targetvirt.catalog import SNAP_SEP, Catalog, check_name
+from targetvirt.controller import Controller
 from targetvirt.errors import (
     AlreadyExists,
     InUse,
@@ -71,8 +71,7 @@ class Operations(Protocol):
     """Operations on vdisks that agents may be serving.
 
     The controller (``targetvirt/controller.py``) has these methods with these
-    signatures; :class:`LocalOperations` is the stand-in until it is wired in.
-    ``live`` says whether changes to exported vdisks are coherent with the agents
+    signatures.  ``live`` says whether changes to exported vdisks are coherent with the agents
     serving them (rollback and evacuation of exported vdisks need that).
     """
 
@@ -102,78 +101,6 @@ class Operations(Protocol):
 
 # "served", "refused: <why>" or "absent": what the TCMU service does with a vdisk's device
 DeviceState = Callable[[str], str]
-
-
-class LocalOperations:
-    """The catalog in this process, with no controller: no freeze, no delay."""
-
-    live = False
-
-    def __init__(self, catalog: Catalog, device_state: DeviceState | None = None) -> None:
-        self.catalog = catalog
-        self.device_state = device_state
-
-    def _no_controller(self, what: str) -> NotAvailable:
-        return NotAvailable(
-            f"{what} needs the targetvirt controller, which this targetvirt-handler "
-            "does not run yet"
-        )
-
-    def snapshot(self, source: str, snap: str, *, mode: str = "nowrite") -> VDisk:
-        return self.catalog.snapshot(source, snap)
-
-    def clone(self, source: str, name: str, *, mode: str = "nowrite") -> VDisk:
-        return self.catalog.clone(source, name)
-
-    def group_snapshot(
-        self, sources: Sequence[str], snap: str, *, mode: str = "nowrite"
-    ) -> list[VDisk]:
-        return self.catalog.group_snapshot(list(sources), snap)
-
-    def freeze(
-        self, names: Sequence[str], *, mode: str = "nowrite", timeout: float | None = None
-    ) -> None:
-        raise self._no_controller("freeze")
-
-    def thaw(self, names: Sequence[str]) -> None:
-        raise self._no_controller("thaw")
-
-    def frozen(self, name: str) -> bool:
-        return False
-
-    def delay(self, name: str, seconds: float) -> None:
-        raise self._no_controller("delay")
-
-    def cancel_delay(self, name: str) -> None:
-        raise self._no_controller("resume")
-
-    def delayed(self, name: str) -> bool:
-        return False
-
-    def rollback(self, name: str, snap: str) -> None:
-        self.catalog.rollback(name, snap)
-
-    def resize(self, name: str, size: int) -> None:
-        self.catalog.resize(name, size)
-
-    def delete(self, name: str, *, recursive: bool = False) -> None:
-        self.catalog.delete(name, recursive=recursive)
-
-    def flatten(self, name: str, progress: Progress) -> int:
-        return self.catalog.flatten(name, progress)
-
-    def evacuate(self, pool: str, cid: int, progress: Progress) -> int:
-        return self.catalog.evacuate(pool, cid, progress)
-
-    def servers(self, name: str) -> list[str]:
-        if self.device_state is not None and self.device_state(name) == "served":
-            return ["local"]
-        return []
-
-    def agents(self) -> list[dict[str, Any]]:
-        served = [n for n in sorted(self.catalog.vdisks) if self.servers(n)]
-        return [{"id": "local", "kind": "in-process", "lease": "none (no controller)",
-                 "vdisks": served}]  # fmt: skip
 
 
 def _split(name: str) -> tuple[str, str | None]:
@@ -209,7 +136,7 @@ class Manager:
         self.state_dir = Path(state_dir)
         self.exporter = exporter
         self.device_state = device_state
-        self.ops: Operations = ops or LocalOperations(catalog, device_state)
+        self.ops: Operations = ops if ops is not None else Controller(catalog)
         self.device_wait = device_wait
         self.hostname = hostname or socket.gethostname()
         self._sleep = sleep
@@ -273,7 +200,7 @@ class Manager:
             "pid": os.getpid(),
             "state_dir": str(self.state_dir),
             "hostname": self.hostname,
-            "controller": "controller" if self.ops.live else "local (no controller)",
+            "controller": f"in-process, {len(self.ops.agents())} agents",
             "lio": "available" if lio is None else f"unavailable: {lio}",
             "pools": len(self.catalog.pools),
             "vdisks": len(self.catalog.vdisks),

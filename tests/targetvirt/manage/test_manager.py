@@ -11,9 +11,12 @@ from typing import Any
 
 import pytest
 
+from targetvirt import controller as controller_module
+from targetvirt.clock import FakeClock
+from targetvirt.controller import Controller
 from targetvirt.errors import AlreadyExists, InUse, InvalidArgument, NotFound, TargetvirtError
 from targetvirt.manage.jobs import Job
-from targetvirt.manage.manager import LocalOperations, Manager, NotAvailable
+from targetvirt.manage.manager import Manager, NotAvailable
 from tests.targetvirt.manage.conftest import MIB, open_manager
 from tests.targetvirt.manage.fakes import FakeLio
 
@@ -75,7 +78,10 @@ def test_containers_and_evacuation(manager: Manager, tmp_path: Path) -> None:
         manager.delete_pool("p1")
 
 
-def test_flatten_is_cancellable_and_resumes(manager: Manager, tmp_path: Path) -> None:
+def test_flatten_is_cancellable_and_resumes(
+    manager: Manager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(controller_module, "FLATTEN_BATCH", 1)  # progress at every segment
     manager.create_pool("p1", path=str(tmp_path / "a.img"), size=64 * MIB)
     manager.create_vdisk("db", "p1", 16 * MIB)
     fill(manager, "db", 12 * MIB)
@@ -133,9 +139,6 @@ def test_refusals(world: Manager) -> None:
          "freeze mode 'paused' is not one of nowrite, invalid"),
         (lambda: m.clone("db", "x", snapshot="nope"), NotFound, "no snapshot named 'db@nope'"),
         (lambda: m.clone("db", "web"), AlreadyExists, "a vdisk named 'web' already exists"),
-        (lambda: m.rollback("web", "w1"), InUse,
-         f"web is exported as LUN 0 of {IQN_WEB}; unexport it before you roll it back "
-         "(targetvirt /exports delete vdisk=web)"),
         (lambda: m.rollback("db", "web@w1"), InvalidArgument, "web@w1 is not a snapshot of db"),
         (lambda: m.flatten("db@s1"), TargetvirtError,
          "db@s1 is a snapshot; clone it and flatten the clone"),
@@ -144,12 +147,13 @@ def test_refusals(world: Manager) -> None:
          "off its data: unexport it first"),
         (lambda: m.resize("db@s1", 32 * MIB), TargetvirtError,
          "db@s1 is a snapshot and cannot be resized"),
-        (lambda: m.freeze("db"), NotAvailable,
-         "freeze needs the targetvirt controller, which this targetvirt-handler does not run yet"),
+        (lambda: m.freeze("db@s1"), InvalidArgument,
+         "db@s1 is a snapshot; snapshots take no writes to hold"),
+        (lambda: m.freeze("db", mode="cold"), InvalidArgument,
+         "freeze mode 'cold' is not one of nowrite, invalid"),
         (lambda: m.freeze("db", timeout=0), InvalidArgument, "timeout must be positive, got 0"),
         (lambda: m.thaw("db"), InvalidArgument, "db is not frozen"),
-        (lambda: m.delay("db", 5), NotAvailable,
-         "delay needs the targetvirt controller, which this targetvirt-handler does not run yet"),
+        (lambda: m.delay("db", 0), InvalidArgument, "timeout must be positive, got 0"),
         (lambda: m.resume("db"), InvalidArgument, "db is not delayed"),
         (lambda: m.group_snapshot(["db", "nope"], "g"), NotFound, "no vdisk named 'nope'"),
         (lambda: m.group_snapshot(["db", "db@s1"], "g"), InvalidArgument,
@@ -286,7 +290,6 @@ def test_export_waits_for_the_handler(state: Path, lio: FakeLio, tmp_path: Path)
             m.export("bad")
         assert str(e.value) == "targetvirt-handler refused the LUN: no vdisk"
         assert "bad" not in lio.storage_objects
-        assert isinstance(m.ops, LocalOperations)
     finally:
         m.catalog.close()
 
@@ -325,7 +328,48 @@ def test_listing_and_status(world: Manager) -> None:
     web = next(v for v in data["vdisks"] if v["name"] == "web")
     assert web["export"] == {"iqn": IQN_WEB, "lun": 0, "readonly": False}
     assert data["exports"][0]["password"] == ""
-    assert data["agents"] == [{"id": "local", "kind": "in-process",
-                               "lease": "none (no controller)", "vdisks": []}]  # fmt: skip
+    assert data["agents"] == []  # no handler serves anything here
     status = world.status()
-    assert status["controller"] == "local (no controller)" and status["lio"] == "available"
+    assert status["controller"] == "in-process, 0 agents" and status["lio"] == "available"
+
+
+def test_freeze_thaw_delay_resume_through_the_controller(
+    state: Path, lio: FakeLio, tmp_path: Path
+) -> None:
+    """Freeze and delay reach the controller: states show in info, a freeze with a timeout
+    thaws by itself when the controller's clock passes it, a delay ends the same way."""
+    clock = FakeClock()
+    m = open_manager(state, lio)
+    m.ops = controller = Controller(m.catalog, clock=clock)
+    try:
+        m.create_pool("p1", path=str(tmp_path / "p.img"), size=16 * MIB)
+        m.create_vdisk("db", "p1", 4 * MIB)
+        assert m.status()["controller"] == "in-process, 0 agents"
+        assert m.freeze("db")["message"] == "Froze db (nowrite) until thawed"
+        assert m.info("vdisk", "db")["state"] == "frozen"
+        with pytest.raises(InUse, match=r"^db is already frozen$"):
+            m.freeze("db")
+        with pytest.raises(InUse, match=r"^db is frozen; thaw it before you resize it$"):
+            m.resize("db", 8 * MIB)
+        assert m.thaw("db")["message"] == "Thawed db"
+        assert m.info("vdisk", "db")["state"] == "normal"
+        r = m.freeze("db", mode="invalid", timeout=10)
+        assert r["message"] == "Froze db (invalid) for at most 10 s"
+        clock.advance(9)
+        controller.tick()
+        assert m.info("vdisk", "db")["state"] == "frozen"
+        clock.advance(2)
+        controller.tick()
+        assert m.info("vdisk", "db")["state"] == "normal"
+        assert m.delay("db", 30)["message"] == "Holding I/O to db for at most 30 s"
+        assert m.info("vdisk", "db")["state"] == "delayed"
+        assert m.resume("db")["message"] == "Resumed I/O to db"
+        with pytest.raises(InvalidArgument, match=r"^db is not delayed$"):
+            m.resume("db")
+        m.delay("db", 30)
+        clock.advance(31)
+        assert m.info("vdisk", "db")["state"] == "normal"
+        assert m.listing()["agents"] == []
+    finally:
+        m.stop()
+        m.catalog.close()
