@@ -194,9 +194,12 @@ def allowed_changes(snapshot: bytes, ring: Ring, start: int, cmds: list[Command]
     """Bytes the ring may write: the tail, response fields of fetched CMD slots, the
     flag byte of unknown ops, and (zero-fill) the fetched commands' own iovecs."""
     allowed = set(range(64, 68))
+    # The ring as the (maybe corrupted) mailbox places it: a cmdr_off other than 128 made
+    # this walk read zero lengths at the wrong place, for ever (TV_FUZZ_SCALE=3 found it).
+    cmdr_off = struct.unpack_from("<I", snapshot, 4)[0]
     off = start
     while off != ring.fetch_cursor:
-        ent = 128 + off
+        ent = cmdr_off + off
         len_op = struct.unpack_from("<I", snapshot, ent)[0]
         if len_op & 7 == abi.OP_CMD:
             allowed |= set(range(ent + 4, ent + 112))
