@@ -138,6 +138,7 @@ class Device:
         poller.register(self.handle.fileno(), select.POLLIN)
         poller.register(self._wake, select.POLLIN)
         self._drain_ring()  # commands queued before we opened raise no event
+        self._reap()  # nor would their inline completions until the first poll timed out
         while not self._stopping.is_set():
             ready = poller.poll(1000)
             for fd, _ in ready:

@@ -328,7 +328,7 @@ def _family_info(attrs: dict[int, memoryview]) -> FamilyInfo:
             group = parse_attrs(entry)
             if CTRL_ATTR_MCAST_GRP_NAME in group:
                 name = _string(group[CTRL_ATTR_MCAST_GRP_NAME])
-                groups[name] = _u32(group, CTRL_ATTR_MCAST_GRP_ID, f"group {name} id")
+                groups[name] = _u32(group, CTRL_ATTR_MCAST_GRP_ID, f"group {name!r} id")
     family_id = int(_U16.unpack_from(raw_id)[0])
     return FamilyInfo(_string(raw_name), family_id, version, groups)
 
@@ -428,7 +428,7 @@ class NetlinkChannel:
     def subscribe(self, info: FamilyInfo, group: str = MCAST_GROUP) -> None:
         """Join the multicast group the kernel sends device events to."""
         if group not in info.groups:
-            raise ProtocolError(f"family {info.name} has no multicast group {group!r}")
+            raise ProtocolError(f"family {info.name!r} has no multicast group {group!r}")
         self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, info.groups[group])
 
     def set_features(self, kern_cmd_reply: bool) -> int:

@@ -54,6 +54,7 @@ from targetvirt.manage.exports import (
 )
 from targetvirt.manage.jobs import Job, Jobs, Progress, raise_busy
 from targetvirt.manage.values import (
+    MAX_DURATION,
     check_block_multiple,
     check_iscsi_name,
     format_size,
@@ -383,6 +384,8 @@ class Manager:
             )
         where = path or device
         assert where is not None
+        if not where.isprintable():  # NUL, line breaks, terminal escapes
+            raise InvalidArgument(f"{where!r} holds control characters; give a plain path")
         if not os.path.isabs(where):
             raise InvalidArgument(f"{where!r} is not an absolute path")
         if device:
@@ -766,8 +769,8 @@ class Manager:
         self, vdisk: str, *, mode: str = "nowrite", timeout: float | None = None
     ) -> dict[str, Any]:
         self._mode(mode)
-        if timeout is not None and timeout <= 0:
-            raise InvalidArgument(f"timeout must be positive, got {timeout}")
+        if timeout is not None:
+            _check_timeout(timeout)
         with self.lock:
             if self._vdisk(vdisk).readonly:
                 raise InvalidArgument(f"{vdisk} is a snapshot; snapshots take no writes to hold")
@@ -786,8 +789,7 @@ class Manager:
         return {"message": f"Thawed {vdisk}"}
 
     def delay(self, vdisk: str, timeout: float) -> dict[str, Any]:
-        if timeout <= 0:
-            raise InvalidArgument(f"timeout must be positive, got {timeout}")
+        _check_timeout(timeout)
         with self.lock:
             self._vdisk(vdisk)
         self.ops.delay(vdisk, timeout)
@@ -1016,6 +1018,13 @@ def _job_id(text: str) -> int:
         return int(text)
     except ValueError:
         raise InvalidArgument(f"a job is named by its number, not {text!r}") from None
+
+
+def _check_timeout(timeout: float) -> None:
+    if timeout <= 0:
+        raise InvalidArgument(f"timeout must be positive, got {timeout}")
+    if not timeout <= MAX_DURATION:  # inf and NaN too: D-Bus callers can send them
+        raise InvalidArgument(f"timeout must be at most {MAX_DURATION:.0f} seconds, got {timeout}")
 
 
 def _check_chap(userid: str, password: str, mutual_userid: str, mutual_password: str) -> None:

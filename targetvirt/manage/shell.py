@@ -245,6 +245,15 @@ class Node(ConfigNode):  # type: ignore[misc]
                  if c.startswith(last)]  # fmt: skip
         return [found[0] + " "] if len(found) == 1 and not sep else found
 
+    def ui_command_cd(self, path: str | None = None) -> Any:
+        if path is None and not (self.shell.tv_interactive and sys.stdin.isatty()):
+            # configshell would open its full-screen tree browser on a pipe (a traceback)
+            raise ExecutionError("cd needs a PATH here; without one it browses the tree, "
+                                 "which needs the interactive shell on a terminal")  # fmt: skip
+        return super().ui_command_cd(path)
+
+    ui_command_cd.__doc__ = ConfigNode.ui_command_cd.__doc__
+
     def ui_command_info(self) -> None:
         """Shows everything about this node."""
         for line in render(self.info_data()):

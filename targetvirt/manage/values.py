@@ -11,12 +11,14 @@ import re
 from targetvirt.errors import InvalidArgument
 
 UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40, "P": 1 << 50, "E": 1 << 60}
-_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTPE]?)(?:I?B)?\Z", re.IGNORECASE)
-_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\Z", re.IGNORECASE)
+# re.ASCII: \d takes no other script's digits, and IGNORECASE no KELVIN SIGN for K
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s*([KMGTPE]?)(?:I?B)?\Z", re.IGNORECASE | re.ASCII)
+_DURATION_RE = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\Z", re.IGNORECASE | re.ASCII)
 _DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
 _TRUE = {"1", "true", "yes", "on", "y"}
 _FALSE = {"0", "false", "no", "off", "n"}
 MAX_SIZE = (1 << 63) - 1  # what fits a signed 64-bit integer
+MAX_DURATION = 365 * 86400.0  # a year: more is a typo (and inf breaks timers)
 BLOCK = 512  # LUN block size: vdisk sizes are multiples of it
 DEFAULT_PORT = 3260
 
@@ -25,11 +27,13 @@ DEFAULT_PORT = 3260
 _IQN_RE = re.compile(
     r"iqn\.\d{4}-(0[1-9]|1[0-2])\."
     r"[a-z0-9]([a-z0-9-]*[a-z0-9])?(\.[a-z0-9]([a-z0-9-]*[a-z0-9])?)*"
-    r"(:[a-z0-9.:_-]+)?\Z"
+    r"(:[a-z0-9.:_-]+)?\Z",
+    re.ASCII,
 )
 _EUI_RE = re.compile(r"eui\.[0-9a-f]{16}\Z")
 _NAA_RE = re.compile(r"naa\.([0-9a-f]{16}|[0-9a-f]{32})\Z")
 IQN_MAX = 223
+_SCOPE_RE = re.compile(r"[A-Za-z0-9_.-]+")  # an IPv6 zone: an interface name or index
 
 
 def parse_size(text: str, what: str = "size") -> int:
@@ -41,10 +45,17 @@ def parse_size(text: str, what: str = "size") -> int:
             "K, M, G or T suffix (e.g. 10G)"
         )
     number, unit = m.groups()
-    value = (
-        float(number) * UNITS[unit.upper()] if "." in number else int(number) * UNITS[unit.upper()]
-    )
-    size = int(value)
+    try:
+        value = (
+            float(number) * UNITS[unit.upper()]
+            if "." in number
+            else int(number) * UNITS[unit.upper()]
+        )
+        size = int(value)
+    except (OverflowError, ValueError):  # inf, or more digits than int() takes
+        raise InvalidArgument(
+            f"{what} {text!r} is larger than {format_size(MAX_SIZE + 1)}"
+        ) from None
     if size != value:
         raise InvalidArgument(f"{what} {text!r} is not a whole number of bytes")
     if size <= 0:
@@ -75,6 +86,8 @@ def parse_duration(text: str, what: str = "timeout") -> float:
     seconds = float(m.group(1)) * _DURATION_UNITS[(m.group(2) or "s").lower()]
     if seconds <= 0:
         raise InvalidArgument(f"{what} must be positive, got {text!r}")
+    if seconds > MAX_DURATION:
+        raise InvalidArgument(f"{what} {text!r} is longer than {MAX_DURATION:.0f} seconds")
     return seconds
 
 
@@ -158,6 +171,9 @@ def parse_portal(text: str) -> tuple[str, int]:
             f"portal {text!r} does not start with an IP address: use ADDR:PORT "
             "(e.g. 0.0.0.0:3260 or [::]:3260)"
         ) from None
+    scope = getattr(ip, "scope_id", None)
+    if scope is not None and not _SCOPE_RE.fullmatch(scope):
+        raise InvalidArgument(f"portal {text!r} has the IPv6 zone {scope!r}: use an interface name")
     return str(ip), port
 
 

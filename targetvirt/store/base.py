@@ -20,7 +20,8 @@ from typing import Any, Protocol
 
 from targetvirt.errors import StoreCorrupt
 
-FORMAT_VERSION = 1
+# 2: a record's checksum covers its kind and id as well as its body
+FORMAT_VERSION = 2
 
 
 def chunk_hash(data: bytes) -> bytes:
@@ -31,14 +32,26 @@ def table_root(hashes: list[bytes]) -> str:
     return hashlib.blake2b(b"".join(hashes), digest_size=16).hexdigest()
 
 
-def encode_record(body: dict[str, Any]) -> tuple[bytes, int]:
+def record_crc(kind: str, key: int, raw: bytes) -> int:
+    """The checksum of a record: its key too, so a damaged kind or id cannot move a
+    record (a vdisk would silently vanish, its segments counted free)."""
+    return zlib.crc32(raw, zlib.crc32(f"{kind}\0{key}\0".encode()))
+
+
+def encode_record(kind: str, key: int, body: dict[str, Any]) -> tuple[bytes, int]:
     raw = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
-    return raw, zlib.crc32(raw)
+    return raw, record_crc(kind, key, raw)
 
 
-def decode_record(kind: str, key: int, raw: bytes, crc: int) -> dict[str, Any]:
-    if zlib.crc32(raw) != crc:
-        raise StoreCorrupt(f"metadata record {kind} {key} fails its checksum")
+def decode_record(kind: object, key: object, raw: object, crc: object) -> dict[str, Any]:
+    """A record's body, as read back: any field may be damaged, even in its type."""
+    if (
+        not isinstance(kind, str)
+        or type(key) is not int
+        or not isinstance(raw, bytes)
+        or record_crc(kind, key, raw) != crc
+    ):
+        raise StoreCorrupt(f"metadata record {kind!r} {key!r} fails its checksum")
     try:
         body = json.loads(raw)
     except (UnicodeDecodeError, ValueError):

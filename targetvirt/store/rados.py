@@ -729,7 +729,7 @@ class _Staged:
         self.deletes.add(key)
 
     def op_put(self, kind: str, key: int, body: dict[str, Any]) -> None:
-        raw, crc = encode_record(body)
+        raw, crc = encode_record(kind, key, body)
         self._set(_record_key(kind, key), _CRC.pack(crc) + raw)
 
     def op_delete(self, kind: str, key: int) -> None:

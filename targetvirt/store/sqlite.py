@@ -51,6 +51,16 @@ def _damage_is_corruption(path: str) -> Iterator[None]:
         raise StoreCorrupt(
             f"metadata store {path} is damaged: {' '.join(str(e).split())}"
         ) from None
+    except UnicodeDecodeError as e:  # SQLite quoted damaged text that is not UTF-8
+        raise StoreCorrupt(f"metadata store {path} is damaged: {e.object[:80]!r}") from None
+
+
+def _blob(value: object, what: str) -> bytes:
+    """A BLOB column's value; damage can change a value's type (bytes(n) of an integer
+    would allocate n bytes)."""
+    if not isinstance(value, bytes):
+        raise StoreCorrupt(f"{what} is damaged: a {type(value).__name__}, not bytes")
+    return value
 
 
 class SqliteStore:
@@ -145,7 +155,10 @@ class SqliteStore:
                 records.setdefault(kind, {})[key] = decode_record(kind, key, body, crc)
             tables = {vid: self._load_table(vid) for vid in self._table_ids()}
             gen = self._db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
-        return Image(records, tables, int(gen[0]) if gen else 0)
+        try:
+            return Image(records, tables, int(gen[0]) if gen else 0)
+        except (TypeError, ValueError):
+            raise StoreCorrupt(f"metadata store {self.path}: bad generation {gen}") from None
 
     def _table_ids(self) -> list[int]:
         return [r[0] for r in self._db.execute("SELECT DISTINCT vid FROM table_chunks")]
@@ -155,10 +168,11 @@ class SqliteStore:
             rows = self._db.execute(
                 "SELECT idx, hash FROM table_chunks WHERE vid=? ORDER BY idx", (vid,)
             ).fetchall()
-        for expect, (idx, _) in enumerate(rows):
+        for expect, (idx, h) in enumerate(rows):
             if idx != expect:
                 raise StoreCorrupt(f"table {vid} lacks chunk {expect}")
-        return [bytes(h) for _, h in rows]
+            _blob(h, f"table {vid} chunk {idx} hash")
+        return [h for _, h in rows]
 
     def _load_table(self, vid: int) -> tuple[bytes, list[bytes]]:
         hashes = self.chunk_hashes(vid)
@@ -167,7 +181,7 @@ class SqliteStore:
             row = self._db.execute("SELECT data FROM chunks WHERE hash=?", (h,)).fetchone()
             if row is None:
                 raise StoreCorrupt(f"table {vid} chunk {idx} is missing from the store")
-            data = bytes(row[0])
+            data = _blob(row[0], f"table {vid} chunk {idx}")
             if chunk_hash(data) != h:
                 raise StoreCorrupt(f"table {vid} chunk {idx} fails its checksum")
             last = idx == len(hashes) - 1
@@ -213,7 +227,7 @@ class SqliteStore:
         stale.update(bytes(r[0]) for r in rows)
 
     def _op_put(self, stale: set[bytes], kind: str, key: int, body: dict[str, object]) -> None:
-        raw, crc = encode_record(body)
+        raw, crc = encode_record(kind, key, body)
         self._db.execute("INSERT OR REPLACE INTO records VALUES(?,?,?,?)", (kind, key, raw, crc))
 
     def _op_delete(self, stale: set[bytes], kind: str, key: int) -> None:

@@ -1,4 +1,5 @@
-"""Config string parsing: exact refusals, round trips, and arbitrary text."""
+"""Config string parsing: exact refusals, round trips, and (fuzz targets, scaled by
+TV_FUZZ_SCALE) arbitrary and mutated text: only ConfigStringError, one line."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from hypothesis import strategies as st
 
 from targetvirt.errors import ConfigStringError
 from tcmu_handler.config import DevConfig, check_name, parse
+from tests.fuzzing import fuzz_settings, one_line
 
 NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
 
@@ -87,11 +89,44 @@ def test_valid_configs_round_trip(vdisk: str, snapshot: str | None, ro: bool) ->
     assert len(text) <= 255
 
 
-@given(st.text() | st.text().map(lambda s: "targetvirt/" + s))
-def test_arbitrary_text_only_raises_config_string_error(text: str) -> None:
+def parses_or_says_why(text: str) -> None:
     try:
         config = parse(text)
     except ConfigStringError as e:
-        assert str(e) and "\n" not in str(e)
+        assert one_line(str(e)), repr(str(e))
     else:
         assert parse(config.format()) == config
+
+
+# As netlink and sysfs hand them over: UTF-8 decoded with surrogateescape.
+raw_text = st.binary(max_size=300).map(lambda b: b.decode("utf-8", "surrogateescape"))
+
+
+@fuzz_settings(1000)
+@given(st.text() | st.text().map(lambda s: "targetvirt/" + s) | raw_text)
+def test_arbitrary_text_only_raises_config_string_error(text: str) -> None:
+    parses_or_says_why(text)
+
+
+PIECES = ["targetvirt/", "@", ";", "=", "ro", "1", "0", ":", ",", "/", "\n", "\r", "\x00",
+          "\u2028", "\udcff", "é", " ", "-", "_", ".", "a", "Z", "9", "x" * 64]  # fmt: skip
+
+
+@fuzz_settings(500)
+@given(
+    vdisk=st.from_regex(NAME, fullmatch=True),
+    snapshot=st.none() | st.from_regex(NAME, fullmatch=True),
+    ro=st.booleans(),
+    edits=st.lists(
+        st.tuples(st.integers(0, 300), st.integers(0, 3), st.sampled_from(PIECES) | st.text()),
+        min_size=1, max_size=4,
+    ),
+)  # fmt: skip
+def test_mutated_config_strings_only_raise_config_string_error(
+    vdisk: str, snapshot: str | None, ro: bool, edits: list[tuple[int, int, str]]
+) -> None:
+    text = DevConfig(vdisk, snapshot, ro).format()
+    for where, cut, piece in edits:
+        at = where % (len(text) + 1)
+        text = text[:at] + piece + text[at + cut :]
+    parses_or_says_why(text)

@@ -11,10 +11,13 @@ from __future__ import annotations
 import errno
 import os
 import random
+import select
 import struct
 import threading
 import time
 from pathlib import Path
+
+import pytest
 
 from tcmu_handler.device import Device
 from tcmu_handler.ring import Ring
@@ -227,3 +230,41 @@ def test_a_removed_device_ends_its_loop_quietly() -> None:
         assert uio.closed
     finally:
         threading.excepthook = old_hook
+
+
+def test_commands_queued_before_start_complete_before_the_loop_waits(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Inline commands found at start (queued before the daemon opened the device, e.g. the
+    TEST UNIT READYs of initiators after a restart) are completed before the loop first
+    sleeps, not when its idle poll times out a second later."""
+    import tcmu_handler.device as device_module  # noqa: PLC0415
+
+    device, uio = make_device(RamBackend(64 * BLOCK), 64)
+    queued = uio.kernel.submit(bytes(6))  # TEST UNIT READY, runs inline; no uio event
+    assert queued is not None
+    tag = queued.tag
+    done_before_first_wait: list[bool] = []
+    real_poll = select.poll
+
+    class Poller:
+        def __init__(self) -> None:
+            self.inner = real_poll()
+
+        def register(self, fd: int, mask: int) -> None:
+            self.inner.register(fd, mask)
+
+        def poll(self, timeout: int) -> list[tuple[int, int]]:
+            if not done_before_first_wait:
+                with uio.lock:
+                    done_before_first_wait.append(tag in uio.done)
+            return self.inner.poll(timeout)
+
+    monkeypatch.setattr(device_module.select, "poll", Poller)
+    device.start()
+    try:
+        (c,) = uio.wait_all([tag])
+        assert c.status == 0
+    finally:
+        device.stop()
+    assert done_before_first_wait == [True]

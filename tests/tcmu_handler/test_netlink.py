@@ -7,6 +7,8 @@ import socket
 import threading
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from targetvirt.errors import InvalidArgument, ProtocolError
 from tcmu_handler.netlink import (
@@ -21,6 +23,7 @@ from tcmu_handler.netlink import (
     encode_attr,
     parse_attrs,
 )
+from tests.fuzzing import fuzz_settings
 
 
 def h(text: str) -> bytes:
@@ -173,6 +176,50 @@ def test_events_of_an_unresolved_or_other_family_are_not_taken() -> None:
 def test_malformed_datagrams_raise_protocol_error(datagram: bytes, words: str) -> None:
     with pytest.raises(ProtocolError, match=words):
         TcmuCodec(family_id=0x1C).decode(datagram)
+
+
+def decodes_or_protocol_error(datagram: bytes) -> None:
+    try:
+        messages = TcmuCodec(family_id=0x1C).decode(datagram)
+    except ProtocolError as e:
+        assert str(e) and len(str(e).splitlines()) == 1
+        return
+    for msg in messages:
+        assert isinstance(msg, (Ack, Done, FamilyInfo, DeviceEvent, Other))
+
+
+@fuzz_settings(1000)
+@given(st.binary(max_size=200))
+def test_arbitrary_datagrams_only_raise_protocol_error(datagram: bytes) -> None:
+    """Fuzz target: whatever arrives on the TCM-USER socket decodes or raises
+    ProtocolError, nothing else."""
+    decodes_or_protocol_error(datagram)
+
+
+@fuzz_settings(1000)
+@given(
+    st.sampled_from([NEWFAMILY, ADDED, RECONFIG_SIZE, ADDED + RECONFIG_SIZE]),
+    st.lists(st.tuples(st.integers(0, 300), st.integers(0, 255)), min_size=1, max_size=4),
+    st.one_of(st.just(0), st.integers(1, 64)),
+)
+def test_mutated_datagrams_only_raise_protocol_error(
+    datagram: bytes, flips: list[tuple[int, int]], cut: int
+) -> None:
+    """Fuzz target: real datagrams with bytes changed and cut short."""
+    raw = bytearray(datagram)
+    for at, value in flips:
+        raw[at % len(raw)] = value
+    decodes_or_protocol_error(bytes(raw[: max(0, len(raw) - cut)]))
+
+
+def test_names_from_the_kernel_are_quoted_in_errors() -> None:
+    """A group name holding a line break still makes a one-line error (found by the
+    fuzzer): the group's ID attribute retyped as a second NAME, "\\v\\0\\0\\0"."""
+    bad = bytearray(NEWFAMILY)
+    bad[114] = 1
+    with pytest.raises(ProtocolError) as e:
+        TcmuCodec().decode(bytes(bad))
+    assert str(e.value) == "group '\\x0b' id attribute missing or shorter than 4 bytes"
 
 
 def test_attributes_mask_flags_and_keep_last_duplicate() -> None:

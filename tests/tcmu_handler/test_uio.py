@@ -10,6 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from targetvirt.clock import FakeClock
 from tcmu_handler.ring import RecoveryStep, ResetMode, RingError
@@ -24,6 +26,7 @@ from tcmu_handler.uio import (
     read_device,
     scan,
 )
+from tests.fuzzing import fuzz_settings
 from tests.tcmu_handler.kernel_emulator import KernelEmulator
 
 
@@ -65,6 +68,21 @@ def make_configfs(root: Path, hba: int, dev: str) -> Path:
 )
 def test_parse_uio_name(name: str, parsed: UioName | None) -> None:
     assert parse_uio_name(name) == parsed
+
+
+@fuzz_settings(500)
+@given(
+    st.text()
+    | st.lists(st.sampled_from(["tcm-user", "1", "07", "\u0661", "", "d", "targetvirt", "x"])
+               | st.text(max_size=8), max_size=6).map("/".join)
+    | st.binary(max_size=80).map(lambda b: b.decode("utf-8", "surrogateescape"))
+)  # fmt: skip
+def test_arbitrary_uio_names_parse_or_are_not_ours(name: str) -> None:
+    """Fuzz target: a uio name from sysfs or netlink never makes the parser raise."""
+    parsed = parse_uio_name(name)
+    if parsed is not None:
+        assert parsed.hba >= 0 and parsed.dev_name and "/" not in parsed.dev_name
+        assert parsed.subtype is None or "/" not in parsed.subtype
 
 
 def test_subtype_and_cfgstring() -> None:

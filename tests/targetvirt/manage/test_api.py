@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +23,7 @@ from targetvirt.manage.api import ManagerBusService, options
 from targetvirt.manage.client import ManagerClient
 from targetvirt.manage.common import IFACE, PATH, SERVICE
 from targetvirt.manage.manager import Manager
+from tests.dbus_bus import SYSTEM_CONF, system_like_bus
 from tests.targetvirt.manage.conftest import MIB
 
 
@@ -141,3 +147,91 @@ def test_options() -> None:
         options(sv(recursive=dbus.UInt32(1)), {"recursive": bool}, "X")
     with pytest.raises(InvalidArgument, match=r"^X option 'n' must be an integer$"):
         options(sv(n=dbus.Boolean(True)), {"n": int}, "X")
+
+
+# --- the D-Bus policy file, enforced by a real dbus-daemon against a real non-root user --
+
+POLICY = Path(__file__).resolve().parents[3] / "packaging" / "dbus" / "targetvirt.conf"
+NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def can_switch_user() -> bool:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        return False
+    return subprocess.run([*NOBODY, "true"], capture_output=True, check=False).returncode == 0
+
+
+needs_other_user = pytest.mark.skipif(
+    not can_switch_user() or not SYSTEM_CONF.exists(),
+    reason="needs root, setpriv and the system bus configuration to run a caller as nobody",
+)
+
+
+@pytest.fixture
+def system_bus() -> Iterator[str]:
+    """A system-like bus (the distribution's default policy plus ours) on a socket that
+    the nobody user can reach."""
+    folder = Path(tempfile.mkdtemp(prefix="tv-bus-"))
+    folder.chmod(0o755)
+    try:
+        with system_like_bus(folder, POLICY) as address:
+            yield address
+    finally:
+        shutil.rmtree(folder)
+
+
+def dbus_send(address: str, dest: str, path: str, method: str, *args: str,
+              as_nobody: bool = False) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    argv = ["dbus-send", f"--bus={address}", "--print-reply", f"--dest={dest}", path, method,
+            *args]  # fmt: skip
+    return subprocess.run([*NOBODY, *argv] if as_nobody else argv, capture_output=True,
+                          text=True, timeout=30, check=False)  # fmt: skip
+
+
+BUS = ("org.freedesktop.DBus", "/org/freedesktop/DBus")
+ACCESS_DENIED = "org.freedesktop.DBus.Error.AccessDenied"
+
+
+@needs_other_user
+def test_policy_admits_root_only(manager: Manager, system_bus: str) -> None:
+    """packaging/dbus/targetvirt.conf on a bus with the system bus's default policy: root
+    owns and calls org.targetvirt.Manager1; nobody may call it or take its names, though
+    it can talk to the bus itself (so the refusal is the policy's, not a dead socket)."""
+    service = ManagerBusService(manager, system_bus, allowed_uids=set())  # the bus decides
+    service.start()
+    try:
+        status = (SERVICE, PATH, f"{IFACE}.Status")
+        ok = dbus_send(system_bus, *status)
+        assert ok.returncode == 0 and '"pools": 0' in ok.stdout, ok
+        assert dbus_send(system_bus, *BUS, "org.freedesktop.DBus.GetId", as_nobody=True)
+        refused = dbus_send(system_bus, *status, as_nobody=True)
+        assert refused.returncode != 0 and ACCESS_DENIED in refused.stderr, refused
+        for name in (SERVICE, "org.kernel.TCMUService1",
+                     "org.kernel.TCMUService1.HandlerManager1.targetvirt"):  # fmt: skip
+            take = dbus_send(system_bus, *BUS, "org.freedesktop.DBus.RequestName",
+                             f"string:{name}", "uint32:4", as_nobody=True)  # fmt: skip
+            assert take.returncode != 0 and ACCESS_DENIED in take.stderr, (name, take)
+    finally:
+        service.stop()
+
+
+@needs_other_user
+def test_shell_run_by_another_user_says_run_as_root(manager: Manager, system_bus: str) -> None:
+    service = ManagerBusService(manager, system_bus, allowed_uids=set())
+    service.start()
+    try:
+        shell = [sys.executable, "-m", "targetvirt.manage.shell", "--bus-address", system_bus,
+                 "info"]  # fmt: skip
+        checkout = str(POLICY.parents[2])
+        env = {"PATH": os.environ["PATH"], "PYTHONPATH": checkout, "HOME": "/nonexistent"}
+        probe = subprocess.run([*NOBODY, sys.executable, "-c", "import targetvirt.manage.shell"],
+                               capture_output=True, env=env, cwd="/", check=False)  # fmt: skip
+        if probe.returncode:
+            pytest.skip("the checkout or the venv is not readable by nobody here")
+        r = subprocess.run([*NOBODY, *shell], capture_output=True, text=True, env=env, cwd="/",
+                           timeout=60, check=False)  # fmt: skip
+        assert (r.returncode, r.stdout) == (1, ""), r
+        assert r.stderr == (f"targetvirt: the bus at {system_bus} does not let this user call "
+                            f"{SERVICE}: run as root\n")  # fmt: skip
+    finally:
+        service.stop()

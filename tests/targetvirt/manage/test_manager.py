@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import stat
 import sys
 import threading
@@ -11,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from targetvirt import controller as controller_module
 from targetvirt.clock import FakeClock
@@ -18,6 +22,7 @@ from targetvirt.controller import Controller
 from targetvirt.errors import AlreadyExists, InUse, InvalidArgument, NotFound, TargetvirtError
 from targetvirt.manage.jobs import Job
 from targetvirt.manage.manager import Manager, NotAvailable
+from tests.fuzzing import fuzz_settings, one_line
 from tests.targetvirt.manage.conftest import MIB, open_manager
 from tests.targetvirt.manage.fakes import FakeLio
 
@@ -155,6 +160,11 @@ def test_refusals(world: Manager) -> None:
         (lambda: m.freeze("db", timeout=0), InvalidArgument, "timeout must be positive, got 0"),
         (lambda: m.thaw("db"), InvalidArgument, "db is not frozen"),
         (lambda: m.delay("db", 0), InvalidArgument, "timeout must be positive, got 0"),
+        # D-Bus callers can send what the shell refuses: NaN or inf held I/O for ever
+        (lambda: m.delay("db", math.nan), InvalidArgument,
+         "timeout must be at most 31536000 seconds, got nan"),
+        (lambda: m.freeze("db", timeout=math.inf), InvalidArgument,
+         "timeout must be at most 31536000 seconds, got inf"),
         (lambda: m.resume("db"), InvalidArgument, "db is not delayed"),
         (lambda: m.group_snapshot(["db", "nope"], "g"), NotFound, "no vdisk named 'nope'"),
         (lambda: m.group_snapshot(["db", "db@s1"], "g"), InvalidArgument,
@@ -448,3 +458,90 @@ def test_pool_threshold_and_failed_containers(manager: Manager, tmp_path: Path) 
     assert str(e.value) == "container 1 of pool p1 is not failed"
     with pytest.raises(NotFound):
         manager.clear_container("p1", 5)
+
+
+# --- names and paths given by users -------------------------------------------------------
+
+HOSTILE = ["", ".", "..", "../x", "a/../../b", "a/b", "/etc", "a\0b", "a\nb", "a\rb", "a b",
+           " a", "a\t", "x" * 65, "-x", "_x", ".x", "a@b", "é", "a\\b", "a:b", "a,b", "a;b",
+           "$(reboot)", "`id`", "a'b", 'a"b', "a*", "\x1b[31mred"]  # fmt: skip
+
+
+def files_under(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*") if not p.name.startswith("targetvirt.db")}
+
+
+@pytest.mark.parametrize("name", HOSTILE, ids=[repr(n) for n in HOSTILE])
+def test_hostile_names_are_refused_and_touch_nothing(
+    world: Manager, lio: FakeLio, tmp_path: Path, name: str
+) -> None:
+    """A name with '/', '..', NUL, a line break, spaces, shell syntax, or too long, is
+    refused in one line by every operation that creates something under it; no file, no
+    LIO object, no record comes of it."""
+    m = world
+    before, calls, vdisks = files_under(tmp_path), list(lio.calls), m.listing()["vdisks"]
+    attempts = [
+        lambda: m.create_pool(name, path=str(tmp_path / "new.img"), size=64 * MIB),
+        lambda: m.create_vdisk(name, "p1", MIB),
+        lambda: m.create_vdisk("x", name, MIB),
+        lambda: m.snapshot("db", name),
+        lambda: m.clone("db", name),
+        lambda: m.clone("db", "x", snapshot=name),
+        lambda: m.group_snapshot(["db", "web"], name),
+        lambda: m.export(name),
+        lambda: m.delete_vdisk(name),
+        lambda: m.delete_pool(name),
+        lambda: m.add_container(name, path=str(tmp_path / "new.img"), size=64 * MIB),
+    ]
+    for attempt in attempts:
+        with pytest.raises((InvalidArgument, NotFound)) as e:
+            attempt()
+        assert one_line(str(e.value))
+    assert files_under(tmp_path) == before
+    assert lio.calls == calls and m.listing()["vdisks"] == vdisks
+
+
+@pytest.mark.parametrize(
+    "path", ["rel.img", "/tmp/a\0b.img", "/tmp/a\nb.img", "/tmp/\x1b[31m.img", "/dev/\0"]
+)
+def test_hostile_container_paths_are_refused(world: Manager, path: str) -> None:
+    """Container paths are absolute and plain (NUL was a ValueError traceback; a line
+    break or a terminal escape went into every message naming the container)."""
+    for attempt in (
+        lambda: world.create_pool("p2", path=path, size=64 * MIB),
+        lambda: world.add_container("p1", path=path, size=64 * MIB),
+        lambda: world.create_pool("p2", device=path),
+    ):
+        with pytest.raises(InvalidArgument) as e:
+            attempt()
+        assert one_line(str(e.value))
+
+
+NAME = r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}"
+
+
+@fuzz_settings(300)
+@given(name=st.text() | st.sampled_from(HOSTILE) | st.from_regex(NAME, fullmatch=True))
+def test_arbitrary_names(vdisks_only: Manager, name: str) -> None:
+    """Fuzz target: a vdisk or snapshot name is created only when it is a plain name;
+    anything else is a one-line refusal."""
+    for create in (lambda: vdisks_only.create_vdisk(name, "p1", MIB),
+                   lambda: vdisks_only.snapshot("db", name)):  # fmt: skip
+        try:
+            create()
+        except (InvalidArgument, AlreadyExists) as e:
+            assert one_line(str(e))
+        else:
+            assert re.fullmatch(NAME, name)
+
+
+@pytest.fixture(scope="module")
+def vdisks_only(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    tmp = tmp_path_factory.mktemp("names")
+    (tmp / "state").mkdir()
+    m = open_manager(tmp / "state", FakeLio())
+    m.create_pool("p1", path=str(tmp / "p1.img"), size=64 * MIB)
+    m.create_vdisk("db", "p1", MIB)
+    yield m
+    m.stop()
+    m.catalog.close()

@@ -4,18 +4,24 @@ bad input for every command with the exact error, and never a traceback."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
+from targetvirt.manage.api import _dump
 from targetvirt.manage.common import BUS_FILE
 from targetvirt.manage.manager import Manager
 from targetvirt.manage.shell import ProgressBar, main, render, wait_job
-from tests.targetvirt.manage.conftest import MIB, Shell
+from tests.fuzzing import fuzz_settings
+from tests.targetvirt.manage.conftest import MIB, Shell, open_manager
 from tests.targetvirt.manage.fakes import FakeLio
 
 IQN_WEB = "iqn.2003-01.org.targetvirt:host1.web"
@@ -248,6 +254,8 @@ BAD_INPUT: list[tuple[str, str]] = [
     ("check repair=maybe", "repair='maybe' is not a boolean: use true or false"),
     ("/vdisks frobnicate", "Command not found frobnicate"),
     ("/nope", "No such path /nope"),
+    ("cd", "cd needs a PATH here; without one it browses the tree, which needs the interactive "
+           "shell on a terminal"),  # found by the fuzzer: a traceback from urwid
     ("/vdisks create name=x size=1G pool=p1 color=red", "Unexpected keyword parameter 'color'."),
 ]  # fmt: skip
 
@@ -457,3 +465,105 @@ def test_never_a_traceback(daemon: Any, bus: str, argv: list[str]) -> None:
     assert proc.returncode != 0, proc
     assert "Traceback" not in proc.stderr + proc.stdout
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("targetvirt: "), proc.stderr
+
+
+# --- fuzz: arbitrary one-shot command lines -------------------------------------------------
+
+
+class StubClient:
+    """Answers reads from a real Manager (its world does not change) and every other call
+    with a finished job, after checking it would go over D-Bus (no None, plain types)."""
+
+    READS = ("status", "listing", "info", "job")
+
+    def __init__(self, manager: Manager) -> None:
+        self.manager = manager
+        self.calls: list[str] = []
+
+    def __getattr__(self, method: str) -> Any:
+        def call(*args: Any, **opts: Any) -> Any:
+            for value in [*args, *opts.values()]:
+                assert isinstance(value, (str, int, float, list, tuple, type(None))), (
+                    method, value)  # fmt: skip
+                if isinstance(value, (list, tuple)):
+                    assert all(isinstance(v, str) for v in value), (method, value)
+            assert None not in args, (method, args)
+            self.calls.append(method)
+            if method in self.READS and method != "job":
+                return json.loads(_dump(getattr(self.manager, method)(*args)))
+            return {"message": f"{method} done", "id": 1, "state": "done", "kind": method,
+                    "target": "t", "result": {"message": f"{method} done"}}  # fmt: skip
+
+        return call
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def still_world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Manager]:
+    """The world of conftest.world, shared by every example (the stub never changes it)."""
+    tmp = tmp_path_factory.mktemp("shellfuzz")
+    state = tmp / "state"
+    state.mkdir()
+    manager = open_manager(state, FakeLio())
+    manager.create_pool("p1", path=str(tmp / "p1.img"), size=64 * MIB)
+    manager.create_vdisk("db", "p1", 16 * MIB)
+    manager.snapshot("db", "s1")
+    manager.clone("db", "c1", snapshot="s1")
+    manager.export("db", acls=[CLIENT])
+    yield manager
+    manager.stop()
+    manager.catalog.close()
+
+
+PATHS = ["/", "/pools", "/pools/p1", "/pools/p1/0", "/vdisks", "/vdisks/db", "/vdisks/db@s1",
+         "/vdisks/db/s1", "/vdisks/c1", "/exports", f"/exports/{IQN_WEB}", "/jobs", "/agents",
+         "..", ".", "/nope", "pools", "@bm", "*"]  # fmt: skip
+COMMANDS = ["ls", "info", "help", "cd", "pwd", "create", "delete", "add", "remove", "evacuate",
+            "snapshot", "clone", "rollback", "flatten", "resize", "freeze", "thaw", "delay",
+            "resume", "export", "unexport", "group_snapshot", "check", "cancel", "restore",
+            "version", "refresh", "get", "set", "bookmarks", "exit", "status"]  # fmt: skip
+KEYS = ["name", "size", "pool", "path", "device", "segment", "cow", "preallocate", "container",
+        "snapshot", "mode", "timeout", "recursive", "background", "vdisk", "vdisks", "iqn",
+        "portal", "acl", "userid", "password", "mutual_userid", "mutual_password", "demo",
+        "readonly", "lun", "repair", "id", "global", "color_mode", "add", "go"]  # fmt: skip
+VALUES = ["p1", "db", "db@s1", "s1", "x", "1G", "0", "-1", "64K", "1E", "true", "no", "maybe",
+          "copy", "nowrite", "invalid", "5", "1.5h", "/tmp/fuzz.img", "/dev/null", "a,b", "a,,b",
+          CLIENT, IQN_WEB, "0.0.0.0:3260", "[::1]:3260", "", "=", "'", '"', "\\", "\n",
+          "../../etc", "a/b", "a\0b", "x" * 300]  # fmt: skip
+
+words = st.one_of(
+    st.builds(lambda k, v: f"{k}={v}", st.sampled_from(KEYS) | st.text(max_size=8),
+              st.sampled_from(VALUES) | st.text(max_size=12)),
+    st.sampled_from(COMMANDS + PATHS + VALUES),
+    st.text(max_size=12),
+)  # fmt: skip
+command_lines = st.one_of(
+    st.builds(
+        lambda p, c, rest: [*p, c, *rest],
+        st.lists(st.sampled_from(PATHS), max_size=1),
+        st.sampled_from(COMMANDS),
+        st.lists(words, max_size=5),
+    ),
+    st.lists(words, min_size=1, max_size=6),
+).filter(lambda argv: not argv[0].startswith("-"))  # options are argparse's (tested above)
+
+
+@fuzz_settings(150)
+@given(argv=command_lines)
+def test_arbitrary_command_lines_one_line_errors(still_world: Manager, argv: list[str]) -> None:
+    """Fuzz target: any one-shot command line prints a result (exit 0) or exactly one line
+    ``targetvirt: ...`` on stderr (exit 1); never a traceback nor an internal error."""
+    out, err = io.StringIO(), io.StringIO()
+    client = StubClient(still_world)
+    rc = main(["--bus-address", "unix:path=/nonexistent", *argv], out=out, err=err,
+              client_factory=lambda _address: client)  # fmt: skip
+    text = err.getvalue()
+    assert "Traceback" not in out.getvalue() + text
+    if rc == 0:
+        assert text == "", text
+    else:
+        assert rc == 1, (rc, text)
+        assert text.startswith("targetvirt: ") and text.count("\n") == 1, text
+        assert "internal error" not in text, text

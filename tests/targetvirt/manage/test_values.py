@@ -1,11 +1,18 @@
-"""Parsing of what admins type: exact refusals."""
+"""Parsing of what admins type: exact refusals, and arbitrary text (fuzz targets, scaled
+by TV_FUZZ_SCALE): a value or a one-line InvalidArgument, nothing else."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
+
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from targetvirt.errors import InvalidArgument
 from targetvirt.manage import values as v
+from tests.fuzzing import fuzz_settings, one_line
 
 
 @pytest.mark.parametrize(
@@ -36,6 +43,21 @@ def test_bad_sizes(text: str, message: str) -> None:
     assert str(e.value) == message
 
 
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        # found by the fuzzer: tracebacks (KeyError, OverflowError, ValueError), or accepted
+        ("1\u212a", "size '1\u212a' is not a size"),  # KELVIN SIGN matched K, ignoring case
+        ("9" * 400 + ".0", "is larger than 8EiB"),
+        ("9" * 5000, "is larger than 8EiB"),
+        ("\u0661\u0662G", "is not a size"),  # digits of another script
+    ],
+)
+def test_sizes_the_fuzzer_found(text: str, message: str) -> None:
+    with pytest.raises(InvalidArgument, match=message):
+        v.parse_size(text)
+
+
 def test_format_size() -> None:
     assert [v.format_size(n) for n in (0, 512, 1 << 20, 1536 << 20, 10 << 40)] == [
         "0B", "512B", "1MiB", "1.5GiB", "10TiB"]  # fmt: skip
@@ -50,6 +72,14 @@ def test_durations() -> None:
         v.parse_duration("0")
     with pytest.raises(InvalidArgument, match=r"^timeout 'soon' is not a duration"):
         v.parse_duration("soon")
+
+
+def test_durations_that_were_accepted_or_tracebacks() -> None:
+    """Found by the fuzzer: 300 digits made an infinite timeout; LONG S matched s."""
+    with pytest.raises(InvalidArgument, match="is longer than 31536000 seconds"):
+        v.parse_duration("2" + "0" * 309)
+    with pytest.raises(InvalidArgument, match="is not a duration"):
+        v.parse_duration("5\u017f")
 
 
 def test_bools_ints_lists() -> None:
@@ -80,8 +110,10 @@ def test_good_iscsi_names(name: str) -> None:
 
 
 @pytest.mark.parametrize(
-    "name", ["iqn.2020-13.org.x:a", "iqn.20-01.org.x", "disk1", "iqn.2020-01.-bad:x", "eui.12"]
-)
+    "name",
+    ["iqn.2020-13.org.x:a", "iqn.20-01.org.x", "disk1", "iqn.2020-01.-bad:x", "eui.12",
+     "iqn.200\u0660-01.org.x"],  # a digit of another script passed as \\d (the fuzzer)
+)  # fmt: skip
 def test_bad_iscsi_names(name: str) -> None:
     with pytest.raises(InvalidArgument) as e:
         v.check_iscsi_name(name, "iqn")
@@ -105,6 +137,8 @@ def test_portals(text: str, portal: str) -> None:
         ("10.0.0.1:0", "portal '10.0.0.1:0' port must be from 1 to 65535, got 0"),
         ("10.0.0.1:x", "portal '10.0.0.1:x' port must be a whole number, got 'x'"),
         ("[::1:3260", "portal '[::1:3260' is malformed: use [IPV6]:PORT"),
+        ("[fe80::1% ]:3260", "portal '[fe80::1% ]:3260' has the IPv6 zone ' ': use an "
+                             "interface name"),
     ],
 )  # fmt: skip
 def test_bad_portals(text: str, message: str) -> None:
@@ -125,3 +159,73 @@ def test_percentages() -> None:
         with pytest.raises(InvalidArgument) as e:
             v.parse_percent(text, "threshold")
         assert str(e.value) == message
+
+
+# --- fuzz: arbitrary text gives a value or a one-line InvalidArgument ----------------------
+
+admin_text = st.one_of(
+    st.text(),
+    st.text("0123456789.:[]-_, eEkKmMgGtTpPiIbBsShHnNoOyYaAfFlLuUrRqQ\t\n\u212a\u017f\u0661",
+            max_size=40),
+    st.builds(lambda n, u: f"{n}{u}", st.integers(-10, 10**30) | st.floats(allow_nan=True),
+              st.sampled_from(["", "K", "M", "G", "T", "P", "E", "ms", "s", "m", "h", "GiB"])),
+    st.integers(1, 6000).map(lambda n: "9" * n),
+)  # fmt: skip
+
+
+def value_or_error(parse: Callable[[str], object], text: str) -> object:
+    try:
+        return parse(text)
+    except InvalidArgument as e:
+        assert one_line(str(e)), str(e)
+        return None
+
+
+@fuzz_settings(1000)
+@given(admin_text)
+def test_arbitrary_sizes_and_durations(text: str) -> None:
+    size = value_or_error(v.parse_size, text)
+    assert size is None or (type(size) is int and 0 < size <= v.MAX_SIZE)
+    seconds = value_or_error(v.parse_duration, text)
+    assert seconds is None or (isinstance(seconds, float) and 0 < seconds < math.inf)
+
+
+@fuzz_settings(1000)
+@given(admin_text)
+def test_arbitrary_bools_ints_and_lists(text: str) -> None:
+    assert value_or_error(lambda s: v.parse_bool(s, "demo"), text) in (None, True, False)
+    n = value_or_error(lambda s: v.parse_int(s, "lun", high=255), text)
+    assert n is None or (type(n) is int and 0 <= n <= 255)
+    items = value_or_error(lambda s: v.parse_list(s, "vdisks"), text)
+    assert items is None or (isinstance(items, list) and all(items))
+
+
+iscsi_text = st.one_of(
+    st.text(),
+    st.builds(
+        lambda y, m, d, rest: f"iqn.{y}-{m}.{d}{rest}",
+        st.text("0123456789\u0661\u0966", min_size=4, max_size=4),
+        st.sampled_from(["01", "12", "13", "\u0661\u0662"]),
+        st.from_regex(r"[a-zA-Z0-9.\-]{1,20}", fullmatch=True),
+        st.text(max_size=20),
+    ),
+    st.text("0123456789abcdefABCDEF\u0661", max_size=40).map(lambda s: "naa." + s),
+)
+
+
+@fuzz_settings(1000)
+@given(iscsi_text)
+def test_arbitrary_iscsi_names(text: str) -> None:
+    name = value_or_error(v.check_iscsi_name, text)
+    if name is not None:
+        assert isinstance(name, str) and name.isascii() and name == name.lower()
+        assert len(name) <= v.IQN_MAX and v.check_iscsi_name(name) == name
+
+
+@fuzz_settings(1000)
+@given(st.one_of(st.text(), st.text("0123456789.:[]%abcdef \u0661\u00e9", max_size=40)))
+def test_arbitrary_portals(text: str) -> None:
+    portal = value_or_error(v.normalize_portal, text)
+    if portal is not None:
+        assert isinstance(portal, str) and v.normalize_portal(portal) == portal
+        assert portal.isascii() and portal.isprintable() and " " not in portal  # for configfs
