@@ -6,6 +6,14 @@ copy-on-write, unmap, snapshot, migration...) under one lock and makes it durabl
 them.  Management operations commit before they return; data-path mapping changes are
 committed at flush (SYNCHRONIZE CACHE, FUA, or the periodic flush), like a disk with a
 volatile write cache.
+
+Until then they are *journaled* (where the store keeps a journal): written to the store
+at once but without waiting for the medium, tagged with the host's boot id.  A process
+that dies -- killed, crashed, OOM -- loses no mapping change: the next open of the same
+boot replays the journal (the data those entries point at is in the page cache, written
+before the write that needed the mapping was answered) and commits it durably.  After a
+reboot the journal is discarded: then, as after a power cut on a disk with a volatile
+cache, only what was flushed is kept.
 """
 
 from __future__ import annotations
@@ -35,7 +43,14 @@ from targetvirt.errors import (
     TargetvirtError,
 )
 from targetvirt.pool import DEFAULT_SEGMENT, DEFAULT_THRESHOLD, Dropped, Pool, check_threshold
-from targetvirt.store.base import Image, Store, Transaction, chunk_hash, table_root
+from targetvirt.store.base import (
+    Image,
+    JournalEntry,
+    Store,
+    Transaction,
+    chunk_hash,
+    table_root,
+)
 from targetvirt.vdisk import (
     COW_MODES,
     KIND_SNAPSHOT,
@@ -56,6 +71,17 @@ Progress = Callable[[int, int], None]
 # told (under the catalog lock, so quickly) that a pool's usage reached its soft threshold
 ThresholdListener = Callable[[Pool], None]
 COMMIT_EVERY = 256  # long operations make their progress durable this often (segments)
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
+
+
+def host_boot_id() -> str:
+    """The kernel's id of this boot; a process-unique id where there is none (then no
+    journal is ever replayed: the safe side)."""
+    try:
+        with open(BOOT_ID, encoding="ascii") as f:
+            return f.read().strip() or uuidlib.uuid4().hex
+    except (OSError, ValueError):
+        return uuidlib.uuid4().hex
 
 
 def check_name(name: str, what: str) -> None:
@@ -85,9 +111,17 @@ class PoolUsage:
 class Catalog:
     """Pools, containers and vdisks persisted in one :class:`Store`."""
 
-    def __init__(self, store: Store, wallclock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        store: Store,
+        wallclock: Callable[[], float] = time.time,
+        boot_id: str | None = None,
+    ) -> None:
         self.store = store
         self.wallclock = wallclock
+        self.boot_id = boot_id if boot_id is not None else host_boot_id()
+        self._journaled = False  # the store's journal holds rows (cleared by a commit)
+        self.replayed = 0  # journaled mapping changes taken over at open
         self.lock = threading.RLock()
         self.pools: dict[str, Pool] = {}
         self.vdisks: dict[str, VDisk] = {}
@@ -104,13 +138,24 @@ class Catalog:
     # --- opening -------------------------------------------------------------------
 
     @classmethod
-    def open(cls, store: Store, wallclock: Callable[[], float] = time.time) -> Catalog:
+    def open(
+        cls,
+        store: Store,
+        wallclock: Callable[[], float] = time.time,
+        boot_id: str | None = None,
+    ) -> Catalog:
         """Load the catalog from ``store``, which it owns from now on: on failure the
         store and any container opened so far are closed (a leaked SQLite connection
-        would checkpoint its stale WAL into the file whenever it is collected)."""
-        catalog = cls(store, wallclock)
+        would checkpoint its stale WAL into the file whenever it is collected).
+
+        A journal left by a process that died is replayed and made durable at once (if it
+        is of this boot) or discarded (see the module's docstring).
+        """
+        catalog = cls(store, wallclock, boot_id)
         try:
             catalog._load(store.load())
+            if catalog._journaled and not store.readonly:
+                catalog.commit()
         except BaseException:
             catalog._release()
             raise
@@ -141,11 +186,37 @@ class Catalog:
             self._open_container(pools_by_pid[body["pool"]], body)
         for vid, body in sorted(recs.get("vdisk", {}).items()):
             self._load_vdisk(vid, body, image, pools_by_pid)
+        self._replay(image)
         for pool in self.pools.values():
             pool.load_refcounts(v.table for v in self.vdisks.values() if v.pool is pool)
             # a pool found above its threshold counts as having crossed it already: the
             # warning is for a crossing, and re-arms once usage is below it again
             pool.crossed_threshold()
+
+    def _replay(self, image: Image) -> None:
+        """Apply the journal of this boot over the durable tables (marking their chunks
+        dirty for the commit that follows); a journal of another boot is only counted."""
+        stale = 0
+        for boot, vid, index, entry in image.journal:
+            if boot != self.boot_id:
+                stale += 1
+                continue
+            vdisk = self._by_vid.get(vid)
+            if vdisk is None or index >= len(vdisk.table) or entry & ~t.LOCATION_MASK:
+                raise StoreCorrupt(f"a journaled mapping change ({vid}, {index}) fits no table")
+            vdisk.table[index] = entry
+            self.replayed += 1
+        self._journaled = bool(image.journal)
+        if self.replayed:
+            log.warning(
+                "took over %d mapping changes journaled by a process that ended without "
+                "committing them", self.replayed,
+            )  # fmt: skip
+        if stale:
+            log.warning(
+                "discarded %d mapping changes journaled before the last reboot (never "
+                "flushed: the initiator's writes there were not yet durable)", stale,
+            )  # fmt: skip
 
     def _open_container(self, pool: Pool, body: dict[str, Any]) -> None:
         # "path" is the container's location: a file or device path, or a RADOS location
@@ -308,6 +379,9 @@ class Catalog:
             dropped = {name: pool.take_dropped() for name, pool in self.pools.items()}
             txn, self._pending = self._pending, Transaction()
             staged = [(v, self._stage_table(v, txn)) for v in self.vdisks.values()]
+            journaled, self._journaled = self._journaled, False
+            if journaled:
+                txn.clear_journal()  # this commit covers every journaled change
             try:
                 if txn.empty and not any(d.entries or d.tables for d in dropped.values()):
                     self._sync_containers(sync)
@@ -316,6 +390,7 @@ class Catalog:
                 if not txn.empty:
                     self.store.commit(txn)
             except BaseException:
+                self._journaled = journaled
                 self._unstage(txn, staged, dropped)
                 raise
             self.commits += 1
@@ -328,6 +403,19 @@ class Catalog:
         """Make everything durable, data written in place included (the periodic flush)."""
         with self.lock:
             self.commit(sync=list(self.pools.values()))
+
+    def _journal(self, changes: Iterable[tuple[VDisk, int]]) -> None:
+        """Journal data-path mapping changes (see the module's docstring) before anyone
+        is told of them.  If the journal cannot be written, commit durably instead."""
+        entries: list[JournalEntry] = [(v.vid, i, t.location(v.table[i])) for v, i in changes]
+        if not entries or not self.store.journals:
+            return
+        self._journaled = True
+        try:
+            self.store.journal(self.boot_id, entries)
+        except TargetvirtError as e:
+            log.warning("%s; committing instead", e)
+            self.commit()
 
     @staticmethod
     def _sync_containers(pools: Iterable[Pool]) -> None:
@@ -371,7 +459,9 @@ class Catalog:
             if name in self.pools:
                 self.pools[name].restore_dropped(d)
         # keep the other operations, in order; table chunks are re-staged from memory
-        kept = Transaction([op for op in txn.ops if op[0] not in ("chunk", "truncate")])
+        kept = Transaction(
+            [op for op in txn.ops if op[0] not in ("chunk", "truncate", "unjournal")]
+        )
         kept.extend(self._pending)
         self._pending = kept
 
@@ -561,16 +651,17 @@ class Catalog:
                 if dst == t.cid_of(old):
                     raise InvalidArgument(f"that segment already lives in container {dst}")
             new = self._place(pool, old, exclude=t.cid_of(old), only=dst)
-            self._repoint(vdisk.family.members, index, old, new, pool)
+            moved = self._repoint(vdisk.family.members, index, old, new, pool)
             if commit:
                 self.commit()
+            else:
+                self._journal((m, index) for m in moved)
             return new
 
     @staticmethod
-    def _repoint(tables: list[VDisk], index: int, old: int, new: int, pool: Pool) -> None:
-        """Every table in ``tables`` that maps ``old`` at ``index`` now maps ``new``.
-
-        ``new`` arrives with refcount 1 from the allocator.
+    def _repoint(tables: list[VDisk], index: int, old: int, new: int, pool: Pool) -> list[VDisk]:
+        """Every table in ``tables`` that maps ``old`` at ``index`` now maps ``new``;
+        returns those.  ``new`` arrives with refcount 1 from the allocator.
         """
         sharers = [
             m for m in tables if index < len(m.table) and t.location(m.table[index]) == old
@@ -580,6 +671,7 @@ class Catalog:
             pool.decref(old)
         for _ in sharers[1:]:
             pool.incref(new)
+        return sharers
 
     def _place(
         self, pool: Pool, source: int | None, exclude: int | None = None, only: int | None = None
@@ -735,7 +827,7 @@ class Catalog:
                     c.zero(coff, n)
             n_new = self._entries(vdisk.pool, size)
             for index in range(n_new, len(vdisk.table)):
-                self.drop_entry(vdisk, index)
+                self._drop(vdisk, index)
             vdisk.table.resize(n_new)
             vdisk.size = size
             vdisk.record_dirty = True
@@ -773,6 +865,7 @@ class Catalog:
             if not e & t.MAPPED or vdisk.pool.refcount(e) == 1:
                 return False
             self._redirect(vdisk, index, e, covered=False)
+            self._journal([(vdisk, index)])
             return True
 
     # --- data-path faults ------------------------------------------------------------
@@ -787,13 +880,16 @@ class Catalog:
             if not e & t.MAPPED:
                 new = self._place(vdisk.pool, None)
                 vdisk.table[index] = new
+                self._journal([(vdisk, index)])
                 return new
             if vdisk.pool.refcount(e) == 1:
                 return e  # another thread faulted it first
             try:
                 if vdisk.cow == "copy":
-                    return self._copy_out(vdisk, index, e)
-                return self._redirect(vdisk, index, e, covered)
+                    return self._copy_out(vdisk, index, e)  # commits durably
+                new = self._redirect(vdisk, index, e, covered)
+                self._journal([(vdisk, index)])
+                return new
             except PoolFull:
                 # Finding the pool full, the allocator committed to settle the references
                 # dropped since the last commit: the segment may be private by now (its
@@ -835,10 +931,16 @@ class Catalog:
         self.commit()
         return old
 
-    def drop_entry(self, vdisk: VDisk, index: int) -> None:
-        """Deallocate one entry (UNMAP of a whole segment, shrink)."""
+    def drop_entries(self, vdisk: VDisk, indices: Iterable[int]) -> None:
+        """Deallocate entries (UNMAP of whole segments), journaled together."""
         with self.lock:
-            e = vdisk.table[index]
-            if e & t.MAPPED:
-                vdisk.table[index] = 0
-                vdisk.pool.decref(e)
+            self._journal([(vdisk, i) for i in indices if self._drop(vdisk, i)])
+
+    @staticmethod
+    def _drop(vdisk: VDisk, index: int) -> bool:
+        e = vdisk.table[index]
+        if not e & t.MAPPED:
+            return False
+        vdisk.table[index] = 0
+        vdisk.pool.decref(e)
+        return True

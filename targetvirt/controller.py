@@ -396,8 +396,7 @@ class Controller:
                 raise InvalidArgument(f"{v.name} has {len(v.table)} entries; cannot unmap to {end}")
             if all(self._writable(v.name, i) for i in (r.start, end - 1)):
                 with self._recording(v.family.members) as changed:
-                    for index in range(r.start, end):
-                        self.catalog.drop_entry(v, index)
+                    self.catalog.drop_entries(v, range(r.start, end))
                 # the requester too: its own in-flight I/O on freed segments must drain
                 self._push(self._coherence(changed, skip=None))
             return p.TableRange(v.name, r.start, self._annotate(v, r.start, r.count))

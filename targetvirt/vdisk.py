@@ -275,17 +275,19 @@ class VDisk:
             raise ReadOnly(f"{self.name} is a snapshot and cannot be written")
         self._check_range(offset, length)
         end = offset + length
+        whole: list[int] = []
         while offset < end:
             index, intra = offset >> self.shift, offset & self.mask
             n = min(end - offset, self.segment_size - intra)
             seg_len = min(self.segment_size, self.size - (index << self.shift))
             if intra == 0 and n >= seg_len:
-                self.catalog.drop_entry(self, index)
+                whole.append(index)
             elif self.table[index] & t.MAPPED:
                 for c, coff, m in self.map_write(offset, n):
                     assert c is not None
                     c.zero(coff, m)
             offset += n
+        self.catalog.drop_entries(self, whole)
 
     # --- the block-backend face (what the TCMU SCSI layer calls) -------------------------
 

@@ -7,14 +7,22 @@ every byte of every table is verified on load (a Merkle tree of depth two).
 
 A :class:`Transaction` is an ordered list of operations that a backend applies
 atomically: after a crash either all of it or none of it is visible.  Backends: SQLite
-(one host) and, later, RADOS (omap with compare-and-set).
+(one host) and RADOS (omap with compare-and-set).
+
+A store may also keep a *journal* of data-path mapping changes (allocations, unmaps)
+written without waiting for the medium: it survives the death of the process, not of the
+host, so each journal write carries the host's boot id and only a journal of the same boot
+is replayed (the page cache then still holds the data those mappings point at).  Every
+durable commit of the catalog covers everything journaled before it and clears the journal.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import struct
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -70,8 +78,9 @@ class Transaction:
 
     ``("put", kind, id, body)``, ``("delete", kind, id)``, ``("chunk", vid, index, hash,
     data)``, ``("truncate", vid, nchunks)``, ``("copy", src_vid, dst_vid)`` (dst gets
-    exactly src's chunk list), ``("drop", vid)`` (the table goes).  Order matters: a copy
-    sees the chunks written before it, and chunks written after it change only dst.
+    exactly src's chunk list), ``("drop", vid)`` (the table goes), ``("unjournal",)`` (the
+    journal is covered by this commit and goes).  Order matters: a copy sees the chunks
+    written before it, and chunks written after it change only dst.
     """
 
     ops: list[Op] = field(default_factory=list)
@@ -94,6 +103,9 @@ class Transaction:
     def drop(self, vid: int) -> None:
         self.ops.append(("drop", vid))
 
+    def clear_journal(self) -> None:
+        self.ops.append(("unjournal",))
+
     def extend(self, other: Transaction) -> None:
         self.ops.extend(other.ops)
 
@@ -109,11 +121,40 @@ class Image:
     records: dict[str, dict[int, dict[str, Any]]]
     tables: dict[int, tuple[bytes, list[bytes]]]  # vid -> (packed entries, chunk hashes)
     generation: int
+    # mapping changes journaled since the last durable commit: (boot id, vid, index, entry)
+    journal: list[JournalRow] = field(default_factory=list)
+
+
+# (vid, index, entry): entry ``index`` of vdisk ``vid`` became ``entry`` (0: unallocated)
+JournalEntry = tuple[int, int, int]
+JournalRow = tuple[str, int, int, int]
+_JOURNAL_ENTRY = struct.Struct("<QQQ")
+
+
+def encode_journal(boot: str, entries: Sequence[JournalEntry]) -> tuple[bytes, int]:
+    """One journal write: packed entries and a checksum that also covers the boot id."""
+    raw = b"".join(_JOURNAL_ENTRY.pack(*e) for e in entries)
+    return raw, zlib.crc32(raw, zlib.crc32(boot.encode()))
+
+
+def decode_journal(boot: object, raw: object, crc: object) -> list[JournalRow]:
+    """The rows of one journal write, as read back: any field may be damaged."""
+    if (
+        not isinstance(boot, str)
+        or not isinstance(raw, bytes)
+        or len(raw) % _JOURNAL_ENTRY.size
+        or zlib.crc32(raw, zlib.crc32(boot.encode())) != crc
+    ):
+        raise StoreCorrupt("a metadata journal record fails its checksum")
+    return [(boot, *e) for e in _JOURNAL_ENTRY.iter_unpack(raw)]
 
 
 class Store(Protocol):
     path: str
     readonly: bool
+    # whether journal() is kept (a store that cannot keep one makes mapping changes
+    # durable at flush only, like a disk's volatile cache)
+    journals: bool
 
     def load(self) -> Image:
         """Read and verify everything; raise StoreCorrupt on any damage."""
@@ -121,6 +162,10 @@ class Store(Protocol):
 
     def commit(self, txn: Transaction) -> None:
         """Apply ``txn`` atomically and durably."""
+        ...
+
+    def journal(self, boot: str, entries: Sequence[JournalEntry]) -> None:
+        """Append to the journal atomically, without waiting for the medium."""
         ...
 
     def chunk_hashes(self, vid: int) -> list[bytes]: ...

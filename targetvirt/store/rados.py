@@ -50,7 +50,7 @@ import threading
 import time
 import uuid as uuidlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 from targetvirt.ceph import Cluster, RadosLocation, describe, errno_of, import_rados
@@ -59,6 +59,7 @@ from targetvirt.errors import InvalidArgument, StoreCorrupt, StoreError, StoreLo
 from targetvirt.store.base import (
     FORMAT_VERSION,
     Image,
+    JournalEntry,
     Transaction,
     chunk_hash,
     decode_record,
@@ -119,6 +120,10 @@ def _break_lock_request(lock: str, client_num: int, cookie: str) -> bytes:
 
 class RadosStore:
     """A :class:`targetvirt.store.base.Store` in a Ceph pool."""
+
+    # No journal yet: on RADOS, data-path mapping changes become durable at the next
+    # flush (or the periodic commit), as on a disk with a volatile write cache.
+    journals = False
 
     def __init__(
         self,
@@ -542,6 +547,9 @@ class RadosStore:
 
     # --- writing -------------------------------------------------------------------
 
+    def journal(self, boot: str, entries: Sequence[JournalEntry]) -> None:
+        raise StoreError(f"metadata store {self.path} keeps no journal; commit instead")
+
     def commit(self, txn: Transaction) -> None:
         if self.readonly:
             raise StoreError(f"metadata store {self.path} is open read-only")
@@ -752,6 +760,9 @@ class _Staged:
 
     def op_drop(self, vid: int) -> None:
         self._table(vid).clear()
+
+    def op_unjournal(self) -> None:
+        pass  # there is never a journal here (RadosStore.journals)
 
     def check(self) -> None:
         for vid, hashes in self.tables.items():

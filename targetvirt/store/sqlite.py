@@ -13,21 +13,31 @@ import errno
 import fcntl
 import os
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from targetvirt.errors import StoreCorrupt, StoreError, StoreLocked
 from targetvirt.store.base import (
     FORMAT_VERSION,
     Image,
+    JournalEntry,
+    JournalRow,
     Transaction,
     chunk_hash,
+    decode_journal,
     decode_record,
+    encode_journal,
     encode_record,
 )
 from targetvirt.table import CHUNK_ENTRIES, ENTRY_BYTES
 
-_SCHEMA = """
+# added after format 2 shipped: created on open where missing, read as empty where absent
+_JOURNAL_SCHEMA = """
+CREATE TABLE IF NOT EXISTS journal(
+    seq INTEGER PRIMARY KEY, boot TEXT NOT NULL, entries BLOB NOT NULL, crc INTEGER NOT NULL);
+"""
+_SCHEMA = (
+    """
 CREATE TABLE IF NOT EXISTS meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS records(
     kind TEXT NOT NULL, id INTEGER NOT NULL, body BLOB NOT NULL, crc INTEGER NOT NULL,
@@ -38,6 +48,8 @@ CREATE TABLE IF NOT EXISTS table_chunks(
     PRIMARY KEY(vid, idx)) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS table_chunks_by_hash ON table_chunks(hash);
 """
+    + _JOURNAL_SCHEMA
+)
 
 
 @contextmanager
@@ -65,6 +77,8 @@ def _blob(value: object, what: str) -> bytes:
 
 class SqliteStore:
     """A :class:`targetvirt.store.base.Store` in one SQLite file."""
+
+    journals = True
 
     def __init__(self, path: str, *, readonly: bool = False, create: bool = False) -> None:
         self.path = path
@@ -121,6 +135,8 @@ class SqliteStore:
                 db.execute("PRAGMA foreign_keys=OFF")
                 if exists:
                     self._verify_structure(db)
+                    if not self.readonly:
+                        db.executescript(_JOURNAL_SCHEMA)
                 else:
                     db.executescript(_SCHEMA)
                     db.execute("INSERT INTO meta VALUES('format', ?)", (str(FORMAT_VERSION),))
@@ -155,10 +171,20 @@ class SqliteStore:
                 records.setdefault(kind, {})[key] = decode_record(kind, key, body, crc)
             tables = {vid: self._load_table(vid) for vid in self._table_ids()}
             gen = self._db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
+            journal = self._load_journal()
         try:
-            return Image(records, tables, int(gen[0]) if gen else 0)
+            return Image(records, tables, int(gen[0]) if gen else 0, journal)
         except (TypeError, ValueError):
             raise StoreCorrupt(f"metadata store {self.path}: bad generation {gen}") from None
+
+    def _load_journal(self) -> list[JournalRow]:
+        db = self._db
+        if db.execute("SELECT 1 FROM sqlite_master WHERE name='journal'").fetchone() is None:
+            return []  # a store written before the journal, opened read-only
+        rows: list[JournalRow] = []
+        for boot, entries, crc in db.execute("SELECT boot, entries, crc FROM journal ORDER BY seq"):
+            rows.extend(decode_journal(boot, entries, crc))
+        return rows
 
     def _table_ids(self) -> list[int]:
         return [r[0] for r in self._db.execute("SELECT DISTINCT vid FROM table_chunks")]
@@ -209,6 +235,23 @@ class SqliteStore:
                 db.execute("ROLLBACK")
                 raise
 
+    def journal(self, boot: str, entries: Sequence[JournalEntry]) -> None:
+        """Append to the journal with synchronous=NORMAL: SQLite's WAL then survives the
+        process (the write is in the page cache) but not necessarily the host, which is
+        why rows carry the boot id.  The next FULL commit syncs these frames too."""
+        if self.readonly:
+            raise StoreError(f"metadata store {self.path} is open read-only")
+        raw, crc = encode_journal(boot, entries)
+        db = self._db
+        with _damage_is_corruption(self.path):
+            db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                db.execute(
+                    "INSERT INTO journal(boot, entries, crc) VALUES(?,?,?)", (boot, raw, crc)
+                )
+            finally:
+                db.execute("PRAGMA synchronous=FULL")
+
     def _apply(self, txn: Transaction, stale: set[bytes]) -> None:
         for op in txn.ops:
             getattr(self, "_op_" + op[0])(stale, *op[1:])
@@ -252,6 +295,9 @@ class SqliteStore:
         self._db.execute(
             "INSERT INTO table_chunks SELECT ?, idx, hash FROM table_chunks WHERE vid=?", (dst, src)
         )
+
+    def _op_unjournal(self, stale: set[bytes]) -> None:
+        self._db.execute("DELETE FROM journal")
 
     def _op_drop(self, stale: set[bytes], vid: int) -> None:
         self._hashes_from(stale, vid)

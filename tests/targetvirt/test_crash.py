@@ -1,8 +1,12 @@
 """Crash consistency: a workload killed with SIGKILL at random instants, many times.
 
 After each kill the store reopens, the checker finds no damage, and every vdisk holds,
-byte for byte, either its state at the last completed flush or the data of a write
-issued after it (an unflushed write may be lost, torn, or kept; nothing else may appear).
+byte for byte, its state after the last completed operation, give or take the operation
+the kill interrupted: the page cache and the journal survive the process, so not even an
+unflushed write that completed is lost.  Every third kill the store is reopened as after
+a reboot (another boot id): the journal is discarded, and each vdisk holds either its
+state at the last completed flush or the data of a write issued after it (an unflushed
+write may be lost, torn, or kept; nothing else may appear).
 
 The same on Ceph (marker ``ceph``): the RADOS store and a RADOS container, and with the
 OSD (bluestore) killed too, or killed and restarted under a live workload.
@@ -72,8 +76,14 @@ def created_name(op: Op) -> str | None:
     return None
 
 
-def replay(start: State, log: list[str], actual_names: set[str]) -> tuple[State, list[Op]]:
-    """The durable state at the last certain durable point, and the ops that may follow it."""
+def replay(
+    start: State, log: list[str], actual_names: set[str], *, journaled: bool = False
+) -> tuple[State, list[Op]]:
+    """The durable state at the last certain durable point, and the ops that may follow it.
+
+    ``journaled``: every completed write and unmap is durable too (a kill of the process;
+    the journal is replayed), only an interrupted one is a maybe.
+    """
     durable = {k: bytearray(v) for k, v in start.items()}
     pending: list[Op] = []
     ops: list[tuple[Op, bool]] = []
@@ -84,7 +94,10 @@ def replay(start: State, log: list[str], actual_names: set[str]) -> tuple[State,
             ops[-1] = (ops[-1][0], True)
     for op, completed in ops:
         if op["op"] in ("write", "unmap"):
-            pending.append(op)  # done or torn: a maybe either way until the next durable point
+            if journaled and completed:
+                apply_op(durable, op)
+            else:  # done or torn: a maybe either way until the next durable point
+                pending.append(op)
             continue
         done = completed
         if not done:  # a durable op cut short: did its commit happen?
@@ -180,12 +193,15 @@ def crash_loop(
         if not state:  # the first run created a and b, both zero
             state = {"a": bytearray(8 * 65536 + 4096), "b": bytearray(8 * 65536 + 4096)}
         # a RADOS store held by the dead child is taken over: fence, break its lock
-        catalog = Catalog.open(open_store(str(tmp_path), location))
+        store = open_store(str(tmp_path), location)
+        rebooted = kill % 3 == 2
+        journaled = store.journals and not rebooted
+        catalog = Catalog.open(store, boot_id="another boot" if rebooted else None)
         try:
             report = check(catalog)
             assert not report.damage, report.lines()
             lines = log_path.read_text().splitlines()
-            durable, pending = replay(state, lines, set(catalog.vdisks))
+            durable, pending = replay(state, lines, set(catalog.vdisks), journaled=journaled)
             state = verify(catalog, durable, pending)
             if kill % 10 == 9:  # reclaim what crashes leaked, then the checker is clean
                 assert check(catalog, repair=True).reclaimed_segments >= 0

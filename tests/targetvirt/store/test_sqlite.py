@@ -15,6 +15,7 @@ from hypothesis import event, given
 from hypothesis import strategies as st
 
 from targetvirt.catalog import Catalog
+from targetvirt.check import check
 from targetvirt.container import HEADER_BYTES
 from targetvirt.errors import NotFound, StoreCorrupt, StoreError, StoreLocked, TargetvirtError
 from targetvirt.store.base import Transaction
@@ -361,3 +362,105 @@ def test_damaged_store_or_container_header_is_refused_or_intact(
         return
     event("intact" if db_damage or header_damage else "undamaged")
     assert contents == pristine.expected
+
+
+# --- the journal of data-path mapping changes ---------------------------------------------
+
+
+def unflushed_writes(db: str, boot: str) -> dict[str, bytes]:
+    """Open with ``boot``, write into new and shared segments and unmap some, flush
+    nothing, and 'die' (drop the catalog without closing it); returns what was written."""
+    cat = Catalog.open(SqliteStore(db), boot_id=boot)
+    a, b = cat.vdisk("a"), cat.vdisk("b")
+    a.unmap(19 * SEG, SEG)
+    cat.commit()  # (durable: segment 19 is unallocated)
+    a.write(19 * SEG + 5, b"new segment")  # allocation
+    shared = next(i for i, _ in b.table.iter_mapped() if i > 0)  # shared with a@s
+    b.write(shared * SEG + 3, b"redirected")  # copy-on-write
+    a.unmap(0, 2 * SEG)  # whole segments dropped
+    expected = {n: v.read(0, v.size) for n, v in cat.vdisks.items()}
+    assert cat.store.journals and cat._journaled
+    cat.store._release_lock()  # type: ignore[attr-defined] - what a dying process does
+    return expected
+
+
+def test_a_journal_of_the_same_boot_is_replayed_and_committed(tmp_path: Path) -> None:
+    db, before = make_store(tmp_path)
+    expected = unflushed_writes(db, "boot-1")
+    assert expected != before
+    cat = Catalog.open(SqliteStore(db), boot_id="boot-1")
+    assert cat.replayed >= 2 and not cat._journaled
+    assert {n: v.read(0, v.size) for n, v in cat.vdisks.items()} == expected
+    cat.close()
+    # the replay was committed durably: a later boot sees it without the journal
+    cat = Catalog.open(SqliteStore(db), boot_id="boot-2")
+    assert cat.replayed == 0 and {n: v.read(0, v.size) for n, v in cat.vdisks.items()} == expected
+    assert check(cat).clean
+    cat.close()
+
+
+def test_a_journal_of_another_boot_is_discarded(tmp_path: Path) -> None:
+    db, before = make_store(tmp_path)
+    unflushed_writes(db, "boot-1")
+    cat = Catalog.open(SqliteStore(db), boot_id="boot-2")
+    assert cat.replayed == 0
+    # the tables are the flushed ones; the data written in place into mapped segments
+    # since then may or may not be there (a write cache lost), new segments are gone
+    assert cat.vdisk("a").read(19 * SEG, SEG) == bytes(SEG)
+    assert cat.vdisk("a").read(0, 2 * SEG) == before["a"][: 2 * SEG]
+    assert cat.vdisk("b").read(0, cat.vdisk("b").size) == before["b"]
+    assert check(cat, repair=True).reclaimed_segments >= 0  # a leak is allowed, no damage
+    assert check(cat).clean
+    cat.close()
+    assert Catalog.open(SqliteStore(db), boot_id="boot-1").replayed == 0  # cleared
+
+
+def test_a_flush_clears_the_journal(tmp_path: Path) -> None:
+    db, _ = make_store(tmp_path)
+    cat = Catalog.open(SqliteStore(db), boot_id="boot-1")
+    cat.vdisk("a").write(19 * SEG, b"x")
+    assert cat.store.load().journal
+    cat.commit()
+    assert cat.store.load().journal == []
+    cat.close()
+
+
+@pytest.mark.parametrize(
+    "sql, message",
+    [
+        ("UPDATE journal SET entries=x'00'", "journal record fails its checksum"),
+        ("UPDATE journal SET boot='boot-9'", "journal record fails its checksum"),
+        ("UPDATE journal SET entries=42", "journal record fails its checksum"),
+        ("UPDATE journal SET crc=crc+1", "journal record fails its checksum"),
+    ],
+)
+def test_a_damaged_journal_is_detected(tmp_path: Path, sql: str, message: str) -> None:
+    db, _ = make_store(tmp_path)
+    unflushed_writes(db, "boot-1")
+    _damaged(db, sql)
+    with pytest.raises(StoreCorrupt, match=message) as e:
+        Catalog.open(SqliteStore(db), boot_id="boot-1")
+    assert one_line(str(e.value))
+
+
+def test_a_journal_row_that_fits_no_table_is_detected(tmp_path: Path) -> None:
+    db, _ = make_store(tmp_path)
+    store = SqliteStore(db)
+    store.journal("boot-1", [(999, 0, 0)])
+    store.close()
+    with pytest.raises(StoreCorrupt, match="fits no table"):
+        Catalog.open(SqliteStore(db), boot_id="boot-1")
+
+
+def test_a_store_from_before_the_journal_opens(tmp_path: Path) -> None:
+    """Stores written before the journal existed have no journal table: read-only opens
+    see an empty journal, writable ones add the table."""
+    db, expected = make_store(tmp_path)
+    _damaged(db, "DROP TABLE journal")
+    cat = Catalog.open(SqliteStore(db, readonly=True))
+    assert {n: v.read(0, v.size) for n, v in cat.vdisks.items()} == expected
+    cat.close()
+    cat = Catalog.open(SqliteStore(db))
+    cat.vdisk("a").write(19 * SEG, b"x")
+    assert cat.store.load().journal
+    cat.close()
