@@ -3,9 +3,10 @@
 At start the service subscribes to the TCM-USER netlink family, then takes over the
 devices that already exist (found in sysfs: LIO may have restored them before we ran)
 with the block / reset-ring / reopen sequence, so nothing left in a ring from a previous
-handler is replayed.  Then it follows ADDED / REMOVED / RECONFIG events, answering each
-with the DONE message that matches it.  One device failing to open never stops the
-others.
+handler is replayed, and with the mode state (write cache...) that initiators set before
+the restart (tcmu_handler/modestate.py).  Then it follows ADDED / REMOVED / RECONFIG
+events, answering each with the DONE message that matches it.  One device failing to
+open never stops the others.
 
 Backends are supplied by the caller (the daemon): ``open_lun(config, info)`` returns the
 block backend and the LUN state for a device, or raises a TargetvirtError that says why
@@ -26,6 +27,7 @@ from pathlib import Path
 from targetvirt.errors import TargetvirtError
 from tcmu_handler import config, netlink, uio
 from tcmu_handler.device import Device
+from tcmu_handler.modestate import ModeStore
 from tcmu_handler.ring import ResetMode
 from tcmu_handler.scsi.backend import BlockBackend
 from tcmu_handler.scsi.lun import LunState
@@ -80,8 +82,10 @@ class TcmuService:
         configfs_root: Path = uio.CONFIGFS_ROOT,
         dev_root: Path = uio.DEV_ROOT,
         workers: int = 4,
+        modes: ModeStore | None = None,
     ) -> None:
         self.open_lun = open_lun
+        self.modes = modes
         self.close_lun = close_lun
         self.sysfs_root = sysfs_root
         self.configfs_root = configfs_root
@@ -149,6 +153,7 @@ class TcmuService:
             log.error("not serving %s: %s", key, e)
             self.refused[key] = str(e)
             return -(e.errno or errno.EINVAL) if isinstance(e, OSError) else -errno.ENOENT
+        self._keep_modes(key, lun, fresh=reset is None)
         device = Device(key, handle, ring, lun, backend, workers=self.workers)
         device.vdisk = cfg.vdisk + (f"@{cfg.snapshot}" if cfg.snapshot else "")
         with self._lock:
@@ -159,10 +164,25 @@ class TcmuService:
                  lun.block_size)  # fmt: skip
         return 0
 
+    def _keep_modes(self, key: str, lun: LunState, *, fresh: bool) -> None:
+        """A device taken over after a restart gets back its mode state; a new one starts
+        from the defaults.  Either way MODE SELECT changes are saved from now on."""
+        modes = self.modes
+        if modes is None:
+            return
+        if fresh:
+            modes.forget(key)
+        elif modes.restore(key, lun):
+            log.info("%s: write cache %s, as set before the restart", key,
+                     "on" if lun.write_cache_enabled else "off")  # fmt: skip
+        lun.on_mode_select = lambda changed: modes.save(key, changed)
+
     def _remove(self, key: str) -> None:
         with self._lock:
             device = self.devices.pop(key, None)
             self.refused.pop(key, None)
+        if self.modes is not None:
+            self.modes.forget(key)
         if device is not None:
             device.stop()
             log.info("stopped serving %s", key)

@@ -43,6 +43,7 @@ from targetvirt.store.sqlite import SqliteStore
 from targetvirt.transport.inprocess import InProcessLink
 from targetvirt.vdisk import VDisk
 from tcmu_handler import uio
+from tcmu_handler.modestate import ModeStore
 from tcmu_handler.scsi.lun import LunState
 from tcmu_handler.service import TcmuService
 from tcmu_handler.tcmu_dbus import TcmuBusService
@@ -227,7 +228,10 @@ class Handler:
         self.controller.start()  # timers: freeze timeouts, leases
         self.agent.connect()
         self.agent.start()  # lease keeper
-        self.tcmu = TcmuService(self.open_lun, close_lun=self.close_lun, workers=self.args.workers)
+        self.tcmu = TcmuService(
+            self.open_lun, close_lun=self.close_lun, workers=self.args.workers,
+            modes=ModeStore(Path(self.args.run_dir) / "modes"),
+        )  # fmt: skip
         self.tcmu.start()
         # The handler serves devices from here on: exports may be (re)created.
         self.manager = Manager(

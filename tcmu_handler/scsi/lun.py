@@ -23,6 +23,7 @@ import hashlib
 import threading
 import uuid as uuidlib
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from targetvirt.errors import DATA_PROTECT, InvalidArgument, Sense
@@ -125,6 +126,8 @@ class LunState:
     swp: bool = False
     d_sense: bool = False
     wce_default: bool | None = None  # the "default" value MODE SENSE reports
+    # told after a MODE SELECT changed the state above (the service saves it)
+    on_mode_select: Callable[[LunState], None] | None = field(default=None, init=False, repr=False)
     # Set while unit attentions are pending or a long operation runs (see module doc).
     gate: bool = field(default=False, init=False)
     _ua: deque[Sense] = field(default_factory=deque, init=False, repr=False)
@@ -216,6 +219,8 @@ class LunState:
         """
         self.write_cache_enabled = enabled
         self.queue_unit_attention(sn.MODE_PARAMETERS_CHANGED)
+        if self.on_mode_select is not None:
+            self.on_mode_select(self)
 
     def queue_unit_attention(self, sense: Sense) -> None:
         with self._lock:

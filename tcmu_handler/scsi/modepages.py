@@ -227,3 +227,5 @@ def _apply(lun: LunState, changes: list[tuple[int, bytes]], be: BlockBackend) ->
         elif code == 0x0A:
             lun.d_sense = bool(page[2] & 0x04)
             lun.swp = bool(page[4] & 0x08)
+    if changes and lun.on_mode_select is not None:
+        lun.on_mode_select(lun)
