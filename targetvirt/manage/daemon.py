@@ -24,7 +24,6 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +37,8 @@ from targetvirt.manage.api import ManagerBusService
 from targetvirt.manage.common import BUS_ENV, BUS_FILE
 from targetvirt.manage.lio import LioExporter
 from targetvirt.manage.manager import Manager
-from targetvirt.pool import Pool
 from targetvirt.store.sqlite import SqliteStore
 from targetvirt.transport.inprocess import InProcessLink
-from targetvirt.vdisk import VDisk
 from tcmu_handler import uio
 from tcmu_handler.modestate import ModeStore
 from tcmu_handler.scsi.lun import LunState
@@ -129,20 +126,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
     return parser.parse_args(argv)  # fmt: skip
-
-
-def report_soft_threshold(pool: Pool, devices: Iterable[Any]) -> int:
-    """Every device (``.backend``, ``.lun``) served from a vdisk of ``pool`` queues THIN
-    PROVISIONING SOFT THRESHOLD REACHED for its initiators; returns how many did."""
-    told = 0
-    for device in devices:
-        backend = device.backend
-        if isinstance(backend, VDisk) and backend.pool is pool:
-            device.lun.report_soft_threshold()
-            told += 1
-    if told:
-        log.info("pool %s reached its soft threshold: %d LUNs told", pool.name, told)
-    return told
 
 
 def open_catalog(state_dir: str) -> Catalog:

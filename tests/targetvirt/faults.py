@@ -18,8 +18,8 @@ from targetvirt import table as t
 from targetvirt.agent import AgentVDisk
 from targetvirt.catalog import Catalog
 from targetvirt.container import Container
-from targetvirt.manage.daemon import report_soft_threshold
 from targetvirt.pool import Pool
+from targetvirt.vdisk import VDisk
 from tcmu_handler.scsi import LunState, handle
 from tcmu_handler.scsi.backend import BlockBackend
 from tests.targetvirt.cluster import CONTAINER_SEGMENTS, Cluster
@@ -32,6 +32,19 @@ MEDIUM_READ = (0x03, 0x11, 0x00)  # UNRECOVERED READ ERROR
 MEDIUM_WRITE = (0x03, 0x0C, 0x00)  # WRITE ERROR
 SPACE_ALLOCATION_FAILED = (0x07, 0x27, 0x07)  # SPACE ALLOCATION FAILED WRITE PROTECT
 SOFT_THRESHOLD = (0x06, 0x38, 0x07)  # THIN PROVISIONING SOFT THRESHOLD REACHED
+
+
+def report_soft_threshold(pool: Pool, devices: Iterable[Any]) -> int:
+    """Every device (``.backend``, ``.lun``) served from a vdisk of ``pool`` queues THIN
+    PROVISIONING SOFT THRESHOLD REACHED for its initiators; returns how many did.  (The
+    engine-only stack's wiring; the daemon's goes through the controller and agent.)"""
+    told = 0
+    for device in devices:
+        backend = device.backend
+        if isinstance(backend, VDisk) and backend.pool is pool:
+            device.lun.report_soft_threshold()
+            told += 1
+    return told
 
 
 @dataclass
