@@ -1,13 +1,15 @@
 """An agent process for the multi-process tests: sequence-numbered writes to its own region.
 
-``python -m tests.targetvirt.agent_child SOCKET AGENT INDEX LOG STOP``
+``python -m tests.targetvirt.agent_child SOCKET AGENT INDEX LOG STOP [RADOS]``
 
-The agent serves vdisks ``a`` and ``b`` over the Unix-socket gRPC transport and writes
+The agent serves vdisks ``a`` and ``b`` over the Unix-socket gRPC transport (with
+RADOS, a location: commands by watch/notify there, requests over the socket) and writes
 blocks numbered 1, 2, 3...: write ``seq`` goes to vdisk ``VDISKS[seq % 2]``, slot
 ``(seq // 2) % SLOTS`` of region INDEX (slots straddle a segment boundary).  A block is
 ``(INDEX, seq)`` repeated, so any snapshot can be decoded.  After each write returns it
 appends ``(seq, start, end)`` (CLOCK_MONOTONIC, shared by the processes of one host) to
-LOG.  It stops when the file STOP exists, flushes, prints ``done <last seq>``.
+LOG.  It stops when the file STOP exists, flushes, prints ``done <last seq>``; an
+error it cannot retry ends it with ``error <class>: <message>`` and status 2.
 
 Like a SCSI initiator, it retries an I/O that failed with a "try again" sense (no lease,
 controller unreachable: a controller restart) -- only acknowledged writes are logged.
@@ -23,7 +25,8 @@ from collections.abc import Callable
 from functools import partial
 
 from targetvirt.agent import Agent
-from targetvirt.errors import LeaseExpired
+from targetvirt.errors import LeaseExpired, TargetvirtError
+from targetvirt.transport import ControllerLink
 from targetvirt.transport.network import NetworkLink
 
 VDISKS = ("a", "b")
@@ -69,9 +72,22 @@ def retrying(io: Callable[[], None]) -> None:
 
 
 def main() -> int:
+    try:
+        return run()
+    except TargetvirtError as e:
+        print(f"error {type(e).__name__}: {e}", flush=True)
+        return 2
+
+
+def run() -> int:
     sock, agent_id, index, log_path, stop = sys.argv[1:6]
     me = int(index)
-    agent = Agent(agent_id, NetworkLink(f"unix:{sock}", call_timeout=20.0), host="test")
+    link: ControllerLink = NetworkLink(f"unix:{sock}", call_timeout=20.0)
+    if len(sys.argv) > 6:
+        from targetvirt.transport.rados_notify import RadosNotifyLink  # noqa: PLC0415
+
+        link = RadosNotifyLink(link, sys.argv[6])
+    agent = Agent(agent_id, link, host="test")
     agent.connect(VDISKS)
     agent.start()
     vdisks = {name: agent.vdisk(name) for name in VDISKS}

@@ -1,0 +1,160 @@
+"""Commands over RADOS watch/notify: agent processes get them through the vdisk headers
+they watch, a hung one is blocklisted by the storage and the controller goes on at once,
+live snapshots keep two agents coherent."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+from array import array
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from targetvirt import protocol as p
+from targetvirt.controller import Controller
+from targetvirt.errors import ProtocolError
+from targetvirt.transport.network import ControllerServer
+from targetvirt.transport.rados_notify import (
+    NotifySink,
+    RadosCommandBus,
+    decode_acks,
+    decode_batch,
+    decode_hello,
+    encode_acks,
+    encode_batch,
+    encode_hello,
+)
+from tests.ceph_cluster import CephCluster
+from tests.targetvirt.agent_child import REGION, VDISKS
+from tests.targetvirt.engine_model import SEG, open_catalog
+from tests.targetvirt.gateways import Gateway, check_window, cut_of, wait_for_writes
+
+
+class Site:
+    """A controller on RADOS containers: requests over a Unix socket, commands by notify."""
+
+    def __init__(self, tmp: Path, location: str, *, lease: float, ack_timeout: float) -> None:
+        self.tmp, self.location = tmp, location
+        catalog = open_catalog(str(tmp / "meta.db"))
+        catalog.create_pool("p", location, 200 * SEG, segment_size=SEG)
+        for name in VDISKS:
+            catalog.create_vdisk(name, "p", 3 * REGION)
+        self.controller = Controller(
+            catalog, lease_seconds=lease, ack_timeout=ack_timeout, lease_margin=0.2
+        )
+        self.sock = str(tmp / "ctl.sock")
+        self.server = ControllerServer(self.controller, unix_path=self.sock)
+        self.bus = RadosCommandBus(self.controller, location)
+        self.controller.start()
+
+    def gateway(self, index: int) -> Gateway:
+        return Gateway(self.tmp, self.sock, index, rados=self.location)
+
+    def close(self) -> None:
+        self.server.stop()
+        self.bus.close()
+        self.controller.close()
+
+
+@pytest.fixture
+def site(tmp_path: Path, rados_location: str) -> Iterator[Site]:
+    s = Site(tmp_path, rados_location, lease=10.0, ack_timeout=10.0)
+    yield s
+    s.close()
+
+
+def _kill(gateways: list[Gateway]) -> None:
+    for g in gateways:
+        if g.proc.poll() is None:
+            g.proc.kill()
+            g.proc.wait()
+
+
+def test_frames_round_trip_and_refuse_garbage() -> None:
+    update = p.Update(0, "a", array("Q", [1, 2]), array("Q", [7, 8]))
+    raw = encode_batch(
+        [([(5, 1), (6, 9)], p.encode(update)), ([(5, 2)], p.encode(p.Block(0, "a")))]
+    )
+    assert decode_batch(raw) == [({5: 1, 6: 9}, update), ({5: 2}, p.Block(0, "a"))]
+    acks = [(5, p.Ack(1)), (5, p.Ack(2, False, "no"))]
+    assert decode_acks(encode_acks(acks)) == acks
+    hello = p.Hello("gw1", 77)
+    assert decode_hello(encode_hello(hello, ["127.0.0.1:0/1"]).encode()) == (
+        hello, ["127.0.0.1:0/1"],
+    )  # fmt: skip
+    for garbage in (b"", b"\x01\x00\x00\x00", raw[:-1], raw + b"x"):
+        with pytest.raises(ProtocolError):
+            decode_batch(garbage)
+    with pytest.raises(ProtocolError):
+        decode_hello(b"not base64!")
+
+
+@pytest.mark.ceph
+def test_commands_reach_agent_processes_by_notify_and_snapshots_stay_coherent(
+    site: Site,
+) -> None:
+    gateways = [site.gateway(i) for i in range(2)]
+    try:
+        wait_for_writes(gateways, 20)
+        sessions = site.controller.sessions()
+        assert len(sessions) == 2 and all(isinstance(s.sink, NotifySink) for s in sessions)
+        assert site.controller.servers("a") == ["gw0", "gw1"]
+        before = site.bus.notifies
+        site.controller.snapshot("a", "s1")
+        wait_for_writes(gateways, 20)
+        site.controller.group_snapshot(["a", "b"], "g")
+        window = site.controller.windows[-1]
+        wait_for_writes(gateways, 20)
+        assert site.bus.notifies > before  # freezes, marks and thaws went by notify
+        assert site.controller.fenced == []
+        (site.tmp / "stop").touch()
+        last = [g.finish() for g in gateways]
+        catalog = site.controller.catalog
+        for i, g in enumerate(gateways):
+            writes = g.writes()
+            assert [w.seq for w in writes] == list(range(1, last[i] + 1))
+            cut = cut_of(catalog, {"a": "a@g", "b": "b@g"}, i)
+            check_window(cut, writes, window, set(VDISKS), i)
+            assert cut_of(catalog, {v: v for v in VDISKS}, i) == last[i]
+    finally:
+        _kill(gateways)
+
+
+@pytest.mark.ceph
+def test_a_hung_agent_is_blocklisted_and_the_controller_goes_on(
+    tmp_path: Path, rados_location: str, ceph: CephCluster
+) -> None:
+    # a lease far longer than the test: going on means the storage fenced the agent
+    site = Site(tmp_path, rados_location, lease=600.0, ack_timeout=2.0)
+    gateways = [site.gateway(i) for i in range(2)]
+    try:
+        wait_for_writes(gateways, 20)
+        os.kill(gateways[1].proc.pid, signal.SIGSTOP)  # it will never answer the freeze
+        done = threading.Event()
+        snap = threading.Thread(target=lambda: (site.controller.snapshot("a", "s"), done.set()))
+        snap.start()
+        snap.join(60)
+        assert done.is_set(), "the snapshot waited for the hung agent's lease"
+        assert site.controller.fenced == ["gw1"]
+        assert site.controller.servers("a") == ["gw0"]
+        addrs = site.bus.blocklisted["gw1"]
+        _, out, _ = ceph.admin.mon_command(json.dumps({"prefix": "osd blocklist ls"}), b"")
+        assert addrs and all(a in out.decode() for a in addrs), out
+        wait_for_writes(gateways[:1], 20)  # the other agent was thawed
+        # woken up, the fenced agent's next RADOS write is refused by the OSD
+        os.kill(gateways[1].proc.pid, signal.SIGCONT)
+        assert gateways[1].proc.stdout is not None
+        out, _ = gateways[1].proc.communicate(timeout=120)
+        assert gateways[1].proc.returncode == 2, out
+        assert "fenced (blocklisted)" in out, out
+        wait_for_writes(gateways[:1], 20)
+        (tmp_path / "stop").touch()
+        last = gateways[0].finish()
+        assert cut_of(site.controller.catalog, {v: v for v in VDISKS}, 0) == last
+    finally:
+        _kill(gateways)
+        site.close()
