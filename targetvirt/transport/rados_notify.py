@@ -40,7 +40,9 @@ from __future__ import annotations
 import base64
 import binascii
 import dataclasses
+import errno
 import logging
+import os
 import struct
 import threading
 from collections import deque
@@ -401,7 +403,10 @@ class RadosCommandBus:
 
 
 def describe_ret(ret: int) -> str:
-    return "answered" if ret == 0 else "timed out" if ret == -110 else f"error {-ret}"
+    """Why an addressed agent has no reply in a notify that returned ``ret``."""
+    if ret == 0:
+        return "it no longer watches"
+    return "timed out" if ret == -errno.ETIMEDOUT else os.strerror(-ret)
 
 
 def _group(
@@ -546,9 +551,14 @@ class RadosNotifyLink:
             )  # fmt: skip
         except self._rados.Error as e:
             raise ControllerUnreachable(f"cannot notify the controller: {describe(e)}") from None
-        if not done.wait(self.hello_timeout + 5) or result[0][0] != 0 or not result[0][1]:
+        replies = (
+            [a[2] for a in (result[0][1] or []) if a[2]]
+            if done.wait(self.hello_timeout + 5)
+            else []
+        )
+        if not replies:
             raise ControllerUnreachable("the controller did not answer this agent's hello")
-        reply = p.decode_as(result[0][1][0][2], p.Done, p.Refused)
+        reply = p.decode_as(replies[0], p.Done, p.Refused)
         if isinstance(reply, p.Refused):
             p.raise_refused(reply)
 
@@ -568,6 +578,8 @@ class RadosNotifyLink:
                         acks.append((session, ack))
         except ProtocolError as e:
             log.warning("a malformed command notify: %s", e)
+        except Exception:  # librados' thread must get its reply: a missing ack fences us
+            log.exception("applying a command notify failed")
         return encode_acks(acks) if acks else b""
 
     def _handle_added(self, cluster: Cluster) -> None:

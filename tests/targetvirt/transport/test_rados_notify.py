@@ -11,8 +11,11 @@ import threading
 from array import array
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from targetvirt import protocol as p
 from targetvirt.controller import Controller
@@ -28,10 +31,13 @@ from targetvirt.transport.rados_notify import (
     encode_batch,
     encode_hello,
 )
-from tests.ceph_cluster import CephCluster
+from tests.fuzzing import fuzz_settings, one_line
 from tests.targetvirt.agent_child import REGION, VDISKS
 from tests.targetvirt.engine_model import SEG, open_catalog
 from tests.targetvirt.gateways import Gateway, check_window, cut_of, wait_for_writes
+
+if TYPE_CHECKING:
+    from tests.ceph_cluster import CephCluster
 
 
 class Site:
@@ -91,6 +97,26 @@ def test_frames_round_trip_and_refuse_garbage() -> None:
             decode_batch(garbage)
     with pytest.raises(ProtocolError):
         decode_hello(b"not base64!")
+
+
+@fuzz_settings(1000)
+@given(st.binary(max_size=300), st.integers(0, 2), st.binary(max_size=64))
+def test_fuzz_damaged_frames_only_ever_raise_protocol_error(
+    noise: bytes, which: int, splice: bytes
+) -> None:
+    """Whatever a watcher or the controller receives: a frame, or ProtocolError."""
+    good = [
+        encode_batch([([(5, 1)], p.encode(p.SetState(0, "a", 0, 4, 1)))]),
+        encode_acks([(5, p.Ack(1))]),
+        encode_hello(p.Hello("gw", 5), ["127.0.0.1:0/9"]).encode(),
+    ][which]
+    cut = len(noise) % (len(good) + 1)
+    for data in (noise, good[:cut] + splice + good[cut:], good[:cut]):
+        for decode in (decode_batch, decode_acks, decode_hello):
+            try:
+                decode(data)
+            except ProtocolError as e:
+                assert one_line(str(e)), str(e)
 
 
 @pytest.mark.ceph
