@@ -18,6 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from targetvirt import protocol as p
+from targetvirt.catalog import Catalog
 from targetvirt.controller import Controller
 from targetvirt.errors import ProtocolError
 from targetvirt.transport.network import ControllerServer
@@ -45,17 +46,26 @@ class Site:
 
     def __init__(self, tmp: Path, location: str, *, lease: float, ack_timeout: float) -> None:
         self.tmp, self.location = tmp, location
-        catalog = open_catalog(str(tmp / "meta.db"))
+        self.db = str(tmp / "meta.db")
+        self.lease, self.ack_timeout = lease, ack_timeout
+        catalog = open_catalog(self.db)
         catalog.create_pool("p", location, 200 * SEG, segment_size=SEG)
         for name in VDISKS:
             catalog.create_vdisk(name, "p", 3 * REGION)
-        self.controller = Controller(
-            catalog, lease_seconds=lease, ack_timeout=ack_timeout, lease_margin=0.2
-        )
         self.sock = str(tmp / "ctl.sock")
+        self._serve(catalog)
+
+    def _serve(self, catalog: Catalog) -> None:
+        self.controller = Controller(
+            catalog, lease_seconds=self.lease, ack_timeout=self.ack_timeout, lease_margin=0.2
+        )
         self.server = ControllerServer(self.controller, unix_path=self.sock)
-        self.bus = RadosCommandBus(self.controller, location)
+        self.bus = RadosCommandBus(self.controller, self.location)
         self.controller.start()
+
+    def restart(self) -> None:
+        self.close()
+        self._serve(open_catalog(self.db))
 
     def gateway(self, index: int) -> Gateway:
         return Gateway(self.tmp, self.sock, index, rados=self.location)
@@ -181,6 +191,31 @@ def test_a_hung_agent_is_blocklisted_and_the_controller_goes_on(
         (tmp_path / "stop").touch()
         last = gateways[0].finish()
         assert cut_of(site.controller.catalog, {v: v for v in VDISKS}, 0) == last
+    finally:
+        _kill(gateways)
+        site.close()
+
+
+@pytest.mark.ceph
+def test_agent_processes_watch_again_for_a_restarted_controller(
+    tmp_path: Path, rados_location: str
+) -> None:
+    site = Site(tmp_path, rados_location, lease=3.0, ack_timeout=3.0)
+    gateways = [site.gateway(i) for i in range(2)]
+    try:
+        wait_for_writes(gateways, 20)
+        site.restart()
+        wait_for_writes(gateways, 40)  # registered again, said hello to the new bus
+        sessions = site.controller.sessions()
+        assert sorted(s.agent_id for s in sessions) == ["gw0", "gw1"]
+        assert all(isinstance(s.sink, NotifySink) for s in sessions)
+        site.controller.snapshot("b", "after")
+        wait_for_writes(gateways, 20)
+        assert site.controller.fenced == [] and site.bus.notifies > 0
+        (tmp_path / "stop").touch()
+        last = [g.finish() for g in gateways]
+        for i in range(2):
+            assert cut_of(site.controller.catalog, {v: v for v in VDISKS}, i) == last[i]
     finally:
         _kill(gateways)
         site.close()
