@@ -355,7 +355,8 @@ class RadosCommandBus:
         """Blocklist every client address the agent reported; True if that stops all it
         could do to the vdisks it served (they live in RADOS, on this cluster)."""
         mine = set(Cluster.addrs(self._cluster.fsid))  # never fence this very process
-        targets = sorted(sink.addrs - mine)
+        with self._lock:
+            targets = sorted(sink.addrs - mine)
         if not targets:
             return False
         try:

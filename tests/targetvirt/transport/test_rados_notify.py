@@ -18,13 +18,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from targetvirt import protocol as p
+from targetvirt.agent import Agent, AgentVDisk
 from targetvirt.catalog import Catalog
 from targetvirt.controller import Controller
 from targetvirt.errors import ProtocolError
+from targetvirt.transport.inprocess import InProcessLink
 from targetvirt.transport.network import ControllerServer
 from targetvirt.transport.rados_notify import (
     NotifySink,
     RadosCommandBus,
+    RadosNotifyLink,
     decode_acks,
     decode_batch,
     decode_hello,
@@ -34,6 +37,7 @@ from targetvirt.transport.rados_notify import (
 )
 from tests.fuzzing import fuzz_settings, one_line
 from tests.targetvirt.agent_child import REGION, VDISKS
+from tests.targetvirt.cluster import write
 from tests.targetvirt.engine_model import SEG, open_catalog
 from tests.targetvirt.gateways import Gateway, check_window, cut_of, wait_for_writes
 
@@ -219,3 +223,48 @@ def test_agent_processes_watch_again_for_a_restarted_controller(
     finally:
         _kill(gateways)
         site.close()
+
+
+@pytest.mark.ceph
+def test_a_hello_for_a_session_the_controller_does_not_know_is_refused(
+    tmp_path: Path, rados_location: str
+) -> None:
+    catalog = open_catalog(str(tmp_path / "meta.db"))
+    controller = Controller(catalog, ack_timeout=2.0)
+    bus = RadosCommandBus(controller, rados_location)
+    link = RadosNotifyLink(InProcessLink(controller), rados_location)
+    try:
+        lost = threading.Event()
+        link.open_commands(p.Hello("stranger", 12345), lambda cmd: None, lost.set)
+        assert lost.is_set() and controller.sessions() == []
+    finally:
+        link.close()
+        bus.close()
+        controller.close()
+
+
+@pytest.mark.ceph
+def test_an_agent_of_the_controllers_own_process_is_fenced_by_its_lease_only(
+    tmp_path: Path, rados_location: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Blocklisting it would blocklist the controller too: it waits for the lease."""
+    catalog = open_catalog(str(tmp_path / "meta.db"))
+    catalog.create_pool("p", rados_location, 16 * SEG, segment_size=SEG)
+    catalog.create_vdisk("v", "p", 4 * SEG)
+    controller = Controller(catalog, lease_seconds=3.0, ack_timeout=2.0, lease_margin=0.2)
+    bus = RadosCommandBus(controller, rados_location)
+    agent = Agent("gw", RadosNotifyLink(InProcessLink(controller), rados_location), host="t")
+    release = threading.Event()
+    try:
+        agent.connect(["v"])
+        write(agent.vdisk("v"), 0, b"before")
+        monkeypatch.setattr(AgentVDisk, "apply", lambda self, cmd: release.wait(30))
+        controller.freeze(["v"])  # the agent never acks: fenced, after its lease
+        assert controller.fenced == ["gw"] and bus.blocklisted == {}
+        assert catalog.vdisk("v").read(0, 6) == b"before"  # our own handle still works
+        catalog.vdisk("v").write(0, b"after!")
+    finally:
+        release.set()
+        agent.close()
+        bus.close()
+        controller.close()
