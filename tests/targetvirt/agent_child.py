@@ -76,7 +76,8 @@ def main() -> int:
         return run()
     except TargetvirtError as e:
         print(f"error {type(e).__name__}: {e}", flush=True)
-        return 2
+        # at once: librados threads of a handle never shut down abort an orderly exit
+        os._exit(2)
 
 
 def run() -> int:
