@@ -207,12 +207,14 @@ class RadosCommandBus:
     ``location``: the pool (and namespace) of the header objects, a RADOS location.
     The controller's client needs the ``osd blocklist`` monitor capability to fence.
 
-    ``timeout``: how long after a command was queued its notify stops waiting for
-    replies (default: the controller's ``ack_timeout`` less one second).  It must end
-    before the controller's own wait: a notify returns every reply at once, so one
-    silent watcher holds back the acks of the others until it times out -- and they must
-    still arrive in time, or the controller would fence them too.  librados counts
-    notify timeouts in whole seconds (at least one), hence ``ack_timeout`` >= 2 s.
+    ``timeout``: how long a notify waits for replies, in whole seconds (librados counts
+    no finer); default: the most that fits, ``(ack_timeout - 1) // 2``.  A notify returns
+    every reply at once, so one silent watcher holds back the others' acks until it times
+    out, and every notify on that header waits for it until it is fenced.  A command
+    waits for at most the notify in flight on its vdisk (everything queued meanwhile goes
+    out together in the next one), then for its own: its ack is in within two notify
+    timeouts, which must end a second before the controller's ``ack_timeout``, or the
+    controller would fence the agents that did answer.  Hence ``ack_timeout`` >= 3 s.
     """
 
     def __init__(
@@ -221,20 +223,20 @@ class RadosCommandBus:
         location: str,
         *,
         prefix: str = DEFAULT_PREFIX,
-        timeout: float | None = None,
+        timeout: int | None = None,
     ) -> None:
         self.controller = controller
         self.loc = RadosLocation.parse(location)
         self.prefix = prefix
-        self.timeout = controller.ack_timeout - 1.0 if timeout is None else timeout
-        if self.timeout < 1.0:
+        fits = int((controller.ack_timeout - 1) // 2)
+        self.timeout = fits if timeout is None else timeout
+        if not 1 <= self.timeout <= fits:
             raise InvalidArgument(
-                "commands over RADOS notify need a notify timeout of at least 1 s, within "
-                f"the controller's ack timeout less 1 s (ack timeout {controller.ack_timeout:g} s)"
+                f"a notify timeout of whole seconds from 1 to (ack timeout - 1) / 2 = {fits} "
+                f"is needed (ack timeout {controller.ack_timeout:g} s, notify {self.timeout})"
             )
-        self._clock = controller.clock
         self._lock = threading.Lock()
-        self._queues: dict[str, deque[tuple[NotifySink, p.Command, float]]] = {}
+        self._queues: dict[str, deque[tuple[NotifySink, p.Command]]] = {}
         self._senders: dict[str, threading.Thread] = {}
         self._sinks: dict[int, NotifySink] = {}
         self._closed = False
@@ -289,8 +291,7 @@ class RadosCommandBus:
         with self._lock:
             if self._closed:
                 return
-            queued = (sink, command, self._clock.now())
-            self._queues.setdefault(command.vdisk, deque()).append(queued)
+            self._queues.setdefault(command.vdisk, deque()).append((sink, command))
             if command.vdisk not in self._senders:
                 t = threading.Thread(
                     target=self._send_loop, args=(command.vdisk,), daemon=True,
@@ -309,20 +310,15 @@ class RadosCommandBus:
                     self._queues.pop(vdisk, None)
                     del self._senders[vdisk]
                     return
-                batch = [(s, c) for s, c, _ in queue if not s.closed]
-                oldest = queue[0][2]
+                batch = [(s, c) for s, c in queue if not s.closed]
                 queue.clear()
             if batch:
-                # the oldest command's ack is due first: the notify ends before that
-                left = oldest + self.timeout - self._clock.now()
-                self._notify(vdisk, batch, max(left, 1.0))
+                self._notify(vdisk, batch)
 
-    def _notify(
-        self, vdisk: str, batch: list[tuple[NotifySink, p.Command]], timeout: float
-    ) -> None:
+    def _notify(self, vdisk: str, batch: list[tuple[NotifySink, p.Command]]) -> None:
         groups = _group(batch)
         payload = encode_batch([([(s.session, seq) for s, seq in r], body) for r, body in groups])
-        result = self._notifier.notify(header_object(self.prefix, vdisk), payload, timeout)
+        result = self._notifier.notify(header_object(self.prefix, vdisk), payload, self.timeout)
         self.notifies += 1
         expected = {(s.session, c.seq): s for s, c in batch}
         answered: set[tuple[int, int]] = set()
@@ -376,11 +372,10 @@ class RadosCommandBus:
     def _covers(self, vdisks: Sequence[str]) -> bool:
         catalog = self.controller.catalog
         with catalog.lock:
+            if any(name not in catalog.vdisks for name in vdisks):
+                return False  # its containers are unknown now: let its lease run out
             paths = {
-                c.path
-                for name in vdisks
-                if (v := catalog.vdisks.get(name)) is not None
-                for c in v.pool.containers.values()
+                c.path for name in vdisks for c in catalog.vdisks[name].pool.containers.values()
             }
         return all(is_rados(path) and self._same_cluster(path) for path in paths)
 
@@ -546,7 +541,7 @@ class RadosNotifyLink:
             done.set()
 
         try:
-            self._ioctx.aio_notify(
+            completion = self._ioctx.aio_notify(
                 control_object(self.prefix), complete, msg=payload,
                 timeout_ms=int(self.hello_timeout * 1000),
             )  # fmt: skip
@@ -557,6 +552,7 @@ class RadosNotifyLink:
             if done.wait(self.hello_timeout + 5)
             else []
         )
+        del completion  # held until it completed (or we gave up on it)
         if not replies:
             raise ControllerUnreachable("the controller did not answer this agent's hello")
         reply = p.decode_as(replies[0], p.Done, p.Refused)

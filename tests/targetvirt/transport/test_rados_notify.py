@@ -21,7 +21,7 @@ from targetvirt import protocol as p
 from targetvirt.agent import Agent, AgentVDisk
 from targetvirt.catalog import Catalog
 from targetvirt.controller import Controller
-from targetvirt.errors import ProtocolError
+from targetvirt.errors import InvalidArgument, ProtocolError
 from targetvirt.transport.inprocess import InProcessLink
 from targetvirt.transport.network import ControllerServer
 from targetvirt.transport.rados_notify import (
@@ -169,7 +169,7 @@ def test_a_hung_agent_is_blocklisted_and_the_controller_goes_on(
     tmp_path: Path, rados_location: str, ceph: CephCluster
 ) -> None:
     # a lease far longer than the test: going on means the storage fenced the agent
-    site = Site(tmp_path, rados_location, lease=600.0, ack_timeout=2.0)
+    site = Site(tmp_path, rados_location, lease=600.0, ack_timeout=3.0)
     gateways = [site.gateway(i) for i in range(2)]
     try:
         wait_for_writes(gateways, 20)
@@ -230,7 +230,7 @@ def test_a_hello_for_a_session_the_controller_does_not_know_is_refused(
     tmp_path: Path, rados_location: str
 ) -> None:
     catalog = open_catalog(str(tmp_path / "meta.db"))
-    controller = Controller(catalog, ack_timeout=2.0)
+    controller = Controller(catalog, ack_timeout=3.0)
     bus = RadosCommandBus(controller, rados_location)
     link = RadosNotifyLink(InProcessLink(controller), rados_location)
     try:
@@ -251,7 +251,7 @@ def test_an_agent_of_the_controllers_own_process_is_fenced_by_its_lease_only(
     catalog = open_catalog(str(tmp_path / "meta.db"))
     catalog.create_pool("p", rados_location, 16 * SEG, segment_size=SEG)
     catalog.create_vdisk("v", "p", 4 * SEG)
-    controller = Controller(catalog, lease_seconds=3.0, ack_timeout=2.0, lease_margin=0.2)
+    controller = Controller(catalog, lease_seconds=3.0, ack_timeout=3.0, lease_margin=0.2)
     bus = RadosCommandBus(controller, rados_location)
     agent = Agent("gw", RadosNotifyLink(InProcessLink(controller), rados_location), host="t")
     release = threading.Event()
@@ -267,4 +267,16 @@ def test_an_agent_of_the_controllers_own_process_is_fenced_by_its_lease_only(
         release.set()
         agent.close()
         bus.close()
+        controller.close()
+
+
+def test_the_notify_timeout_must_fit_twice_in_the_ack_timeout(tmp_path: Path) -> None:
+    """librados counts whole seconds: a 2 s ack timeout leaves no room for two notifies."""
+    controller = Controller(open_catalog(str(tmp_path / "meta.db")), ack_timeout=2.0)
+    try:
+        with pytest.raises(InvalidArgument, match="notify timeout"):
+            RadosCommandBus(controller, "rados:pool")
+        with pytest.raises(InvalidArgument, match="notify timeout"):
+            RadosCommandBus(controller, "rados:pool", timeout=0)
+    finally:
         controller.close()
