@@ -9,7 +9,8 @@ blocks numbered 1, 2, 3...: write ``seq`` goes to vdisk ``VDISKS[seq % 2]``, slo
 ``(INDEX, seq)`` repeated, so any snapshot can be decoded.  After each write returns it
 appends ``(seq, start, end)`` (CLOCK_MONOTONIC, shared by the processes of one host) to
 LOG.  It stops when the file STOP exists, flushes, prints ``done <last seq>``; an
-error it cannot retry ends it with ``error <class>: <message>`` and status 2.
+error it cannot retry ends it with ``error <class>: <message>`` and status 2.  With
+RADOS, SIGUSR1 makes it probe whether the storage still takes its writes (``probe ...``).
 
 Like a SCSI initiator, it retries an I/O that failed with a "try again" sense (no lease,
 controller unreachable: a controller restart) -- only acknowledged writes are logged.
@@ -17,7 +18,9 @@ controller unreachable: a controller restart) -- only acknowledged writes are lo
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import struct
 import sys
 import time
@@ -80,6 +83,29 @@ def main() -> int:
         os._exit(2)
 
 
+def probe_on_signal(location: str) -> None:
+    """On SIGUSR1, write an object through this process's librados handle (the one its
+    containers use) and print ``probe ok`` or ``probe <errno name>``: whether the storage
+    still takes this process's writes, whatever the agent is doing."""
+    from targetvirt.ceph import Cluster, RadosLocation, errno_of  # noqa: PLC0415
+    from targetvirt.errors import ContainerIOError  # noqa: PLC0415
+
+    loc = RadosLocation.parse(location)
+    cluster = Cluster.get(loc, ContainerIOError)  # shared with the containers: same settings
+
+    def probe(*_: object) -> None:
+        # in the main thread, before it runs anything else: the answer comes first
+        try:
+            ioctx = cluster.ioctx(loc, ContainerIOError)
+            ioctx.write_full(f"probe.{os.getpid()}", b"x")
+            result = "ok"
+        except Exception as e:  # noqa: BLE001 - reported, whatever it is
+            result = errno.errorcode.get(errno_of(e) or 0, type(e).__name__)
+        print(f"probe {result}", flush=True)
+
+    signal.signal(signal.SIGUSR1, probe)
+
+
 def run() -> int:
     sock, agent_id, index, log_path, stop = sys.argv[1:6]
     me = int(index)
@@ -88,6 +114,7 @@ def run() -> int:
         from targetvirt.transport.rados_notify import RadosNotifyLink  # noqa: PLC0415
 
         link = RadosNotifyLink(link, sys.argv[6])
+        probe_on_signal(sys.argv[6])
     agent = Agent(agent_id, link, host="test")
     agent.connect(VDISKS)
     agent.start()
