@@ -485,7 +485,8 @@ class Controller:
             return list(failed.values())
 
     def _fence(self, s: Session) -> None:
-        """Stop renewing ``s``'s lease and wait until it has surely run out."""
+        """Stop renewing ``s``'s lease and wait until it has surely run out -- or not,
+        if its transport fenced it through the storage (see FencingSink)."""
         with self._state:
             if not s.live:
                 return
