@@ -53,7 +53,8 @@ class Site:
         self.db = str(tmp / "meta.db")
         self.lease, self.ack_timeout = lease, ack_timeout
         catalog = open_catalog(self.db)
-        catalog.create_pool("p", location, 200 * SEG, segment_size=SEG)
+        catalog.create_pool("p", location, 400 * SEG, segment_size=SEG)
+        catalog.add_container("p", location, 400 * SEG)  # somewhere to migrate to
         for name in VDISKS:
             catalog.create_vdisk(name, "p", 3 * REGION)
         self.sock = str(tmp / "ctl.sock")
@@ -148,6 +149,15 @@ def test_commands_reach_agent_processes_by_notify_and_snapshots_stay_coherent(
         wait_for_writes(gateways, 20)
         site.controller.group_snapshot(["a", "b"], "g")
         window = site.controller.windows[-1]
+        wait_for_writes(gateways, 20)
+        # the other commands, while the agents write
+        site.controller.block(["b"])
+        site.controller.unblock(["b"])
+        site.controller.delay("a", 0.2)
+        site.controller.cancel_delay("a")
+        site.controller.migrate("a", 0)  # to the other container: hold, copy, update
+        site.controller.freeze(["b"], mode="invalid")
+        site.controller.thaw(["b"])
         wait_for_writes(gateways, 20)
         assert site.bus.notifies > before  # freezes, marks and thaws went by notify
         assert site.controller.fenced == []
