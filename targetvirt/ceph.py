@@ -200,6 +200,12 @@ class Cluster:
         with cls._lock:
             return sorted({c.addr for c in cls._shared.values() if c.fsid == fsid})
 
+    @classmethod
+    def sharing(cls, fsid: str) -> list[Cluster]:
+        """This process's handles to the cluster ``fsid``."""
+        with cls._lock:
+            return [c for c in cls._shared.values() if c.fsid == fsid]
+
     def release(self) -> None:
         with self._lock:
             self.refs -= 1

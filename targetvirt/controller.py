@@ -8,7 +8,9 @@ master tables) and keeps the agents' volatile copies coherent with it:
 * commands pushed to agents, each acknowledged within ``ack_timeout``; an agent that
   does not acknowledge in time is *fenced*: its lease is no longer renewed, its requests
   are refused, and the controller waits until that lease has surely expired (or the
-  agent re-registered, which it only does after quiescing) before going on;
+  agent re-registered, which it only does after quiescing) before going on -- unless
+  the transport fenced it through the storage (a RADOS blocklist covering every
+  container it could write: :class:`~targetvirt.transport.FencingSink`);
 * coherence: every mapping change (fault, unmap, migration, flatten, resize...) runs with
   a change recorder on the tables of the vdisk's family; before the change is
   acknowledged to anyone, every *other* agent serving a family member whose entry
@@ -64,7 +66,7 @@ from targetvirt.errors import (
     TargetvirtError,
 )
 from targetvirt.pool import Pool
-from targetvirt.transport import CommandSink
+from targetvirt.transport import CommandSink, FencingSink
 from targetvirt.vdisk import VDisk
 
 log = logging.getLogger(__name__)
@@ -482,16 +484,20 @@ class Controller:
             return list(failed.values())
 
     def _fence(self, s: Session) -> None:
-        """Stop renewing ``s``'s lease and wait until it has surely run out."""
+        """Stop renewing ``s``'s lease and wait until it has surely run out -- or not,
+        if its transport fenced it through the storage (see FencingSink)."""
         with self._state:
             if not s.live:
                 return
             s.fenced = True
             self.fenced.append(s.agent_id)
             sink, s.sink = s.sink, None
+            vdisks = sorted(s.vdisks)
         log.warning("agent %s did not acknowledge in time: fenced", s.agent_id)
         if sink is not None:
             sink.close()
+            if isinstance(sink, FencingSink) and sink.fence(vdisks):
+                return  # the storage refuses it from now on: its lease need not run out
         with self._state:
             until = s.lease_until + self.lease_margin
             while not s.gone and self.clock.now() < until:

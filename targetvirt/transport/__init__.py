@@ -7,12 +7,13 @@ these two interfaces:
   command stream it opens after registering;
 * :class:`CommandSink` -- what the controller holds per agent session: where commands
   go.  Acks come back through :meth:`targetvirt.controller.Controller.acknowledge`.
+  A :class:`FencingSink` can also fence the agent through the storage.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Protocol
+from collections.abc import Callable, Sequence
+from typing import Protocol, runtime_checkable
 
 from targetvirt.protocol import Ack, Command, Hello, Reply, Request
 
@@ -47,3 +48,13 @@ class CommandSink(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class FencingSink(Protocol):
+    """A sink whose transport can cut the agent off the storage itself (RADOS blocklist)."""
+
+    def fence(self, vdisks: Sequence[str]) -> bool:
+        """Fence the agent; True if nothing it still sends can reach the containers of
+        ``vdisks`` any more (the controller then need not wait for its lease)."""
+        ...

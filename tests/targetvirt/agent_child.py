@@ -1,13 +1,16 @@
 """An agent process for the multi-process tests: sequence-numbered writes to its own region.
 
-``python -m tests.targetvirt.agent_child SOCKET AGENT INDEX LOG STOP``
+``python -m tests.targetvirt.agent_child SOCKET AGENT INDEX LOG STOP [RADOS]``
 
-The agent serves vdisks ``a`` and ``b`` over the Unix-socket gRPC transport and writes
+The agent serves vdisks ``a`` and ``b`` over the Unix-socket gRPC transport (with
+RADOS, a location: commands by watch/notify there, requests over the socket) and writes
 blocks numbered 1, 2, 3...: write ``seq`` goes to vdisk ``VDISKS[seq % 2]``, slot
 ``(seq // 2) % SLOTS`` of region INDEX (slots straddle a segment boundary).  A block is
 ``(INDEX, seq)`` repeated, so any snapshot can be decoded.  After each write returns it
 appends ``(seq, start, end)`` (CLOCK_MONOTONIC, shared by the processes of one host) to
-LOG.  It stops when the file STOP exists, flushes, prints ``done <last seq>``.
+LOG.  It stops when the file STOP exists, flushes, prints ``done <last seq>``; an
+error it cannot retry ends it with ``error <class>: <message>`` and status 2.  With
+RADOS, SIGUSR1 makes it probe whether the storage still takes its writes (``probe ...``).
 
 Like a SCSI initiator, it retries an I/O that failed with a "try again" sense (no lease,
 controller unreachable: a controller restart) -- only acknowledged writes are logged.
@@ -15,7 +18,9 @@ controller unreachable: a controller restart) -- only acknowledged writes are lo
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 import struct
 import sys
 import time
@@ -23,7 +28,8 @@ from collections.abc import Callable
 from functools import partial
 
 from targetvirt.agent import Agent
-from targetvirt.errors import LeaseExpired
+from targetvirt.errors import LeaseExpired, TargetvirtError
+from targetvirt.transport import ControllerLink
 from targetvirt.transport.network import NetworkLink
 
 VDISKS = ("a", "b")
@@ -69,9 +75,47 @@ def retrying(io: Callable[[], None]) -> None:
 
 
 def main() -> int:
+    try:
+        return run()
+    except TargetvirtError as e:
+        print(f"error {type(e).__name__}: {e}", flush=True)
+        # at once: librados threads of a handle never shut down abort an orderly exit
+        os._exit(2)
+
+
+def probe_on_signal(location: str) -> None:
+    """On SIGUSR1, write an object through this process's librados handle (the one its
+    containers use) and print ``probe ok`` or ``probe <errno name>``: whether the storage
+    still takes this process's writes, whatever the agent is doing."""
+    from targetvirt.ceph import Cluster, RadosLocation, errno_of  # noqa: PLC0415
+    from targetvirt.errors import ContainerIOError  # noqa: PLC0415
+
+    loc = RadosLocation.parse(location)
+    cluster = Cluster.get(loc, ContainerIOError)  # shared with the containers: same settings
+
+    def probe(*_: object) -> None:
+        # in the main thread, before it runs anything else: the answer comes first
+        try:
+            ioctx = cluster.ioctx(loc, ContainerIOError)
+            ioctx.write_full(f"probe.{os.getpid()}", b"x")
+            result = "ok"
+        except Exception as e:  # noqa: BLE001 - reported, whatever it is
+            result = errno.errorcode.get(errno_of(e) or 0, type(e).__name__)
+        print(f"probe {result}", flush=True)
+
+    signal.signal(signal.SIGUSR1, probe)
+
+
+def run() -> int:
     sock, agent_id, index, log_path, stop = sys.argv[1:6]
     me = int(index)
-    agent = Agent(agent_id, NetworkLink(f"unix:{sock}", call_timeout=20.0), host="test")
+    link: ControllerLink = NetworkLink(f"unix:{sock}", call_timeout=20.0)
+    if len(sys.argv) > 6:
+        from targetvirt.transport.rados_notify import RadosNotifyLink  # noqa: PLC0415
+
+        link = RadosNotifyLink(link, sys.argv[6])
+        probe_on_signal(sys.argv[6])
+    agent = Agent(agent_id, link, host="test")
     agent.connect(VDISKS)
     agent.start()
     vdisks = {name: agent.vdisk(name) for name in VDISKS}

@@ -31,15 +31,15 @@ class Write:
 
 
 class Gateway:
-    """One agent process and its write log."""
+    """One agent process and its write log (``rados``: commands by notify there)."""
 
-    def __init__(self, tmp: Path, sock: str, index: int) -> None:
+    def __init__(self, tmp: Path, sock: str, index: int, rados: str | None = None) -> None:
         self.index = index
         self.log = tmp / f"gw{index}.log"
         self.stop = tmp / "stop"
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "tests.targetvirt.agent_child", sock, f"gw{index}",
-             str(index), str(self.log), str(self.stop)],
+             str(index), str(self.log), str(self.stop), *([rados] if rados else [])],
             cwd=ROOT, stdout=subprocess.PIPE, text=True,
             env={**os.environ, "PYTHONPATH": str(ROOT)},
         )  # fmt: skip
