@@ -407,8 +407,10 @@ class Catalog:
     def _journal(self, changes: Iterable[tuple[VDisk, int]]) -> None:
         """Journal data-path mapping changes (see the module's docstring) before anyone
         is told of them.  If the journal cannot be written, commit durably instead."""
+        if not self.store.journals:
+            return  # (RADOS) durable at the next flush; nothing to build on the data path
         entries: list[JournalEntry] = [(v.vid, i, t.location(v.table[i])) for v, i in changes]
-        if not entries or not self.store.journals:
+        if not entries:
             return
         self._journaled = True
         try:
