@@ -212,8 +212,8 @@ def good(r: Reply) -> bool:
 
 @dataclass
 class Mapper:
-    """``/dev/mapper/tvfault``: dm ``linear`` over a loop device on a tmpfs file; ``fail``
-    swaps a range of it to dm's ``error`` target (every I/O there fails with EIO)."""
+    """``/dev/mapper/tvfault``: dm ``linear`` over a loop device on a tmpfs file; ``failing``
+    is a table with a range of it to dm's ``error`` target (every I/O there fails with EIO)."""
 
     guest: Guest
     loop: str
@@ -252,11 +252,12 @@ def mapper(guest: Guest) -> Iterator[Mapper]:
     loop = g.run(["losetup", "--find", "--show", DM_IMAGE]).stdout.strip()
     m = Mapper(g, loop)
     try:
-        # no udev handshake (it can hang a guest without udev's dm rules at work); mknodes
-        # makes /dev/mapper/tvfault itself, settle lets udev's probing finish first
+        # no udev handshake (it hangs where udev's dm rules do not answer): let udev
+        # settle, then mknodes makes /dev/mapper/tvfault if udev did not
         g.run(["dmsetup", "create", "--noudevsync", DM_NAME, "--table", m.linear().strip()])
-        g.run(["dmsetup", "mknodes", DM_NAME])
         g.run(["udevadm", "settle"], check=False, timeout=SLOW)
+        g.run(["dmsetup", "mknodes", DM_NAME])
+        g.run(["test", "-b", m.path])
         yield m
     finally:  # after the handler (the stack fixture depends on this one) let go of it
         g.run(["udevadm", "settle"], check=False, timeout=SLOW)
@@ -362,10 +363,10 @@ def test_a_failing_dm_container_fails_only_what_meets_it(
     assert re.search(rf"\[{v.name}\].*Add\. Sense: Unrecovered read error", log), log
 
     # everything else reads back: the rest of that segment, v's other segments, w
-    (r,) = v.scsi(Lun.read(SEG + 512 * 1024, 4096))
-    assert good(r), r
+    (r_rest,) = v.scsi(Lun.read(SEG + 512 * 1024, 4096))
+    assert good(r_rest), r_rest
     ref1 = g.run(["od", "-An", "-v", "-tx1", "-j", str(512 * 1024), "-N", "4096", v_refs[1]])
-    assert r.data.hex() == "".join(ref1.stdout.split())
+    assert r_rest.data.hex() == "".join(ref1.stdout.split())
     for i in (0, 2, 3):
         v.dd_cmp(v_refs[i], i)
     w.dd_cmp(w_refs[0], 0)
@@ -384,7 +385,7 @@ def test_a_failing_dm_container_fails_only_what_meets_it(
     # by SG_IO, or by the kernel when a block-layer command met it), w's LUN did not
     log = "\n".join(g.run(["dmesg"]).stdout.splitlines()[log_start:])
     v_addr, w_addr = scsi_address(g, v), scsi_address(g, w)
-    seen = [u for r in (r_in, r_new, r_back) for u in r.uas]
+    seen = [u for r in (r_rest, r_in, r_new, r_back) for u in r.uas]
     assert SOFT_THRESHOLD in seen or threshold_logged(log, v_addr), (seen, log)
     assert not threshold_logged(log, w_addr), log
 
