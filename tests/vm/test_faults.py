@@ -212,8 +212,8 @@ def good(r: Reply) -> bool:
 
 @dataclass
 class Mapper:
-    """``/dev/mapper/tvfault``: dm ``linear`` over a loop device on a tmpfs file; ``failing``
-    is a table with a range of it to dm's ``error`` target (every I/O there fails with EIO)."""
+    """``/dev/mapper/tvfault``: dm ``linear`` over a loop device on a tmpfs file.  The
+    ``failing`` table maps a range of it to dm's ``error`` target (any I/O there: EIO)."""
 
     guest: Guest
     loop: str
