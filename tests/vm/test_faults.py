@@ -53,6 +53,7 @@ SOFT_THRESHOLD_LOG = "reached a thin provisioning soft threshold"  # the kernel'
 SG_IO = 0x2285
 SG_DXFER_NONE, SG_DXFER_TO_DEV, SG_DXFER_FROM_DEV = -1, -2, -3
 UNIT_ATTENTION = 0x06
+DRIVER_SENSE = 0x08  # driver_status bit: sense data is valid (not a transport failure)
 
 
 class SgIoHdr(ctypes.Structure):
@@ -144,7 +145,7 @@ class Reply:
     sense: tuple[int, int, int] | None
     data: bytes
     uas: list[tuple[int, int, int]]
-    transport: tuple[int, int]  # host and driver status: (0, 0) when the LUN answered
+    transport: tuple[int, int]  # host, driver status (DRIVER_SENSE masked): (0, 0) = answered
 
 
 def _triple(sense: list[int]) -> tuple[int, int, int]:
@@ -177,7 +178,7 @@ class Lun:
                 _triple(r["sense"]) if r["sense"] else None,
                 bytes.fromhex(r["data"]),
                 [_triple(u) for u in r["uas"]],
-                (r["host"], r["driver"]),
+                (r["host"], r["driver"] & ~DRIVER_SENSE),
             )
             for r in replies
         ]
