@@ -755,8 +755,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="PNG to write (default soak.png; '' for none)")  # fmt: skip
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
-    if args.duration < 10 or args.interval <= 0 or args.keep < 1:
-        ap.error("need --duration >= 10, --interval > 0, --keep >= 1")
+    if args.duration < 5 or args.interval <= 0 or args.keep < 1:
+        ap.error("need --duration >= 5, --interval > 0, --keep >= 1")
     if not 0 <= args.rwmixread < 100:
         ap.error("--rwmixread must be 0-99 (fio must write to have something to verify)")
     return args
