@@ -147,8 +147,8 @@ def fio_counters(doc: dict[str, Any]) -> FioCounters:
     jobs = doc.get("jobs") or []
     return FioCounters(
         ms=int(doc.get("timestamp_ms", 0)),
-        reads=sum(int(j["read"]["total_ios"]) for j in jobs),
-        writes=sum(int(j["write"]["total_ios"]) for j in jobs),
+        reads=sum(int(j.get("read", {}).get("total_ios", 0)) for j in jobs),
+        writes=sum(int(j.get("write", {}).get("total_ios", 0)) for j in jobs),
         # total_err counts every error under continue_on_error; error is the first one
         errors=sum(max(int(j.get("total_err", 0)), 1 if j.get("error") else 0) for j in jobs),
     )
@@ -602,7 +602,7 @@ def render(run: Run, summary: dict[str, Any], args: argparse.Namespace) -> str:
     header = ["t (s)", "IOPS median", "IOPS min", "RSS MiB", "fds", "ops", "errors"]
     out = [
         table(header, buckets(run, width)),
-        "(ops: s=snapshots, d=deletes, c=clone, f=flatten finished in the bucket)",
+        "(ops: s=snapshots, d=deletes, c=clone, f=flatten, started in the bucket and succeeded)",
         "",
     ]
     e, rss, iops, ops = summary["errors"], summary["rss_mib"], summary["iops"], summary["ops"]
@@ -710,6 +710,8 @@ def stack(args: argparse.Namespace, log: Callable[[str], None]) -> Iterator[tupl
     handler.provision(args.vdisk, args.size, pool_bytes=args.size * (args.keep + 4) + 64 * MIB)
     with contextlib.ExitStack() as stack:
         stack.callback(shutil.rmtree, handler.dir, ignore_errors=True)
+        if args.handler_log:  # (after the daemon stopped, before the folder goes)
+            stack.callback(keep_log, handler.log, args.handler_log)
         handler.start()
         stack.callback(lambda: log(f"targetvirt-handler exited {handler.stop()}"))
         assert handler.proc is not None
@@ -719,6 +721,11 @@ def stack(args: argparse.Namespace, log: Callable[[str], None]) -> Iterator[tupl
         log(f"{args.vdisk}: {dev} ({args.fabric}), {args.size // MIB} MiB, handler pid "
             f"{handler.proc.pid}")  # fmt: skip
         yield dev, handler.proc.pid
+
+
+def keep_log(log: Path, to: Path) -> None:
+    with contextlib.suppress(OSError):
+        shutil.copyfile(log, to)
 
 
 def soak(args: argparse.Namespace, log: Callable[[str], None]) -> Run:
@@ -753,6 +760,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--vdisk", default="soak", help="vdisk and storage object name (soak)")
     ap.add_argument("--plot", type=Path, default=Path("soak.png"),
                     help="PNG to write (default soak.png; '' for none)")  # fmt: skip
+    ap.add_argument("--handler-log", type=Path, help="keep a copy of the daemon's log here")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     if args.duration < 5 or args.interval <= 0 or args.keep < 1:

@@ -27,7 +27,8 @@ def test_short_soak_has_no_errors_and_flat_memory(guest: Guest, results_dir: Pat
     png = results_dir / "soak.png"
     res = guest.module(
         "bench.soak", "--duration", str(DURATION), "--interval", "4", "--keep", "2",
-        "--size", "64M", "--warmup", "15", "--plot", str(png), "--json",
+        "--size", "64M", "--warmup", "15", "--plot", str(png),
+        "--handler-log", str(results_dir / "handler.log"), "--json",
         timeout=1500, check=False,
     )  # fmt: skip
     (results_dir / "soak.json").write_text(res.stdout)
