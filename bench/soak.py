@@ -520,10 +520,13 @@ def verify_info(run: Run, rwmixread: int) -> dict[str, Any]:
 def iops_info(run: Run, first: list[Sample], last: list[Sample]) -> dict[str, Any]:
     fin = run.fio_final or FioCounters(0, 0, 0, 0)
     every = [s.iops for s in run.samples]
+    a, b = median(s.iops for s in first), median(s.iops for s in last)
     return {
         "median": rnd(median(every), 0),
-        "first_window": rnd(median(s.iops for s in first), 0),
-        "last_window": rnd(median(s.iops for s in last), 0),
+        "first_window": rnd(a, 0),
+        "last_window": rnd(b, 0),
+        # the run's own start is the baseline: does a long run slow down?
+        "last_vs_first": rnd(b / a, 3) if a and b else None,
         "min": rnd(min(every, default=None), 0),
         "max": rnd(max(every, default=None), 0),
         "reads": fin.reads,
@@ -613,10 +616,12 @@ def render(run: Run, summary: dict[str, Any], args: argparse.Namespace) -> str:
         f"verify crc32c: {'passed' if summary['verify']['passed'] else 'FAILED'} "
         f"(about {summary['verify']['reads_estimated']:,} blocks read back and checked)",
         f"IOPS median {fmt(iops['median'], 0)} (first window {fmt(iops['first_window'], 0)}, "
-        f"last {fmt(iops['last_window'], 0)}, min {fmt(iops['min'], 0)})",
+        f"last {fmt(iops['last_window'], 0)}: x{fmt(iops['last_vs_first'], 2)}; min "
+        f"{fmt(iops['min'], 0)})",
         f"daemon RSS MiB: first {fmt(rss['first'])} (median of {w['first'][0]:.0f}-"
         f"{w['first'][1]:.0f} s), last {fmt(rss['last'])} (median of {w['last'][0]:.0f}-"
-        f"{w['last'][1]:.0f} s), max {fmt(rss['max'])}, trend {fmt(rss['trend_per_hour'])} MiB/h",
+        f"{w['last'][1]:.0f} s): x{fmt(rss['ratio'], 2)}; max {fmt(rss['max'])}, trend "
+        f"{fmt(rss['trend_per_hour'])} MiB/h",
     ]
     out += [f"  ! {m}" for m in summary["error_messages"]]
     rows = [[k, str(v["ok"]), str(v["failed"]), fmt(v["median_s"], 2), fmt(v["max_s"], 2)]
