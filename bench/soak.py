@@ -379,10 +379,12 @@ class Run:
 
 
 def sample_loop(
-    proc: subprocess.Popen[str], pid: int, t0: float, log: Callable[[str], None]
+    proc: subprocess.Popen[str], pid: int, t0: float, max_errors: int, log: Callable[[str], None]
 ) -> tuple[list[Sample], FioCounters | None, bool]:
-    """One sample per fio status document until fio ends; stops fio if the daemon exits.
-    Returns the samples, fio's last counters and whether the daemon exited."""
+    """One sample per fio status document until fio ends; stops fio if the daemon exits
+    or fio has counted more than ``max_errors`` (a dead LUN fails I/O as fast as fio
+    issues it, each with a line on stderr).  Returns the samples, fio's last counters
+    and whether the daemon exited."""
     assert proc.stdout is not None
     samples: list[Sample] = []
     prev: FioCounters | None = None
@@ -399,12 +401,19 @@ def sample_loop(
                 threads=mem.threads if mem else None, fds=mem.fds if mem else None,
             ))  # fmt: skip
             progress(samples, log)
+        if cur.errors > max_errors >= prev_errors(prev):
+            log(f"fio counted {cur.errors} errors: stopping it")
+            proc.terminate()
         prev = cur
         if mem is None and not gone:
             gone = True
             log("targetvirt-handler exited: stopping fio")
             proc.terminate()
     return samples, prev, gone
+
+
+def prev_errors(prev: FioCounters | None) -> int:
+    return prev.errors if prev else 0
 
 
 def progress(samples: list[Sample], log: Callable[[str], None], every: int = 30) -> None:
@@ -430,7 +439,7 @@ def run_fio(dev: str, args: argparse.Namespace, pid: int, churn_for: Callable[[f
     watchdog = threading.Timer(args.duration + FIO_GRACE, proc.kill)
     watchdog.start()
     try:
-        samples, final, gone = sample_loop(proc, pid, t0, log)
+        samples, final, gone = sample_loop(proc, pid, t0, args.max_errors, log)
         rc = proc.wait()
     finally:
         watchdog.cancel()
@@ -765,6 +774,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--vdisk", default="soak", help="vdisk and storage object name (soak)")
     ap.add_argument("--plot", type=Path, default=Path("soak.png"),
                     help="PNG to write (default soak.png; '' for none)")  # fmt: skip
+    ap.add_argument("--max-errors", type=int, default=1000,
+                    help="stop fio once it has counted more errors than this (1000)")  # fmt: skip
     ap.add_argument("--handler-log", type=Path, help="keep a copy of the daemon's log here")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
