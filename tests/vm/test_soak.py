@@ -174,3 +174,48 @@ def test_windows_fit_short_and_long_runs() -> None:
     assert soak.windows(1800, 30) == ((30, 210), (1620, 1800 + 1e9))
     first, _ = soak.windows(20, 30)
     assert first == (4, 14)  # warm-up shrinks to a fifth of a short run
+
+
+class FakeClient:
+    """ManagerClient's answers: plain results, or jobs that finish at the second look."""
+
+    def __init__(self) -> None:
+        self.looks = 0
+
+    def snapshot(self, vdisk: str, snap: str) -> dict[str, Any]:
+        return {"name": f"{vdisk}@{snap}", "message": f"Created snapshot {vdisk}@{snap}"}
+
+    def delete_vdisk(self, name: str) -> dict[str, Any]:
+        return {"id": 4, "kind": "delete", "state": "running"}
+
+    def flatten(self, vdisk: str) -> dict[str, Any]:
+        return {"id": 5, "kind": "flatten", "state": "running"}
+
+    def clone(self, source: str, name: str) -> dict[str, Any]:
+        from targetvirt.errors import AlreadyExists  # noqa: PLC0415
+
+        raise AlreadyExists(f"a vdisk named {name!r} already exists")
+
+    def job(self, jid: int) -> dict[str, Any]:
+        self.looks += 1
+        if self.looks < 2:
+            return {"id": jid, "kind": "x", "state": "running"}
+        if jid == 5:
+            return {"id": jid, "state": "failed", "error": "pool p is full"}
+        return {"id": jid, "state": "done", "result": {"message": "Deleted snapshot v@s1"}}
+
+
+def test_api_operations_wait_for_jobs_and_turn_refusals_into_failures(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(soak, "JOB_POLL", 0.0)
+    ops = soak.ApiOps()
+    ops._local.client = client = FakeClient()
+    assert ops.snapshot("v", "s1")["name"] == "v@s1"
+    assert ops.delete("v@s1") == {"message": "Deleted snapshot v@s1"}
+    assert client.looks == 2
+    with pytest.raises(soak.OpFailed, match=r"^pool p is full$"):
+        client.looks = 0
+        ops.flatten("c")
+    with pytest.raises(soak.OpFailed, match="already exists"):
+        ops.clone("v", "c")
