@@ -219,3 +219,11 @@ def test_api_operations_wait_for_jobs_and_turn_refusals_into_failures(
         ops.flatten("c")
     with pytest.raises(soak.OpFailed, match="already exists"):
         ops.clone("v", "c")
+
+
+def test_shell_operations_fail_with_the_shells_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("TARGETVIRT_BUS_ADDRESS", f"unix:path={tmp_path}/no-bus")
+    with pytest.raises(soak.OpFailed, match=r"^targetvirt: cannot connect to the bus at unix:"):
+        soak.ShellOps().snapshot("v", "s1")
