@@ -122,6 +122,10 @@ class Catalog:
         self.boot_id = boot_id if boot_id is not None else host_boot_id()
         self._journaled = False  # the store's journal holds rows (cleared by a commit)
         self.replayed = 0  # journaled mapping changes taken over at open
+        # Commit every data-path mapping change before anyone learns of it, where the
+        # store keeps no journal: a standby controller may take over a shared store
+        # (RADOS) at any moment, and must find every segment an agent was given.
+        self.durable_mappings = False
         self.lock = threading.RLock()
         self.pools: dict[str, Pool] = {}
         self.vdisks: dict[str, VDisk] = {}
@@ -408,7 +412,10 @@ class Catalog:
         """Journal data-path mapping changes (see the module's docstring) before anyone
         is told of them.  If the journal cannot be written, commit durably instead."""
         if not self.store.journals:
-            return  # (RADOS) durable at the next flush; nothing to build on the data path
+            # (RADOS) durable at the next flush, or now for a controller with a standby
+            if self.durable_mappings:
+                self.commit()
+            return
         entries: list[JournalEntry] = [(v.vid, i, t.location(v.table[i])) for v, i in changes]
         if not entries:
             return

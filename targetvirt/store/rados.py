@@ -9,7 +9,8 @@ namespace)::
     <name>.root                the header object; its omap holds all mutable state:
         format                   "1"
         gen                      the commit generation (decimal)
-        owner                    the writer holding the store (JSON; absent when closed)
+        owner                    the writer holding the store (JSON; absent when closed),
+                                 with the endpoint where it serves agents, if it does
         r/<kind>/<id>            a record: crc32 (4 bytes, little-endian) + JSON
         t/<vid>                  a table's chunk list: 16-byte chunk hashes, in order
     <name>.chunk.<hash hex>    a table chunk (packed entries), immutable
@@ -35,6 +36,12 @@ fails its compare-and-set (or is refused by the OSDs) and raises StoreLocked: it
 never overwrite its successor's state.
 
 Readers (``readonly=True``) take no lock; a load that races a commit is retried.
+
+**Where the writer serves.**  A writer that serves agents (a controller) names its
+request endpoint (``endpoint=``, or :meth:`RadosStore.publish` later) in its ``owner``
+record, written with the same compare-and-set that claims the store: agents that lose
+their controller look it up again with :func:`active_endpoint` (one read, no lock) and
+follow a standby that took over.
 """
 
 from __future__ import annotations
@@ -118,6 +125,42 @@ def _break_lock_request(lock: str, client_num: int, cookie: str) -> bytes:
     return struct.pack("<BBI", 1, 1, len(body)) + body  # ENCODE_START(1, 1)
 
 
+def store_owner(location: str, *, name: str = DEFAULT_NAME) -> dict[str, Any] | None:
+    """The ``owner`` record of a store (who writes it, where it serves agents), read
+    without a lock; None when nobody holds it (or no store is there)."""
+    if not _NAME_RE.match(name):
+        raise InvalidArgument(f"metadata store name {name!r} is invalid")
+    loc = RadosLocation.parse(location)
+    rados = import_rados()
+    cluster = Cluster.get(loc, StoreError)
+    try:
+        ioctx = cluster.ioctx(loc, StoreError)
+        try:
+            with rados.ReadOpCtx() as op:
+                it, _ = ioctx.get_omap_vals_by_keys(op, ("owner",))
+                ioctx.operate_read_op(op, f"{name}.root")
+                raw = dict(it).get("owner")
+        except rados.ObjectNotFound:
+            return None
+        except rados.Error as e:
+            raise StoreError(
+                f"cannot read metadata store rados:{loc.where}#{name}: {describe(e)}"
+            ) from None
+        finally:
+            ioctx.close()
+    finally:
+        cluster.release()
+    return RadosStore._parse_owner(bytes(raw) if raw else None)
+
+
+def active_endpoint(location: str, *, name: str = DEFAULT_NAME) -> str | None:
+    """Where the store's current writer (the active controller) serves agents, as it
+    published it; None if it published none or nobody holds the store."""
+    owner = store_owner(location, name=name)
+    endpoint = owner.get("endpoint") if owner else None
+    return endpoint if isinstance(endpoint, str) and endpoint else None
+
+
 class RadosStore:
     """A :class:`targetvirt.store.base.Store` in a Ceph pool."""
 
@@ -135,7 +178,9 @@ class RadosStore:
         lease: int = DEFAULT_LEASE,
         takeover: bool = False,
         clock: Clock | None = None,
+        endpoint: str | None = None,
     ) -> None:
+        """``endpoint``: where this writer serves agents (see :func:`active_endpoint`)."""
         if not _NAME_RE.match(name):
             raise InvalidArgument(f"metadata store name {name!r} is invalid")
         if lease < 1:
@@ -154,6 +199,7 @@ class RadosStore:
         self._tables: dict[int, list[bytes]] = {}
         self._refs: Counter[bytes] = Counter()
         self._owner = ""
+        self._endpoint = endpoint
         self._cookie = ""
         self._unclean = False
         self._gc: dict[bytes, Any] = {}  # chunk hash -> its removal in flight
@@ -232,16 +278,31 @@ class RadosStore:
             "cookie": self._cookie,
             "since": int(time.time()),
         }
+        if self._endpoint is not None:
+            me["endpoint"] = self._endpoint
         return json.dumps(me, sort_keys=True, separators=(",", ":"))
 
     def _handle_added(self, cluster: Cluster) -> None:
         """A new librados handle in this process: record its address before it is used."""
         if cluster.fsid != self._cluster.fsid or self._ioctx is None:
             return
+        self._update_owner(addrs=Cluster.addrs(cluster.fsid))
+
+    def publish(self, endpoint: str) -> None:
+        """Record (or change) where this writer serves agents: ``unix:/path`` or
+        ``host:port``, as a :class:`~targetvirt.transport.network.NetworkLink` takes it.
+        Raises StoreLocked if this writer no longer owns the store."""
+        if self.readonly:
+            raise StoreError(f"metadata store {self.path} is open read-only")
+        self._endpoint = endpoint
+        self._update_owner(endpoint=endpoint)
+
+    def _update_owner(self, **changes: Any) -> None:
+        """Change fields of our ``owner`` record (compare-and-set against what we wrote)."""
         rados = self._rados
         with self._root_lock:
             owner = json.loads(self._owner)
-            owner["addrs"] = Cluster.addrs(cluster.fsid)
+            owner.update(changes)
             new = json.dumps(owner, sort_keys=True, separators=(",", ":"))
             with rados.WriteOpCtx() as op:
                 op.omap_cmp("owner", self._owner, rados.LIBRADOS_CMPXATTR_OP_EQ)

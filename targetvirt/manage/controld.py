@@ -1,0 +1,221 @@
+"""``targetvirt-controller``: a controller serving agents of other processes or hosts,
+on a RADOS metadata store, active or standby.
+
+The controller holds the store as its only writer (RADOS lock with a lease) and serves
+agent requests on a Unix socket and/or TCP with mutual TLS; its endpoint is published
+in the store, where agents look it up (:class:`~targetvirt.transport.follow.FollowingLink`).
+With ``--standby`` it first waits for the store (:class:`~targetvirt.standby.Standby`):
+when the active controller's lease lapses or its process dies, the standby fences it
+(Ceph blocklist), opens the store as writer, starts serving and publishes its endpoint;
+the agents re-register with it.
+
+Every data-path mapping change is committed before it is answered
+(``Catalog.durable_mappings``): a standby may take over at any instant and must find
+every segment an agent wrote to.  Data written in place is durable when RADOS
+acknowledges it; the periodic flush makes the rest durable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from targetvirt.catalog import Catalog
+from targetvirt.clock import Clock, MonotonicClock
+from targetvirt.controller import Controller
+from targetvirt.errors import InvalidArgument, StoreError, TargetvirtError
+from targetvirt.standby import Standby
+from targetvirt.store.rados import DEFAULT_LEASE, DEFAULT_NAME, RadosStore
+from targetvirt.transport.network import ControllerServer
+from targetvirt.transport.tls import Credentials
+
+log = logging.getLogger("targetvirt.controller")
+
+FLUSH_INTERVAL = 5.0
+
+
+@dataclass
+class Settings:
+    store: str  # RADOS location of the metadata store
+    store_name: str = DEFAULT_NAME
+    unix: str | None = None  # Unix socket path to serve on
+    tcp: str | None = None  # host:port to serve on (mutual TLS)
+    tls_dir: str | None = None  # folder of the server credentials (with tcp)
+    tls_name: str = "controller"
+    endpoint: str | None = None  # what agents connect to (default: from unix / tcp)
+    standby: bool = False
+    store_lease: int = DEFAULT_LEASE  # seconds the store lock outlives a hung controller
+    poll: float = 1.0  # seconds between a standby's attempts
+    lease: float = 15.0  # agent lease
+    ack_timeout: float = 5.0
+    commands: str | None = None  # RADOS location: commands by watch/notify there
+    create: bool = False  # create the store if absent
+
+    def agent_endpoint(self) -> str:
+        if self.endpoint:
+            return self.endpoint
+        if self.unix:
+            return f"unix:{self.unix}"
+        if self.tcp and not self.tcp.startswith(("0.0.0.0:", "[::]:", ":")):
+            return self.tcp
+        raise InvalidArgument("--endpoint is needed: agents cannot connect to a wildcard address")
+
+
+class ControllerService:
+    """The controller of one RADOS store: waits for it (standby), serves, flushes."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        on_wait: Callable[[StoreError], None] | None = None,
+    ) -> None:
+        if settings.unix is None and settings.tcp is None:
+            raise InvalidArgument("the controller needs --unix PATH or --tcp HOST:PORT")
+        self.settings = settings
+        self.endpoint = settings.agent_endpoint()
+        self.clock: Clock = clock if clock is not None else MonotonicClock()
+        self.standby: Standby[RadosStore] | None = None
+        if settings.standby:
+            self.standby = Standby(
+                self._open_store, poll=settings.poll, clock=self.clock, on_wait=on_wait
+            )
+        self.store: RadosStore | None = None
+        self.catalog: Catalog | None = None
+        self.controller: Controller | None = None
+        self.server: ControllerServer | None = None
+        self.bus: object | None = None
+        self._stop = threading.Event()
+        self._flusher: threading.Thread | None = None
+
+    def _open_store(self) -> RadosStore:
+        s = self.settings
+        return RadosStore(
+            s.store, name=s.store_name, lease=s.store_lease, create=s.create,
+            endpoint=self.endpoint, clock=self.clock,
+        )  # fmt: skip
+
+    def start(self) -> Controller:
+        """Become the active controller (as a standby: wait for it), then serve."""
+        s = self.settings
+        self.store = self.standby.run() if self.standby is not None else self._open_store()
+        self.catalog = Catalog.open(self.store)
+        self.catalog.durable_mappings = True
+        self.controller = Controller(
+            self.catalog, clock=self.clock, lease_seconds=s.lease, ack_timeout=s.ack_timeout
+        )
+        tls = Credentials.load(s.tls_dir, s.tls_name) if s.tcp and s.tls_dir else None
+        self.server = ControllerServer(self.controller, unix_path=s.unix, tcp=s.tcp, tls=tls)
+        if s.commands is not None:
+            from targetvirt.transport.rados_notify import RadosCommandBus  # noqa: PLC0415
+
+            self.bus = RadosCommandBus(self.controller, s.commands)
+        self.controller.start()
+        self._flusher = threading.Thread(target=self._flush_loop, name="flusher", daemon=True)
+        self._flusher.start()
+        log.info("active: serving agents at %s (store %s)", self.endpoint, self.store.path)
+        return self.controller
+
+    @property
+    def lease_lost(self) -> str:
+        """Why this controller lost the store ("" while it holds it)."""
+        return self.store.lease_lost if self.store is not None else ""
+
+    def _flush_loop(self) -> None:
+        while not self._stop.wait(FLUSH_INTERVAL):
+            if self.catalog is None:
+                return
+            try:
+                self.catalog.flush()
+            except TargetvirtError as e:
+                log.error("periodic flush failed: %s", e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.standby is not None:
+            self.standby.stop()
+        if self.server is not None:
+            self.server.stop()
+        if self.bus is not None:
+            self.bus.close()  # type: ignore[attr-defined]
+        if self.controller is not None:
+            self.controller.close()  # and the catalog, committed, and the store
+        elif self.store is not None:
+            self.store.close()
+
+
+def parse_args(argv: list[str] | None) -> Settings:
+    parser = argparse.ArgumentParser(
+        prog="targetvirt-controller", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--store", required=True, help="rados:POOL[/NS][?conf=...] of the store")
+    parser.add_argument("--store-name", default=DEFAULT_NAME)
+    parser.add_argument("--unix", metavar="PATH", help="serve agents on this Unix socket")
+    parser.add_argument("--tcp", metavar="HOST:PORT", help="serve agents on TCP (mutual TLS)")
+    parser.add_argument("--tls-dir", metavar="DIR", help="server credentials folder (--tcp)")
+    parser.add_argument("--tls-name", default="controller")
+    parser.add_argument(
+        "--endpoint", help="what agents connect to, published in the store (default: --unix "
+        "as unix:PATH, or --tcp)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--standby", action="store_true",
+        help="wait until the active controller's store lease lapses (or its process dies), "
+        "fence it and take over",
+    )  # fmt: skip
+    parser.add_argument("--store-lease", type=int, default=DEFAULT_LEASE, metavar="SECONDS")
+    parser.add_argument("--poll", type=float, default=1.0, metavar="SECONDS")
+    parser.add_argument("--lease", type=float, default=15.0, metavar="SECONDS")
+    parser.add_argument("--ack-timeout", type=float, default=5.0, metavar="SECONDS")
+    parser.add_argument("--commands", metavar="RADOS", help="commands by watch/notify there")
+    parser.add_argument("--create", action="store_true", help="create the store if absent")
+    parser.add_argument("--log-level", default="info")
+    a = parser.parse_args(argv)
+    logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr)
+    return Settings(
+        store=a.store, store_name=a.store_name, unix=a.unix, tcp=a.tcp, tls_dir=a.tls_dir,
+        tls_name=a.tls_name, endpoint=a.endpoint, standby=a.standby, store_lease=a.store_lease,
+        poll=a.poll, lease=a.lease, ack_timeout=a.ack_timeout, commands=a.commands,
+        create=a.create,
+    )  # fmt: skip
+
+
+def main(argv: list[str] | None = None) -> int:
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    try:
+        service = ControllerService(parse_args(argv))
+    except TargetvirtError as e:
+        print(f"targetvirt-controller: {e}", file=sys.stderr)
+        return 1
+    failed: list[str] = []
+    starter = threading.Thread(target=_start, args=(service, stop, failed), daemon=True)
+    starter.start()
+    while not stop.wait(1.0):
+        if service.lease_lost:
+            # fenced or superseded: another controller serves; never write again
+            print(f"targetvirt-controller: lost the store: {service.lease_lost}", file=sys.stderr)
+            return 3
+    service.stop()
+    return 1 if failed else 0
+
+
+def _start(service: ControllerService, stop: threading.Event, failed: list[str]) -> None:
+    """Wait for the store (standby) and serve; a failure ends the process."""
+    try:
+        service.start()
+    except TargetvirtError as e:
+        print(f"targetvirt-controller: {e}", file=sys.stderr)
+        failed.append(str(e))
+        stop.set()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
