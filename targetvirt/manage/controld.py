@@ -55,6 +55,7 @@ class Settings:
     ack_timeout: float = 5.0
     commands: str | None = None  # RADOS location: commands by watch/notify there
     create: bool = False  # create the store if absent
+    flush_interval: float = FLUSH_INTERVAL  # seconds between periodic flushes
 
     def agent_endpoint(self) -> str:
         if self.endpoint:
@@ -128,7 +129,7 @@ class ControllerService:
         return self.store.lease_lost if self.store is not None else ""
 
     def _flush_loop(self) -> None:
-        while not self._stop.wait(FLUSH_INTERVAL):
+        while not self._stop.wait(self.settings.flush_interval):
             if self.catalog is None:
                 return
             try:
@@ -175,6 +176,10 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--ack-timeout", type=float, default=5.0, metavar="SECONDS")
     parser.add_argument("--commands", metavar="RADOS", help="commands by watch/notify there")
     parser.add_argument("--create", action="store_true", help="create the store if absent")
+    parser.add_argument(
+        "--flush-interval", type=float, default=FLUSH_INTERVAL, metavar="SECONDS",
+        help="periodic flush: the bound on data written in place but not yet flushed",
+    )  # fmt: skip
     parser.add_argument("--log-level", default="info")
     a = parser.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr)
@@ -182,7 +187,7 @@ def parse_args(argv: list[str] | None) -> Settings:
         store=a.store, store_name=a.store_name, unix=a.unix, tcp=a.tcp, tls_dir=a.tls_dir,
         tls_name=a.tls_name, endpoint=a.endpoint, standby=a.standby, store_lease=a.store_lease,
         poll=a.poll, lease=a.lease, ack_timeout=a.ack_timeout, commands=a.commands,
-        create=a.create,
+        create=a.create, flush_interval=a.flush_interval,
     )  # fmt: skip
 
 

@@ -8,9 +8,13 @@ blocks numbered 1, 2, 3...: write ``seq`` goes to vdisk ``VDISKS[seq % 2]``, slo
 ``(seq // 2) % SLOTS`` of region INDEX (slots straddle a segment boundary).  A block is
 ``(INDEX, seq)`` repeated, so any snapshot can be decoded.  After each write returns it
 appends ``(seq, start, end)`` (CLOCK_MONOTONIC, shared by the processes of one host) to
-LOG.  It stops when the file STOP exists, flushes, prints ``done <last seq>``; an
-error it cannot retry ends it with ``error <class>: <message>`` and status 2.  With
-RADOS, SIGUSR1 makes it probe whether the storage still takes its writes (``probe ...``).
+LOG.  It flushes every 50 writes and makes every 97th a FUA write (env
+``TV_AGENT_FLUSH_EVERY``: 0 for neither).  SOCKET may instead be the RADOS location of
+the controllers' metadata store (``rados:...``): the agent follows whichever controller
+owns it (FollowingLink).  It stops when the file STOP exists, flushes, prints
+``done <last seq>``; an error it cannot retry ends it with ``error <class>: <message>``
+and status 2.  With RADOS, SIGUSR1 makes it probe whether the storage still takes its
+writes (``probe ...``).
 
 Like a SCSI initiator, it retries an I/O that failed with a "try again" sense (no lease,
 controller unreachable: a controller restart) -- only acknowledged writes are logged.
@@ -39,6 +43,7 @@ SLOTS = 24
 STRIDE = 5000  # slot 13 straddles the segment boundary inside a region
 BLOCK = 4096
 RECORD = struct.Struct("<Qdd")
+FLUSH_EVERY = int(os.environ.get("TV_AGENT_FLUSH_EVERY", "50"))  # writes; 0: never
 _PAIR = struct.Struct("<QQ")
 
 
@@ -109,7 +114,13 @@ def probe_on_signal(location: str) -> None:
 def run() -> int:
     sock, agent_id, index, log_path, stop = sys.argv[1:6]
     me = int(index)
-    link: ControllerLink = NetworkLink(f"unix:{sock}", call_timeout=20.0)
+    link: ControllerLink
+    if sock.startswith("rados:"):
+        from targetvirt.transport.follow import FollowingLink  # noqa: PLC0415
+
+        link = FollowingLink(sock, call_timeout=5.0)
+    else:
+        link = NetworkLink(f"unix:{sock}", call_timeout=20.0)
     if len(sys.argv) > 6:
         from targetvirt.transport.rados_notify import RadosNotifyLink  # noqa: PLC0415
 
@@ -129,7 +140,8 @@ def run() -> int:
         data = block(me, seq)
         start = time.monotonic()
         vd = vdisks[name]
-        retrying(partial(vd.write_from, offset, [memoryview(data)], seq % 97 == 0))
+        fua = FLUSH_EVERY > 0 and seq % 97 == 0
+        retrying(partial(vd.write_from, offset, [memoryview(data)], fua))
         end = time.monotonic()
         os.write(log, RECORD.pack(seq, start, end))
         if seq % 7 == 0:  # read back through the agent's table: coherence after COW
@@ -137,7 +149,7 @@ def run() -> int:
             if check != data:
                 print(f"read back {decode_block(bytes(check))} after writing {seq}", flush=True)
                 return 1
-        if seq % 50 == 0:
+        if FLUSH_EVERY and seq % FLUSH_EVERY == 0:
             retrying(vd.flush)
     retrying(vdisks["a"].flush)
     os.close(log)
