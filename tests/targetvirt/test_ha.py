@@ -222,3 +222,74 @@ def test_a_stopped_controller_is_fenced_and_cannot_commit(
         1: active.proc.pid, 2: standby.proc.pid, 4: standby.proc.pid,
     }  # fmt: skip
     print(f"takeover after SIGSTOP: {took:.2f} s")
+
+
+class Cli:
+    """``targetvirt-controller`` itself (python -m targetvirt.manage.controld); its log
+    lines (stderr) tell what it does."""
+
+    def __init__(self, tmp: Path, location: str, name: str, *extra: str) -> None:
+        self.sock = str(tmp / f"{name}.sock")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "targetvirt.manage.controld", "--store", location,
+             "--unix", self.sock, "--store-lease", str(STORE_LEASE), "--poll", "0.2",
+             "--log-level", "info", *extra],
+            cwd=ROOT, stderr=subprocess.PIPE, text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self._lines.put(line.strip())
+        self._lines.put("<exited>")
+
+    def expect(self, text: str, timeout: float = 60.0) -> str:
+        """The first log line containing ``text`` (fails at exit or after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                line = self._lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                raise AssertionError(f"targetvirt-controller never said {text!r}") from None
+            if text in line:
+                return line
+            assert line != "<exited>", f"targetvirt-controller exited before {text!r}"
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
+            self.proc.kill()
+        self.proc.wait()
+
+
+def test_the_controller_command_hands_over_and_a_fenced_one_exits(
+    tmp_path: Path, rados_location: str
+) -> None:
+    make_store(rados_location)
+    clis = [Cli(tmp_path, rados_location, "c0")]
+    try:
+        clis[0].expect(f"active: serving agents at unix:{clis[0].sock}")
+        clis.append(Cli(tmp_path, rados_location, "c1", "--standby"))
+        # SIGTERM: a clean stop releases the store; the standby needs no fencing
+        clis[0].proc.terminate()
+        assert clis[0].proc.wait(30) == 0
+        clis[1].expect(f"active: serving agents at unix:{clis[1].sock}")
+        assert active_endpoint(rados_location) == f"unix:{clis[1].sock}"
+        # the new active one hangs, a third takes over; woken up, it finds itself fenced
+        # (its lease renewal fails) and exits at once with status 3
+        clis.append(Cli(tmp_path, rados_location, "c2", "--standby"))
+        os.kill(clis[1].proc.pid, signal.SIGSTOP)
+        clis[2].expect(f"active: serving agents at unix:{clis[2].sock}")
+        os.kill(clis[1].proc.pid, signal.SIGCONT)
+        clis[1].expect("lost the store")
+        assert clis[1].proc.wait(30) == 3
+        assert active_endpoint(rados_location) == f"unix:{clis[2].sock}"
+        clis[2].proc.terminate()
+        assert clis[2].proc.wait(30) == 0
+        assert active_endpoint(rados_location) is None
+    finally:
+        for c in clis:
+            c.kill()

@@ -21,7 +21,7 @@ from targetvirt.check import check
 from targetvirt.check import main as check_main
 from targetvirt.errors import StoreCorrupt, StoreError, StoreLocked, TargetvirtError
 from targetvirt.store.base import Transaction
-from targetvirt.store.rados import RadosStore
+from targetvirt.store.rados import RadosStore, active_endpoint, store_owner
 from tests.ceph_cluster import CephCluster
 from tests.targetvirt.engine_model import SEG
 
@@ -399,3 +399,27 @@ def test_fencing_covers_every_client_of_the_writer(ceph: CephCluster, rados_loca
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_the_writer_publishes_its_endpoint_and_a_successor_replaces_it(
+    rados_location: str,
+) -> None:
+    make_store(rados_location)
+    assert active_endpoint(rados_location) is None and store_owner(rados_location) is None
+    store = RadosStore(rados_location, endpoint="unix:/run/a.sock")
+    assert active_endpoint(rados_location) == "unix:/run/a.sock"
+    t = Transaction()
+    t.put("note", 1, {"x": 1})
+    store.commit(t)  # commits compare the owner record: the endpoint is part of it
+    store.publish("ctl-a:7443")
+    assert active_endpoint(rados_location) == "ctl-a:7443"
+    store.commit(t)
+    new = RadosStore(rados_location, takeover=True, endpoint="ctl-b:7443")
+    assert active_endpoint(rados_location) == "ctl-b:7443"
+    with pytest.raises(StoreLocked):
+        store.publish("ctl-a:7444")  # superseded: it cannot point agents back to itself
+    assert active_endpoint(rados_location) == "ctl-b:7443"
+    new.close()
+    store.close()
+    assert active_endpoint(rados_location) is None  # closed cleanly: nobody serves
+    assert active_endpoint(rados_location, name="other") is None  # no such store
