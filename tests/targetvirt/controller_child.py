@@ -10,6 +10,7 @@ command read from stdin:
 * ``commit KEY`` -> ``ok`` (a record ``note/KEY`` committed to the store);
 * ``agents`` -> ``agents ID...`` (live sessions);
 * ``await ID...`` -> ``agents ID...`` once those agents have registered (at most 60 s);
+* ``sinks`` -> ``sinks CLASS...`` (how each live session gets its commands);
 * ``quit`` -> ``bye`` after a clean stop.
 
 An error prints ``error <class>: <message>``.
@@ -62,6 +63,9 @@ def main() -> int:
                     while not want <= ids(controller) and time.monotonic() < deadline:
                         controller._state.wait(deadline - time.monotonic())
                 print(" ".join(["agents", *sorted(ids(controller))]), flush=True)
+            elif words[0] == "sinks":
+                sinks = sorted(type(s.sink).__name__ for s in controller.sessions())
+                print(" ".join(["sinks", *sinks]), flush=True)
             elif words[0] == "quit":
                 service.stop()
                 print("bye", flush=True)

@@ -117,25 +117,30 @@ def gateways() -> Iterator[list[Gateway]]:
             g.proc.wait()
 
 
+@pytest.mark.parametrize("commands", ["grpc", "notify"])
 def test_standby_takes_over_from_a_killed_controller(
     tmp_path: Path, rados_location: str, ceph: CephCluster, ctls: list[Ctl],
-    gateways: list[Gateway], monkeypatch: pytest.MonkeyPatch,
+    gateways: list[Gateway], monkeypatch: pytest.MonkeyPatch, commands: str,
 ) -> None:  # fmt: skip
+    """``commands``: on each agent's gRPC stream, or by RADOS watch/notify (the new
+    controller's bus hears the agents' hellos once the old one is fenced)."""
     make_store(rados_location)
     # no flush, no FUA write: the mapping changes the killed controller made must be
     # durable by themselves (durable_mappings), or acknowledged writes would be lost
     monkeypatch.setenv("TV_AGENT_FLUSH_EVERY", "0")
-    active = Ctl(tmp_path, rados_location, "ctl0", "--flush-interval", "3600")
+    bus = ["--commands", rados_location] if commands == "notify" else []
+    active = Ctl(tmp_path, rados_location, "ctl0", "--flush-interval", "3600", *bus)
     ctls.append(active)
     assert active.line() == "active"
-    standby = Ctl(tmp_path, rados_location, "ctl1", "--standby")
+    standby = Ctl(tmp_path, rados_location, "ctl1", "--standby", *bus)
     ctls.append(standby)
     assert standby.line() == "waiting"
     assert active_endpoint(rados_location) == f"unix:{active.sock}"
     old = store_owner(rados_location)
     assert old is not None and old["pid"] == active.proc.pid
     # the agents know no socket: they look the active controller up in the store
-    gateways.extend(Gateway(tmp_path, rados_location, i) for i in range(AGENTS))
+    notify = rados_location if commands == "notify" else None
+    gateways.extend(Gateway(tmp_path, rados_location, i, notify) for i in range(AGENTS))
     wait_for_writes(gateways, 40)
     assert active.ask("agents") == "agents gw0 gw1"
     # a snapshot by the old controller: the writes that follow copy on write to segments
@@ -161,6 +166,8 @@ def test_standby_takes_over_from_a_killed_controller(
     assert words[0] == "window", words
     window = FreezeWindow(("a",), "nowrite", *map(float, words[1:]))
     wait_for_writes(gateways, 60)
+    sink = "NotifySink" if commands == "notify" else "StreamSink"
+    assert standby.ask("sinks") == f"sinks {sink} {sink}"
     (tmp_path / "stop").touch()
     last = [g.finish() for g in gateways]
     assert standby.ask("quit") == "bye"
