@@ -147,8 +147,13 @@ class Controller:
         lease_seconds: float = 15.0,
         ack_timeout: float = 5.0,
         lease_margin: float = 1.0,
+        authority: Callable[[], bool] | None = None,
     ) -> None:
+        """``authority()``: whether this controller still owns its (shared) store; when
+        it says no, every agent request is refused as if the controller were unreachable
+        (a fenced controller must not renew leases: a standby has taken over)."""
         self.catalog = catalog
+        self._authority = authority
         self.clock: Clock = clock if clock is not None else MonotonicClock()
         self.lease_seconds = lease_seconds
         self.ack_timeout = ack_timeout
@@ -182,6 +187,10 @@ class Controller:
         try:
             if self._closed:
                 raise ControllerUnreachable("the controller is stopped")
+            if self._authority is not None and not self._authority():
+                raise ControllerUnreachable(
+                    "this controller no longer holds the metadata store (another took over)"
+                )
             return self._dispatch(request)
         except TargetvirtError as e:
             return p.refusal(e)

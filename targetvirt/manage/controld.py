@@ -108,9 +108,11 @@ class ControllerService:
         self.store = self.standby.run() if self.standby is not None else self._open_store()
         self.catalog = Catalog.open(self.store)
         self.catalog.durable_mappings = True
+        store = self.store
         self.controller = Controller(
-            self.catalog, clock=self.clock, lease_seconds=s.lease, ack_timeout=s.ack_timeout
-        )
+            self.catalog, clock=self.clock, lease_seconds=s.lease, ack_timeout=s.ack_timeout,
+            authority=lambda: store.holds_lease,
+        )  # fmt: skip
         tls = Credentials.load(s.tls_dir, s.tls_name) if s.tcp and s.tls_dir else None
         self.server = ControllerServer(self.controller, unix_path=s.unix, tcp=s.tcp, tls=tls)
         if s.commands is not None:

@@ -49,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
+import math
 import os
 import re
 import socket
@@ -209,6 +210,9 @@ class RadosStore:
         self._closing = False
         self._renewer: threading.Thread | None = None
         self.lease_lost = ""  # why the lease could not be renewed ("" while held)
+        # until when the lock is surely ours (clock time): the last successful lock
+        # request's *sending* time plus the lease; nobody else gets it before
+        self.lease_until = -math.inf
         self._ioctx: Any = None
         self._cluster = Cluster.get(self.loc, StoreError)
         try:
@@ -348,9 +352,11 @@ class RadosStore:
         desc = f"targetvirt pid {os.getpid()} on {socket.gethostname()}"
         for _ in range(3):
             try:
+                sent = self._clock.now()
                 self._ioctx.lock_exclusive(
                     self.root, LOCK_NAME, self._cookie, desc, duration=self.lease
                 )
+                self.lease_until = sent + self.lease
                 break
             except rados.ObjectBusy:
                 owner = self._parse_owner(self._read_keys(["owner"]).get("owner"))
@@ -427,6 +433,13 @@ class RadosStore:
         with contextlib.suppress(self._rados.Error):  # expired or broken: nothing to give
             self._ioctx.unlock(self.root, LOCK_NAME, self._cookie)
 
+    @property
+    def holds_lease(self) -> bool:
+        """Whether this writer surely still holds the store (its lock's lease runs): a
+        controller answers agents only then, so that no lease it grants outlives its
+        own and overlaps a successor's."""
+        return not self.readonly and not self.lease_lost and self._clock.now() < self.lease_until
+
     def _renew_loop(self) -> None:
         period = self.lease / 3
         with self._cond:
@@ -437,10 +450,12 @@ class RadosStore:
                 if self._closing:
                     return
                 try:
+                    sent = self._clock.now()
                     self._ioctx.lock_exclusive(
                         self.root, LOCK_NAME, self._cookie, "", duration=self.lease,
                         flags=_LOCK_FLAG_MAY_RENEW,
                     )  # fmt: skip
+                    self.lease_until = sent + self.lease
                 except self._rados.Error as e:
                     # Someone else holds it now: our next commit fails its compare-and-set.
                     self.lease_lost = describe(e)

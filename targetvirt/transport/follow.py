@@ -95,11 +95,15 @@ class FollowingLink:
     def call(self, request: p.Request) -> p.Reply:
         link = self._current()
         try:
-            return link.call(request)
+            reply = link.call(request)
         except ControllerUnreachable:
             if not self._refresh(link):
                 raise
-        return self._current().call(request)
+            return self._current().call(request)
+        if _unreachable(reply) and self._refresh(link):
+            # a fenced controller refuses everything: its successor may have published
+            return self._current().call(request)
+        return reply
 
     def open_commands(
         self, hello: p.Hello, handler: CommandHandler, lost: Callable[[], None]
@@ -111,3 +115,11 @@ class FollowingLink:
             link, self._link = self._link, None
         if link is not None:
             link.close()
+
+
+def _unreachable(reply: p.Reply) -> bool:
+    return (
+        isinstance(reply, p.Refused)
+        and reply.code < len(p.ERRORS)
+        and p.ERRORS[reply.code] is ControllerUnreachable
+    )

@@ -27,10 +27,12 @@ from typing import TYPE_CHECKING
 
 import pytest
 
+from targetvirt import protocol as p
 from targetvirt import table as t
 from targetvirt.catalog import Catalog
 from targetvirt.controller import FreezeWindow
 from targetvirt.store.rados import RadosStore, active_endpoint, store_owner
+from targetvirt.transport.network import NetworkLink
 from tests.targetvirt.agent_child import REGION, VDISKS
 from tests.targetvirt.engine_model import SEG
 from tests.targetvirt.gateways import Gateway, check_window, cut_of, wait_for_writes
@@ -215,6 +217,13 @@ def test_a_stopped_controller_is_fenced_and_cannot_commit(
     assert standby.ask("commit 2") == "ok"
 
     os.kill(active.proc.pid, signal.SIGCONT)
+    # woken up, it answers agents only with a refusal: no lease from a fenced controller
+    probe = NetworkLink(f"unix:{active.sock}", call_timeout=30.0)
+    try:
+        reply = probe.call(p.Register("intruder", "test", ()))
+    finally:
+        probe.close()
+    assert isinstance(reply, p.Refused) and "no longer holds" in reply.message, reply
     answer = active.ask("commit 3")
     assert answer.startswith("error StoreLocked"), answer
     assert "fenced" in answer or "taken over" in answer, answer

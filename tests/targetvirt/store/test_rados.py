@@ -19,6 +19,7 @@ from targetvirt.catalog import Catalog
 from targetvirt.ceph import RadosLocation
 from targetvirt.check import check
 from targetvirt.check import main as check_main
+from targetvirt.clock import FakeClock
 from targetvirt.errors import StoreCorrupt, StoreError, StoreLocked, TargetvirtError
 from targetvirt.store.base import Transaction
 from targetvirt.store.rados import RadosStore, active_endpoint, store_owner
@@ -423,3 +424,22 @@ def test_the_writer_publishes_its_endpoint_and_a_successor_replaces_it(
     store.close()
     assert active_endpoint(rados_location) is None  # closed cleanly: nobody serves
     assert active_endpoint(rados_location, name="other") is None  # no such store
+
+
+def test_a_writer_knows_until_when_it_surely_holds_the_store(rados_location: str) -> None:
+    make_store(rados_location)
+    clock = FakeClock()
+    store = RadosStore(rados_location, lease=6, clock=clock)
+    try:
+        # counted from when the lock was *requested*: the OSD's lease ends later
+        assert store.lease_until == 1006.0 and store.holds_lease
+        store._stop_renewing()  # as if its renewals hung (a stopped process, a partition)
+        clock.advance(5.9)
+        assert store.holds_lease
+        clock.advance(0.2)
+        assert not store.holds_lease  # a controller on it refuses agents from now on
+    finally:
+        store.close()
+    reader = RadosStore(rados_location, readonly=True)
+    assert not reader.holds_lease
+    reader.close()

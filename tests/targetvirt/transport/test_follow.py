@@ -101,3 +101,41 @@ def test_no_endpoint_or_an_unreadable_store_is_an_unreachable_controller() -> No
     link = FollowingLink("rados:unused", lookup=broken)
     with pytest.raises(ControllerUnreachable, match="cannot look up the active controller"):
         link.call(p.LeaseRenew("gw", 1))
+
+
+def test_a_controller_without_authority_refuses_and_the_agent_moves_on(
+    tmp_path: Path,
+) -> None:
+    """A fenced controller (its store lease ran out) refuses every request as
+    unreachable -- no lease renewal from it -- and the link follows the new endpoint."""
+    catalog = open_catalog(str(tmp_path / "meta.db"))
+    catalog.create_pool("p", str(tmp_path / "c0"), (1 << 20) + 16 * SEG, segment_size=SEG)
+    catalog.create_vdisk("v", "p", 4 * SEG)
+    holds = [True]
+    first = Controller(catalog, lease_seconds=10.0, authority=lambda: holds[0])
+    controllers = {"A": first}
+    published = ["A"]
+    link = FollowingLink(
+        "rados:unused", connect=lambda e: Switchable(e, controllers, set()),
+        lookup=lambda: published[0],
+    )  # fmt: skip
+    agent = Agent("gw", link, host="t")
+    second: Controller | None = None
+    try:
+        agent.connect(["v"])
+        holds[0] = False  # A's store lease lapsed; nobody published another endpoint yet
+        reply = link.call(p.LeaseRenew("gw", agent.session))
+        assert isinstance(reply, p.Refused) and "no longer holds" in reply.message
+        with pytest.raises(ControllerUnreachable, match="no longer holds"):
+            agent.renew_lease()
+        assert link.endpoint == "A"
+        first.close()
+        second = controllers["B"] = Controller(open_catalog(str(tmp_path / "meta.db")))
+        published[0] = "B"
+        agent.renew_lease()  # refused by A, answered (SessionLost) by B: registers there
+        assert link.endpoint == "B" and [s.agent_id for s in second.sessions()] == ["gw"]
+        write(agent.vdisk("v"), 0, b"after")
+        assert second.catalog.vdisk("v").read(0, 5) == b"after"
+    finally:
+        agent.close()
+        (second or first).close()
