@@ -75,9 +75,12 @@ class Standby(Generic[T]):
             self.state = FAILED
             raise
         except StoreError as e:
-            self.last_error = str(e)
-            if not isinstance(e, StoreLocked):
+            if isinstance(e, StoreLocked):
+                if str(e) != self.last_error:  # a new holder: say once whom we wait for
+                    log.info("standby: waiting: %s", e)
+            else:
                 log.warning("standby: %s", e)
+            self.last_error = str(e)
             if self._on_wait is not None:
                 self._on_wait(e)
             return None

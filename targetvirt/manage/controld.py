@@ -26,9 +26,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from targetvirt.catalog import Catalog
+from targetvirt.ceph import Cluster, RadosLocation
 from targetvirt.clock import Clock, MonotonicClock
 from targetvirt.controller import Controller
-from targetvirt.errors import InvalidArgument, StoreError, TargetvirtError
+from targetvirt.errors import Cancelled, InvalidArgument, StoreError, TargetvirtError
 from targetvirt.standby import Standby
 from targetvirt.store.rados import DEFAULT_LEASE, DEFAULT_NAME, RadosStore
 from targetvirt.transport.network import ControllerServer
@@ -105,7 +106,15 @@ class ControllerService:
     def start(self) -> Controller:
         """Become the active controller (as a standby: wait for it), then serve."""
         s = self.settings
-        self.store = self.standby.run() if self.standby is not None else self._open_store()
+        if self.standby is not None:
+            # one librados handle for every attempt (each opens and drops a store)
+            keep = Cluster.get(RadosLocation.parse(s.store), StoreError)
+            try:
+                self.store = self.standby.run()
+            finally:
+                keep.release()
+        else:
+            self.store = self._open_store()
         self.catalog = Catalog.open(self.store)
         self.catalog.durable_mappings = True
         store = self.store
@@ -218,6 +227,8 @@ def _start(service: ControllerService, stop: threading.Event, failed: list[str])
     """Wait for the store (standby) and serve; a failure ends the process."""
     try:
         service.start()
+    except Cancelled:
+        pass  # stopped while a standby: nothing failed
     except TargetvirtError as e:
         print(f"targetvirt-controller: {e}", file=sys.stderr)
         failed.append(str(e))

@@ -303,6 +303,12 @@ def test_the_controller_command_hands_over_and_a_fenced_one_exits(
         clis[1].expect("lost the store")
         assert clis[1].proc.wait(30) == 3
         assert active_endpoint(rados_location) == f"unix:{clis[2].sock}"
+        # a standby stopped while it waits exits cleanly, leaving the active one alone
+        clis.append(Cli(tmp_path, rados_location, "c3", "--standby"))
+        clis[3].expect("in use by")  # refused once: it waits
+        clis[3].proc.terminate()
+        assert clis[3].proc.wait(30) == 0
+        assert active_endpoint(rados_location) == f"unix:{clis[2].sock}"
         clis[2].proc.terminate()
         assert clis[2].proc.wait(30) == 0
         assert active_endpoint(rados_location) is None
