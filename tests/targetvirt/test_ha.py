@@ -194,10 +194,14 @@ def test_standby_takes_over_from_a_killed_controller(
 
 
 def test_a_stopped_controller_is_fenced_and_cannot_commit(
-    tmp_path: Path, rados_location: str, ceph: CephCluster, ctls: list[Ctl]
-) -> None:
+    tmp_path: Path, rados_location: str, ceph: CephCluster, ctls: list[Ctl],
+    gateways: list[Gateway], monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    """Hung, not dead: the agents' requests to it time out (5 s), then they find the
+    standby that took over once its store lease lapsed."""
     make_store(rados_location)
-    active = Ctl(tmp_path, rados_location, "ctl0")
+    monkeypatch.setenv("TV_AGENT_FLUSH_EVERY", "0")
+    active = Ctl(tmp_path, rados_location, "ctl0", "--flush-interval", "3600")
     ctls.append(active)
     assert active.line() == "active"
     assert active.ask("commit 1") == "ok"
@@ -206,6 +210,11 @@ def test_a_stopped_controller_is_fenced_and_cannot_commit(
     assert standby.line() == "waiting"
     old = store_owner(rados_location)
     assert old is not None and old["pid"] == active.proc.pid
+    gateways.extend(Gateway(tmp_path, rados_location, i) for i in range(AGENTS))
+    wait_for_writes(gateways, 40)
+    words = active.ask("snapshot b s0").split()  # copy on write to come on b
+    assert words[0] == "window", words
+    wait_for_writes(gateways, 16)
 
     stopped = time.monotonic()
     os.kill(active.proc.pid, signal.SIGSTOP)  # hung, not dead: only its lease can lapse
@@ -215,6 +224,8 @@ def test_a_stopped_controller_is_fenced_and_cannot_commit(
     assert all(a in blocklist(ceph) for a in old["addrs"])
     assert active_endpoint(rados_location) == f"unix:{standby.sock}"
     assert standby.ask("commit 2") == "ok"
+    assert standby.ask("await gw0 gw1") == "agents gw0 gw1"
+    wait_for_writes(gateways, 40)
 
     os.kill(active.proc.pid, signal.SIGCONT)
     # woken up, it answers agents only with a refusal: no lease from a fenced controller
@@ -228,10 +239,16 @@ def test_a_stopped_controller_is_fenced_and_cannot_commit(
     assert answer.startswith("error StoreLocked"), answer
     assert "fenced" in answer or "taken over" in answer, answer
     assert standby.ask("commit 4") == "ok"
+    wait_for_writes(gateways, 20)
+    (tmp_path / "stop").touch()
+    last = [g.finish() for g in gateways]
     assert standby.ask("quit") == "bye"
-    reader = RadosStore(rados_location, readonly=True)
+    reader = Catalog.open(RadosStore(rados_location, readonly=True))
     try:
-        notes = reader.load().records["note"]
+        notes = reader.store.load().records["note"]
+        for i, g in enumerate(gateways):
+            assert [w.seq for w in g.writes()] == list(range(1, last[i] + 1))
+            assert cut_of(reader, {v: v for v in VDISKS}, i) == last[i]
     finally:
         reader.close()
     assert {k: v["by"] for k, v in notes.items()} == {
