@@ -168,11 +168,13 @@ class Guest:
         cpus: int | None = None,
         timeout: float = 600.0,
         setup: bool = True,
+        disks: Sequence[Path] = (),
     ) -> Guest:
         """Boot a guest, wait for its agent, run the one-time setup; raise GuestError
-        (with the console tail) if any of it fails."""
+        (with the console tail) if any of it fails.  ``disks``: raw image files on the
+        host, attached read-write as virtio-blk disks (/dev/vda, /dev/vdb, ... in order)."""
         g = cls(workdir or default_workdir())
-        g._start(kernel or find_kernel(), memory, cpus, timeout)
+        g._start(kernel or find_kernel(), memory, cpus, timeout, disks)
         if setup:
             try:
                 g.setup()
@@ -194,7 +196,14 @@ class Guest:
             raise GuestDied(f"guest in {workdir} (pid {g.pid}) is not running")
         return g
 
-    def _start(self, kernel: Path, memory: str | None, cpus: int | None, timeout: float) -> None:
+    def _start(
+        self,
+        kernel: Path,
+        memory: str | None,
+        cpus: int | None,
+        timeout: float,
+        disks: Sequence[Path] = (),
+    ) -> None:
         memory = memory or os.environ.get("TARGETVIRT_VM_MEMORY", "2G")
         cpus = cpus or int(os.environ.get("TARGETVIRT_VM_CPUS", "2"))
         for d in (self.channel, self.results):
@@ -217,6 +226,8 @@ class Guest:
             # --exec is a shell command line in the guest; quote our two paths.
             shlex.join(["/usr/bin/python3", str(AGENT), str(self.channel)]),
         ]
+        for disk in disks:
+            argv += ["--disk", _disk_path(disk)]
         if os.environ.get("TARGETVIRT_VM_KVM") != "1":
             # /dev/kvm exists on the build machines but the guest hangs under it.
             argv.insert(1, "--disable-kvm")
@@ -502,6 +513,15 @@ class Guest:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _disk_path(disk: Path) -> str:
+    """A disk image's path as vng takes it (it builds QEMU's ``-drive file=`` option from
+    it, where ``,`` and ``=`` would be separators, and a shell line, where blanks split)."""
+    path = str(Path(disk).resolve())
+    if not Path(path).is_file() or any(c in path for c in ",= \t\n'\"\\"):
+        raise GuestError(f"disk image {path!r}: not a file, or a name vng cannot pass on")
+    return path
 
 
 def _last_json(res: Result) -> Any:
