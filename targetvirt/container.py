@@ -361,6 +361,8 @@ class FileContainer(Container):
                     os.posix_fallocate(fd, DATA_OFFSET, nseg * segment_size)
             os.pwrite(fd, label.encode(), 0)
             os.fsync(fd)
+            if kind == KIND_FILE:
+                _fsync_folder(path)  # the new name too, or a power cut may lose the file
         except OSError as e:
             os.close(fd)
             if kind == KIND_FILE:
@@ -519,6 +521,16 @@ class FileContainer(Container):
             self.sync_errors += 1
             self.sync_error = f"{e.strerror} (errno {e.errno})"
             raise self._error(e, "flush", True) from None
+
+
+def _fsync_folder(path: str) -> None:
+    fd = os.open(
+        os.path.dirname(os.path.abspath(path)), os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+    )
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _block_size(fd: int) -> int:
