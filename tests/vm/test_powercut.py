@@ -29,7 +29,6 @@ import pytest
 
 from tests.vm.guest import CHECKOUT, Guest, GuestDied, Result, default_workdir
 from tests.vm.powercut import recorded
-from tests.vm.stack import iscsi_login
 
 pytestmark = pytest.mark.vm
 
@@ -132,10 +131,31 @@ def note(g: Guest, cut: Cut) -> Path:
     return g.results / f"cut-{cut.name}.note"
 
 
+# stack.iscsi_login in one shell: a Python start costs seconds under TCG.  The initiator
+# waits for a slow daemon (TCG) rather than failing I/O: a long SCSI command timeout.
+LOGIN = """
+iscsiadm -m discovery -t st -p 127.0.0.1 >/dev/null
+iscsiadm -m node -T "$1" -p 127.0.0.1 --login >/dev/null
+for i in $(seq 1200); do
+  for s in /sys/class/iscsi_session/session*; do
+    [ "$(cat "$s/targetname" 2>/dev/null)" = "$1" ] || continue
+    for b in "$s"/device/target*/*:*:*:*/block/*; do
+      [ -b "/dev/${b##*/}" ] || continue
+      echo 600 > "$b/device/timeout"
+      echo "/dev/${b##*/}"
+      exit 0
+    done
+  done
+  sleep 0.5
+done
+echo "no disk for $1 after 600 s" >&2
+exit 1
+"""
+
+
 def login(g: Guest, iqn: str) -> str:
-    dev = iscsi_login(g, iqn, timeout=SLOW)
-    # the initiator waits for a slow daemon (TCG) rather than failing I/O
-    sh(g, 'echo 600 > "/sys/block/${1#/dev/}/device/timeout"', dev)
+    dev = sh(g, LOGIN, iqn).stdout.strip()
+    assert re.fullmatch(r"/dev/sd[a-z]+", dev), dev
     return dev
 
 
