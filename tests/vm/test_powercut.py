@@ -97,6 +97,8 @@ def booted(top: Path, n: int, disk: Path) -> Iterator[Guest]:
 # The one virtio-blk disk; after a reset its ext4 needs its journal replayed (e2fsck exits
 # 1 when that changed something), then must be clean.
 MOUNT_DISK = """
+modprobe virtio_blk
+for i in $(seq 120); do ls -d /sys/block/vd* >/dev/null 2>&1 && break; sleep 0.5; done
 dev=/dev/$(cd /sys/block && ls -d vd*)
 [ -b "$dev" ] || { echo "not one virtio disk: $dev" >&2; exit 1; }
 if [ "$1" = new ]; then
