@@ -202,17 +202,21 @@ def offline_check(g: Guest) -> dict[str, object]:
 
 def start_writer(g: Guest, cut: Cut) -> None:
     cut.log = g.results / f"cut-{cut.name}.files"
-    g.spawn([str(g.python_path), "-m", "tests.vm.powercut", "write", f"{LUN_MNT}/{cut.name}",
-             str(cut.log)], log=g.results / f"writer-{cut.name}.log", cwd=CHECKOUT,
-            env={"PYTHONPATH": str(CHECKOUT)})  # fmt: skip
-    wait_files(g, cut.log, 10)
+    output = g.results / f"writer-{cut.name}.log"
+    argv = ["-m", "tests.vm.powercut", "write", f"{LUN_MNT}/{cut.name}", str(cut.log)]
+    g.spawn(
+        [str(g.python_path), *argv], log=output, cwd=CHECKOUT, env={"PYTHONPATH": str(CHECKOUT)}
+    )
+    wait_files(g, cut.log, 10, output)
     cut.before_op = len(recorded(cut.log))
 
 
-def wait_files(g: Guest, log: Path, n: int) -> None:
+def wait_files(g: Guest, log: Path, n: int, output: Path) -> None:
+    """Until the writer has fsynced ``n`` files; it prints nothing unless it failed."""
     deadline = time.monotonic() + SLOW
     while not (log.exists() and len(recorded(log)) >= n):
         assert g.alive(), f"the guest died before {n} files were written: {g.console_tail()}"
+        assert not (output.exists() and output.stat().st_size), output.read_text()[-2000:]
         assert time.monotonic() < deadline, f"fewer than {n} files written in {SLOW:.0f} s"
         time.sleep(1)
 
@@ -229,7 +233,7 @@ def cut_now(g: Guest, cut: Cut) -> None:
     daemon's trap reset the guest inside it."""
     assert cut.log is not None
     if cut.name == "write":
-        wait_files(g, cut.log, cut.before_op + 20)
+        wait_files(g, cut.log, cut.before_op + 20, g.results / f"writer-{cut.name}.log")
         with contextlib.suppress(GuestDied):
             g.run(["sh", "-c", "echo b > /proc/sysrq-trigger"], timeout=60)
     else:
