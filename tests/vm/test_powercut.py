@@ -342,15 +342,17 @@ def test_power_cut_during_writes_snapshot_clone_migration_evacuation() -> None:
     boots: list[float] = []
     for n, cut in enumerate([*plan(), None], 1):
         t0 = time.monotonic()
-        with booted(top, n, disk) as g:
-            if cut is None:
-                last_boot(g, done, top)
-            else:
-                prepare_and_cut(g, done, cut)
-                done.append(cut)
-        boots.append(round(time.monotonic() - t0, 1))
-        summary = {"boot_seconds": boots, "cuts": {c.name: c.facts for c in done}}
-        (top / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        try:
+            with booted(top, n, disk) as g:
+                if cut is None:
+                    last_boot(g, done, top)
+                else:
+                    prepare_and_cut(g, done, cut)
+                    done.append(cut)
+        finally:  # what each cut showed, also when one fails
+            boots.append(round(time.monotonic() - t0, 1))
+            summary = {"boot_seconds": boots, "cuts": {c.name: c.facts for c in done}}
+            (top / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary, indent=2))
 
 
