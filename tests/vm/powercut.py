@@ -141,13 +141,14 @@ def install(trap: Trap) -> None:
             trap.reached("copy-after", f"store commit with {copies}")
 
     SqliteStore.commit = commit  # type: ignore[method-assign]
-    repoint: Callable[..., None] = Catalog._repoint
+    repoint: Callable[..., Any] = Catalog._repoint
 
-    def repoint_traced(tables: list[Any], index: int, old: int, new: int, pool: Any) -> None:
+    def repoint_traced(tables: list[Any], index: int, old: int, new: int, pool: Any) -> Any:
         what = f"entry {index} from {old:#x} to {new:#x}"
         trap.reached("repoint-before", what)
-        repoint(tables, index, old, new, pool)
+        result = repoint(tables, index, old, new, pool)  # (newer catalogs return the sharers)
         trap.reached("repoint-after", what)
+        return result
 
     Catalog._repoint = staticmethod(repoint_traced)  # type: ignore[method-assign]
 
