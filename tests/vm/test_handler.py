@@ -144,9 +144,13 @@ def test_handler_killed_and_restarted_loses_nothing_acknowledged(
             guest.run(["sleep", f"{rng.uniform(1.0, 4.0):.2f}"])
             pid = guest.run(["cat", "/run/ram/tv-lun/handler.pid"]).stdout.strip()
             pids.add(pid)
+            uptime = guest.run(["cat", "/proc/uptime"]).stdout.split()[0]
             guest.run(["kill", "-9", pid])
             guest.module("tests.vm.tvlun", "restart", "/run/ram/tv-lun", "--no-dbus",
                          timeout=300)  # fmt: skip
+            ready = guest.run(["cat", "/proc/uptime"]).stdout.split()[0]
+            with open(results_dir / "kills.txt", "a") as f:  # guest clock, beside dmesg
+                f.write(f"killed {pid} at {uptime}, successor ready at {ready}\n")
         assert len(pids) == KILLS  # a new handler process each time
         guest.run(["sh", "-c", f"while kill -0 {fio} 2>/dev/null; do sleep 1; done"],
                   timeout=900)  # fmt: skip
@@ -155,6 +159,7 @@ def test_handler_killed_and_restarted_loses_nothing_acknowledged(
             assert "err= 0" in text, text[-2000:]
             assert "verify" not in text.lower() or "bad" not in text.lower(), text[-2000:]
     finally:
+        guest.run(["cp", "/run/ram/tv-lun/handler.log", str(results_dir)], check=False)
         iscsi_logout(guest, target)
 
 

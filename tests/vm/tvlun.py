@@ -75,6 +75,8 @@ class Handler:
         if "--no-dbus" not in extra:
             install_bus_policy()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        # The log is appended to across restarts: only what this process writes counts.
+        start = self.log.stat().st_size if self.log.exists() else 0
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
                 [PYTHON, "-m", "targetvirt.manage.daemon", "--state-dir", str(self.state),
@@ -82,12 +84,14 @@ class Handler:
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
             )  # fmt: skip
         deadline = time.monotonic() + timeout
-        while b"ready:" not in self.log.read_bytes():
+        while b"ready:" not in (ours := self.log.read_bytes()[start:]):
             if self.proc.poll() is not None:
-                raise RuntimeError(f"targetvirt-handler exited: {self.log.read_text()[-2000:]}")
+                raise RuntimeError(f"targetvirt-handler exited: {ours[-2000:].decode()}")
             if time.monotonic() > deadline:
                 raise RuntimeError(f"targetvirt-handler not ready in {timeout} s")
             time.sleep(0.2)
+        if b"not serving" in ours:  # a device it should have taken over
+            raise RuntimeError(f"targetvirt-handler refused a device: {ours[-2000:].decode()}")
 
     def stop(self, timeout: float = 60.0) -> int:
         if self.proc is None:
