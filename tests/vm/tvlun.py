@@ -8,6 +8,7 @@ vdisk; the daemon picks it up through netlink.
     python -m tests.vm.tvlun up DIR VDISK SIZE [DAEMON-ARGS]  # pool, vdisk, handler, backstore
     python -m tests.vm.tvlun stop DIR                         # SIGTERM the handler, wait
     python -m tests.vm.tvlun restart DIR [DAEMON-ARGS]        # start it again (after a kill)
+    python -m tests.vm.tvlun crash DIR SECONDS [DAEMON-ARGS]  # start it, SIGKILL it SECONDS later
 """
 
 from __future__ import annotations
@@ -71,6 +72,11 @@ class Handler:
             cat.close()
 
     def start(self, *extra: str, timeout: float = 120.0) -> None:
+        start = self.launch(*extra)
+        self.wait_ready(start, timeout)
+
+    def launch(self, *extra: str) -> int:
+        """Start the daemon; returns where its part of the log begins."""
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if "--no-dbus" not in extra:
             install_bus_policy()
@@ -83,6 +89,10 @@ class Handler:
                  "--run-dir", str(self.run_dir), *extra],
                 stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT, start_new_session=True,
             )  # fmt: skip
+        return start
+
+    def wait_ready(self, start: int, timeout: float) -> None:
+        assert self.proc is not None
         deadline = time.monotonic() + timeout
         while b"ready:" not in (ours := self.log.read_bytes()[start:]):
             if self.proc.poll() is not None:
@@ -124,7 +134,7 @@ def create_lun(so_name: str, vdisk: str, size: int, *, cmd_time_out: int = 180) 
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] not in ("up", "stop", "restart"):
+    if len(argv) < 2 or argv[0] not in ("up", "stop", "restart", "crash"):
         print(__doc__, file=sys.stderr)
         return 2
     handler = Handler(Path(argv[1]))
@@ -141,6 +151,13 @@ def main(argv: list[str]) -> int:
         handler.start(*argv[2:])
         assert handler.proc is not None
         pidfile.write_text(str(handler.proc.pid))
+        return 0
+    if argv[0] == "crash":  # a crash loop: killed wherever its start has got to
+        start = handler.launch(*argv[3:])
+        time.sleep(float(argv[2]))
+        got = handler.log.read_bytes()[start:].decode(errors="replace").splitlines()
+        handler.kill()
+        print(got[-1] if got else "(nothing logged)")
         return 0
     pid = int(pidfile.read_text())
     os.kill(pid, signal.SIGTERM)
