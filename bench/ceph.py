@@ -14,25 +14,31 @@ Each side's best of three rounds, the rounds interleaved (the machine may be sha
 Rows: 1 MiB sequential writes (allocated segments) and reads; 4 KiB random writes and
 reads over the allocated area; the first write to fresh segments (allocation included)
 for information.  Targets (issue 7): >= 0.7x direct on sequential, >= 0.5x on random.
+Last, on the same cluster: the controller-command round trip to ``--agents`` agent
+processes over RADOS watch/notify against the gRPC command stream (bench/notify.py).
 
 By default the benchmark starts its own throwaway single-node cluster (bluestore on a
 sparse file; ``--objectstore memstore`` for a RAM-only one), or uses an existing one
 with ``--conf FILE --pool POOL [--id CLIENT]``.
 
-``python -m bench.ceph [--qd N] [--size MiB] [--seconds S] [--json]``
+``python -m bench.ceph [--qd N] [--size MiB] [--ops N] [--agents N] [--rounds N] [--json]``
 """
 
 from __future__ import annotations
 
 import argparse
 import random
+import statistics
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+from bench.notify import p99, round_trips
 from bench.report import Row, print_json, print_table
 from targetvirt.catalog import Catalog
 from targetvirt.ceph import RadosLocation
@@ -117,6 +123,8 @@ def main() -> None:
     parser.add_argument("--qd", type=int, default=16, help="operations in flight")
     parser.add_argument("--size", type=int, default=256, help="MiB of vdisk / objects")
     parser.add_argument("--ops", type=int, default=4000, help="4 KiB operations per row")
+    parser.add_argument("--agents", type=int, default=3, help="agent processes (round trip)")
+    parser.add_argument("--rounds", type=int, default=300, help="command round trips")
     parser.add_argument("--objectstore", default="bluestore", choices=["bluestore", "memstore"])
     parser.add_argument("--conf", help="an existing cluster's ceph.conf")
     parser.add_argument("--pool", default="tv")
@@ -125,6 +133,7 @@ def main() -> None:
     args = parser.parse_args()
     with cluster_location(args) as (location, client):
         rows = bench(location, client, args)
+        rows += bench_commands(location, args.agents, args.rounds)
     if args.json:
         by = {r.name: r for r in rows}
         seq = min(by["1 MiB sequential write"].ratio or 0, by["1 MiB sequential read"].ratio or 0)
@@ -132,6 +141,8 @@ def main() -> None:
         print_json({
             "seq_vs_librados": seq,
             "rand_vs_librados": rand,
+            "notify_rtt_median_ms": by["command round trip, median"].value,
+            "notify_rtt_p99_ms": by["command round trip, p99"].value,
             "rows": [r.__dict__ for r in rows],
         })  # fmt: skip
     else:
@@ -159,6 +170,21 @@ def bench(location: str, client: Any, args: argparse.Namespace) -> list[Row]:
     finally:
         catalog.close()
     return rows
+
+
+def bench_commands(location: str, agents: int, rounds: int) -> list[Row]:
+    """Controller command round trips (ms) to ``agents`` processes: watch/notify on this
+    cluster (its own namespace) against the gRPC stream, same run."""
+    where, _, opts = location.partition("?")
+    notify_location = f"{where}-notify" + (f"?{opts}" if opts else "")
+    with tempfile.TemporaryDirectory() as tmp:
+        notify = [t * 1000 for t in round_trips(Path(tmp), notify_location, agents, rounds)]
+        grpc = [t * 1000 for t in round_trips(Path(tmp), None, agents, rounds)]
+    return [
+        Row(f"command round trip, {name}", fn(notify), "ms", f"gRPC stream, {agents} agents",
+            fn(grpc), fn(notify) / fn(grpc))
+        for name, fn in (("median", statistics.median), ("p99", p99))
+    ]  # fmt: skip
 
 
 def compare(
