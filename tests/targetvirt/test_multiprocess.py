@@ -17,7 +17,9 @@ from pathlib import Path
 
 import pytest
 
+from targetvirt.catalog import Catalog
 from targetvirt.controller import Controller
+from targetvirt.store.rados import RadosStore
 from targetvirt.transport.network import ControllerServer
 from tests.conftest import Layout
 from tests.targetvirt.agent_child import REGION as CHILD_REGION
@@ -30,8 +32,14 @@ AGENTS = 3
 
 @pytest.fixture
 def setup(tmp_path: Path, layout: Layout) -> Iterator[tuple[Controller, ControllerServer, str]]:
-    """Files, RADOS or both: the agent processes open the containers themselves."""
-    catalog = open_catalog(str(tmp_path / "meta.db"))
+    """Files, RADOS or both: the agent processes open the containers themselves.  With
+    every container in RADOS the metadata store is in RADOS too (issue 7: the live-copy
+    test on the RADOS container and the RADOS store)."""
+    everything_in_rados = layout(0) is not None and layout(1) is not None
+    if everything_in_rados:
+        catalog = Catalog.open(RadosStore(str(layout(0)), create=True))
+    else:
+        catalog = open_catalog(str(tmp_path / "meta.db"))
     for i in range(2):
         where, size = layout(i), 200 * SEG
         if where is None:
