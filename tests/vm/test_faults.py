@@ -20,6 +20,7 @@ import re
 import struct
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -316,6 +317,22 @@ def physical_segments(s: Stack, refs: list[str]) -> list[int]:
         time.sleep(2)
 
 
+def kernel_log_mark(g: Guest) -> str:
+    """Write a unique line into the kernel's log; :func:`kernel_log_since` returns what
+    follows it.  (Counting lines does not work: after the compliance tests the log
+    buffer is full, wraps, and keeps the same number of lines.)"""
+    mark = f"targetvirt-test-mark-{uuid.uuid4().hex}"
+    g.run(["sh", "-c", 'echo "$1" > /dev/kmsg', "sh", mark])
+    return mark
+
+
+def kernel_log_since(g: Guest, mark: str) -> str:
+    text = g.run(["dmesg"]).stdout
+    at = text.rfind(mark)
+    assert at >= 0, f"the kernel log lost the mark {mark}: it wrapped during the test"
+    return text[at + len(mark) :]
+
+
 def scsi_address(g: Guest, lun: Lun) -> str:
     """H:C:T:L of a disk, as the kernel's log names it."""
     return Path(g.run(["readlink", "-f", f"/sys/block/{lun.name}/device"]).stdout.strip()).name
@@ -344,7 +361,7 @@ def test_a_failing_dm_container_fails_only_what_meets_it(
     # segment 1 of v: the first 256 KiB of its physical segment start failing
     bad = DATA_OFFSET + psegs[1] * SEG
     mapper.load(mapper.failing(bad, BAD))
-    log_start = len(g.run(["dmesg"]).stdout.splitlines())
+    mark = kernel_log_mark(g)
 
     # the command that meets the bad range gets MEDIUM ERROR, UNRECOVERED READ ERROR
     (r,) = v.scsi(Lun.read(SEG, 4096))
@@ -360,7 +377,7 @@ def test_a_failing_dm_container_fails_only_what_meets_it(
     dd = g.run(["dd", f"if={v.dev}", "of=/dev/null", "bs=4k", "count=1", f"skip={SEG // 4096}",
                 "iflag=direct"], check=False, timeout=SLOW)  # fmt: skip
     assert not dd.ok and "No data available" in dd.stderr, dd.describe()
-    log = "\n".join(g.run(["dmesg"]).stdout.splitlines()[log_start:])
+    log = kernel_log_since(g, mark)
     assert re.search(rf"\[{v.name}\].*Sense Key : Medium Error", log), log
     assert re.search(rf"\[{v.name}\].*Add\. Sense: Unrecovered read error", log), log
 
@@ -385,7 +402,7 @@ def test_a_failing_dm_container_fails_only_what_meets_it(
     assert good(r_w) and r_w.uas == [], r_w
     # pf can take no new data: past its soft threshold; v's LUN told its initiator (seen
     # by SG_IO, or by the kernel when a block-layer command met it), w's LUN did not
-    log = "\n".join(g.run(["dmesg"]).stdout.splitlines()[log_start:])
+    log = kernel_log_since(g, mark)
     v_addr, w_addr = scsi_address(g, v), scsi_address(g, w)
     seen = [u for r in (r_rest, r_in, r_new, r_back) for u in r.uas]
     assert SOFT_THRESHOLD in seen or threshold_logged(log, v_addr), (seen, log)
