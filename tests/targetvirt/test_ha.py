@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import IO, TYPE_CHECKING
 
 import pytest
 
@@ -47,26 +47,38 @@ MARGIN = 7.0  # what a takeover may take beyond the lease (fence, open, serve) o
 AGENTS = 2
 
 
-class Ctl:
+class Child:
+    """A controller process whose output lines (stdout or stderr) are read as they come."""
+
+    def __init__(self, argv: list[str], *, stderr: bool = False) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", *argv], cwd=ROOT, text=True,
+            stdin=None if stderr else subprocess.PIPE,
+            stdout=None if stderr else subprocess.PIPE,
+            stderr=subprocess.PIPE if stderr else None,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )  # fmt: skip
+        stream = self.proc.stderr if stderr else self.proc.stdout
+        assert stream is not None
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._read, args=(stream,), daemon=True).start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self._lines.put(line.strip())
+        self._lines.put("<exited>")
+
+
+class Ctl(Child):
     """A controller process (tests.targetvirt.controller_child) and its answers."""
 
     def __init__(self, tmp: Path, location: str, name: str, *extra: str) -> None:
         self.sock = str(tmp / f"{name}.sock")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.targetvirt.controller_child", "--store", location,
+        super().__init__(
+            ["tests.targetvirt.controller_child", "--store", location,
              "--unix", self.sock, "--store-lease", str(STORE_LEASE), "--lease", "3",
              "--ack-timeout", "5", "--poll", "0.2", "--log-level", "warning", *extra],
-            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
         )  # fmt: skip
-        self._lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self._lines.put(line.strip())
-        self._lines.put("<exited>")
 
     def line(self, timeout: float = 60.0) -> str:
         try:
@@ -257,27 +269,18 @@ def test_a_stopped_controller_is_fenced_and_cannot_commit(
     print(f"takeover after SIGSTOP: {took:.2f} s")
 
 
-class Cli:
+class Cli(Child):
     """``targetvirt-controller`` itself (python -m targetvirt.manage.controld); its log
     lines (stderr) tell what it does."""
 
     def __init__(self, tmp: Path, location: str, name: str, *extra: str) -> None:
         self.sock = str(tmp / f"{name}.sock")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "targetvirt.manage.controld", "--store", location,
+        super().__init__(
+            ["targetvirt.manage.controld", "--store", location,
              "--unix", self.sock, "--store-lease", str(STORE_LEASE), "--poll", "0.2",
              "--log-level", "info", *extra],
-            cwd=ROOT, stderr=subprocess.PIPE, text=True,
-            env={**os.environ, "PYTHONPATH": str(ROOT)},
+            stderr=True,
         )  # fmt: skip
-        self._lines: queue.Queue[str] = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self) -> None:
-        assert self.proc.stderr is not None
-        for line in self.proc.stderr:
-            self._lines.put(line.strip())
-        self._lines.put("<exited>")
 
     def expect(self, text: str, timeout: float = 60.0) -> str:
         """The first log line containing ``text`` (fails at exit or after ``timeout``)."""
