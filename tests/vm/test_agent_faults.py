@@ -1,0 +1,279 @@
+"""Controller faults under the real handler: ``targetvirt-handler --controller unix:...``
+(an agent only) serves a tcm_loop LUN in the guest while ``targetvirt-controller`` runs as
+its own process on the handler's state folder.  fio writes with crc32c verify while
+
+(a) the controller is killed (SIGKILL) and started again: the agent's I/O that needs the
+    controller waits for it (``--controller-wait``), the agent registers with the new
+    controller and reloads its tables, fio goes on and its verify passes;
+(b) the controller is stopped (SIGSTOP, the agent is partitioned from it) with a 5 s
+    lease: once the lease has run out a write does not complete -- it is held, not
+    failed, since a single-path Linux initiator turns the "no lease" sense (NOT READY,
+    04h/0Ah) into EIO -- while reads of written data go on; after SIGCONT the write
+    completes and fio's verify passes.
+
+The LUN and the disk get a 180 s command timeout (LIO's cmd_time_out and sd's), above the
+agent's 60 s controller wait: a Python controller restarting under TCG takes 10-25 s.
+
+    python -m tests.vm.test_agent_faults up DIR SIZE          # in the guest: JSON out
+    python -m tests.vm.test_agent_faults restart DIR          # SIGKILL + start the controller
+    python -m tests.vm.test_agent_faults partition DIR DEV    # SIGSTOP, probes, SIGCONT
+    python -m tests.vm.test_agent_faults down DIR             # stop both daemons
+"""
+
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.vm.guest import Guest
+
+MIB = 1 << 20
+WHERE = "/run/ram/tv-agent"
+VDISK = "agentlun"
+SIZE = "128M"
+LEASE = 5.0  # the controller's agent lease (seconds)
+WAIT = 60.0  # the agent's controller wait: above a TCG controller restart
+TIMEOUT = 180  # LIO cmd_time_out and sd's timeout: above WAIT
+MARK, PROBE = 100 * MIB, 101 * MIB  # outside fio's region: written before the partition
+FIO_SIZE = "24M"
+
+
+# --- in the guest ---------------------------------------------------------------------------
+
+
+def _controller_argv(d: Path) -> list[str]:
+    from tests.vm.tvlun import PYTHON  # noqa: PLC0415 - guest only
+
+    return [PYTHON, "-m", "targetvirt.manage.controld", "--state-dir", str(d / "state"),
+            "--unix", str(d / "ctl.sock"), "--lease", str(LEASE)]  # fmt: skip
+
+
+def start_controller(d: Path) -> float:
+    """Start targetvirt-controller; returns when it serves (guest monotonic)."""
+    from tests.vm.tvlun import ROOT  # noqa: PLC0415
+
+    log = d / "controller.log"
+    start = log.stat().st_size if log.exists() else 0
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            _controller_argv(d), stdout=out, stderr=subprocess.STDOUT, cwd=ROOT,
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, start_new_session=True,
+        )  # fmt: skip
+    (d / "controller.pid").write_text(str(proc.pid))
+    deadline = time.monotonic() + 120
+    while b"active: serving" not in (ours := log.read_bytes()[start:]):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"targetvirt-controller did not start: {ours[-2000:].decode()}")
+        time.sleep(0.1)
+    return time.monotonic()
+
+
+def up(d: Path, size: int) -> dict[str, Any]:
+    from tests.vm import lio  # noqa: PLC0415
+    from tests.vm.tvlun import Handler, create_lun  # noqa: PLC0415
+
+    d.mkdir(parents=True, exist_ok=True)
+    handler = Handler(d)
+    handler.provision(VDISK, size)  # pool and vdisk, made where the controller will run
+    start_controller(d)
+    handler.start("--controller", f"unix:{d / 'ctl.sock'}", "--no-dbus",
+                  "--controller-wait", str(WAIT), "--agent-id", "gw1")  # fmt: skip
+    assert handler.proc is not None
+    (d / "handler.pid").write_text(str(handler.proc.pid))
+    create_lun(VDISK, VDISK, size, cmd_time_out=TIMEOUT)
+    out = lio.export_loopback(VDISK)
+    Path(f"/sys/block/{Path(out['dev']).name}/device/timeout").write_text(f"{TIMEOUT}\n")
+    return out
+
+
+def restart(d: Path) -> dict[str, float]:
+    pid = int((d / "controller.pid").read_text())
+    killed = time.monotonic()
+    os.kill(pid, signal.SIGKILL)
+    while Path(f"/proc/{pid}").exists():  # the parent (gone) never reaps it: a zombie...
+        if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
+            break  # ...whose store lock is released
+        time.sleep(0.05)
+    return {"killed": killed, "active": start_controller(d)}
+
+
+class Block:
+    """One 4 KiB O_DIRECT buffer (mmap: page aligned)."""
+
+    def __init__(self, data: bytes = b"") -> None:
+        self.buf = mmap.mmap(-1, 4096)
+        self.buf[: len(data)] = data
+
+    def bytes(self) -> bytes:
+        return bytes(self.buf[:4096])
+
+
+def _io(dev: str, offset: int, block: Block, write: bool) -> None:
+    fd = os.open(dev, os.O_RDWR | os.O_DIRECT)
+    try:
+        n = (os.pwritev if write else os.preadv)(fd, [block.buf], offset)
+        if n != 4096:
+            raise OSError(f"short {'write' if write else 'read'}: {n}")
+    finally:
+        os.close(fd)
+
+
+def partition(d: Path, dev: str) -> dict[str, Any]:
+    """SIGSTOP the controller; past the lease, a write is issued and a written block read;
+    the write must still be pending when SIGCONT comes, and complete after it."""
+    mark, old, new = (Block(os.urandom(4096)) for _ in range(3))
+    _io(dev, MARK, mark, True)
+    _io(dev, PROBE, old, True)
+    pid = int((d / "controller.pid").read_text())
+    ev: dict[str, Any] = {"stopped": time.monotonic()}
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        time.sleep(LEASE + 2.0)  # the agent's lease was renewed before the stop, at best
+        done: dict[str, Any] = {}
+
+        def probe_write() -> None:
+            try:
+                _io(dev, PROBE, new, True)
+            except OSError as e:
+                done["error"] = str(e)
+            done["at"] = time.monotonic()
+
+        ev["issued"] = time.monotonic()
+        writer = threading.Thread(target=probe_write, daemon=True)
+        writer.start()
+        back = Block()
+        _io(dev, MARK, back, False)
+        ev["read_ok"], ev["read_at"] = back.bytes() == mark.bytes(), time.monotonic()
+        time.sleep(2.0)
+        ev["pending_before_cont"] = writer.is_alive()
+        ev["write_done_before_cont"] = dict(done)
+    finally:
+        ev["continued"] = time.monotonic()
+        os.kill(pid, signal.SIGCONT)
+    writer.join(WAIT + 60)
+    ev["write_error"], ev["write_done"] = done.get("error"), done.get("at")
+    back = Block()
+    _io(dev, PROBE, back, False)
+    ev["readback_ok"] = back.bytes() == new.bytes()
+    return ev
+
+
+def down(d: Path) -> None:
+    for name in ("handler.pid", "controller.pid"):
+        try:
+            pid = int((d / name).read_text())
+            os.kill(pid, signal.SIGCONT)
+            os.kill(pid, signal.SIGTERM)
+        except (OSError, ValueError):
+            continue
+        for _ in range(600):
+            if not Path(f"/proc/{pid}").exists():
+                break
+            time.sleep(0.1)
+
+
+def main(argv: list[str]) -> int:
+    cmd, d = argv[0], Path(argv[1])
+    if cmd == "up":
+        from tests.vm.lio import parse_size  # noqa: PLC0415
+
+        print(json.dumps(up(d, parse_size(argv[2]))))
+    elif cmd == "restart":
+        print(json.dumps(restart(d)))
+    elif cmd == "partition":
+        print(json.dumps(partition(d, argv[2])))
+    elif cmd == "down":
+        down(d)
+    else:
+        print(__doc__, file=sys.stderr)
+        return 2
+    return 0
+
+
+# --- on the host ----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lun(guest: Guest, results_dir: Path) -> Iterator[str]:
+    """The agent-served LUN's /dev/sdX."""
+    try:
+        out = _json(guest.module("tests.vm.test_agent_faults", "up", WHERE, SIZE,
+                                 timeout=400).stdout)  # fmt: skip
+        yield str(out["dev"])
+    finally:
+        # the LUN goes first, while the handler still answers its removal
+        guest.module("tests.vm.lio", "clear", timeout=120, check=False)
+        guest.module("tests.vm.test_agent_faults", "down", WHERE, timeout=180, check=False)
+        for log in ("handler.log", "controller.log"):
+            guest.run(["cp", f"{WHERE}/{log}", str(results_dir)], check=False)
+        guest.run(["rm", "-rf", WHERE], check=False)
+
+
+def _json(stdout: str) -> Any:
+    return json.loads([ln for ln in stdout.splitlines() if ln.strip()][-1])
+
+
+def _fio(guest: Guest, dev: str, log: Path) -> int:
+    """fio writing a 24 MiB region at 2 MiB/s (so a fault lands while it writes), then
+    verifying every block (crc32c); no flush: the mapping journal keeps what it wrote."""
+    return guest.spawn(["fio", f"--name={log.stem}", f"--filename={dev}", "--ioengine=libaio",
+                        "--direct=1", "--rw=randwrite", "--bsrange=4k-64k", "--iodepth=8",
+                        f"--size={FIO_SIZE}", "--rate=,2m", "--verify=crc32c",
+                        "--verify_fatal=1", "--do_verify=1", "--randrepeat=0"],
+                       log=log)  # fmt: skip
+
+
+def _running(guest: Guest, pid: int) -> bool:
+    return guest.run(["kill", "-0", str(pid)], check=False).ok
+
+
+def _finished_clean(guest: Guest, pid: int, log: Path) -> None:
+    guest.run(["sh", "-c", f"while kill -0 {pid} 2>/dev/null; do sleep 1; done"], timeout=600)
+    text = log.read_text()
+    assert "err= 0" in text, text[-3000:]
+    assert "verify: bad" not in text.lower() and "bad magic" not in text.lower(), text[-3000:]
+
+
+@pytest.mark.vm
+@pytest.mark.timeout(1200)
+def test_controller_killed_and_stopped_under_io(guest: Guest, lun: str, results_dir: Path) -> None:
+    events: dict[str, Any] = {}
+    # (a) SIGKILL and restart under I/O
+    fio = _fio(guest, lun, results_dir / "fio-restart.log")
+    guest.run(["sleep", "3"])
+    assert _running(guest, fio), (results_dir / "fio-restart.log").read_text()[-2000:]
+    events["restart"] = _json(guest.module("tests.vm.test_agent_faults", "restart", WHERE,
+                                           timeout=300).stdout)  # fmt: skip
+    _finished_clean(guest, fio, results_dir / "fio-restart.log")
+    # (b) SIGSTOP: partitioned past the lease, then SIGCONT
+    fio = _fio(guest, lun, results_dir / "fio-partition.log")
+    guest.run(["sleep", "3"])
+    assert _running(guest, fio), (results_dir / "fio-partition.log").read_text()[-2000:]
+    ev = events["partition"] = _json(guest.module("tests.vm.test_agent_faults", "partition",
+                                                  WHERE, lun, timeout=400).stdout)  # fmt: skip
+    (results_dir / "events.json").write_text(json.dumps(events, indent=2))
+    assert ev["read_ok"], ev  # reads of written data go on without a lease
+    assert ev["pending_before_cont"], ev  # no write completes without a lease
+    assert ev["write_error"] is None, ev  # held, not failed: the initiator sees no error
+    assert ev["write_done"] > ev["continued"], ev
+    assert ev["readback_ok"], ev
+    _finished_clean(guest, fio, results_dir / "fio-partition.log")
+    # the agent registered with the first controller and again with its successor (and
+    # reloaded its tables: fio's verify read them)
+    log = guest.run(["cat", f"{WHERE}/controller.log"]).stdout
+    assert log.count("agent gw1 registered") >= 2, log[-3000:]
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
