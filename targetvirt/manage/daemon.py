@@ -41,7 +41,7 @@ from targetvirt.ceph import is_rados
 from targetvirt.controller import Controller
 from targetvirt.errors import ControllerUnreachable, InvalidArgument, NotFound, TargetvirtError
 from targetvirt.manage.api import ManagerBusService
-from targetvirt.manage.common import BUS_ENV, BUS_FILE
+from targetvirt.manage.common import AGENT_FILE, BUS_ENV, BUS_FILE
 from targetvirt.manage.lio import LioExporter
 from targetvirt.manage.manager import Manager
 from targetvirt.manage.state import open_catalog
@@ -331,6 +331,8 @@ class Handler(Serving):
         self.agent.connect()
         self.agent.start()  # lease keeper
         self._start_tcmu()
+        # no longer an agent-only daemon here (the shell would look elsewhere)
+        (Path(self.args.run_dir) / AGENT_FILE).unlink(missing_ok=True)
         # The handler serves devices from here on: exports may be (re)created.
         self.manager = Manager(
             self.catalog, self.args.state_dir,
@@ -407,12 +409,18 @@ class AgentHandler(Serving):
         self._connect()
         self.agent.start()  # lease keeper: renews, re-registers after a controller restart
         self._start_tcmu()
+        self.mark_agent()
         if not self.args.no_dbus:
             self._start_dbus()
-            # the shell's API belongs with the catalog, in the controller's process
-            log.info("management API not served: this handler is an agent of the controller "
-                     "at %s; manage targetvirt where the controller runs",
-                     self.args.controller)  # fmt: skip
+
+    def mark_agent(self) -> None:
+        """Say where management is: once in the log, and to the shell (run folder)."""
+        # the shell's API belongs with the catalog, in the controller's process
+        log.info("management API not served: this handler is an agent of the controller "
+                 "at %s; manage targetvirt where the controller runs",
+                 self.args.controller)  # fmt: skip
+        (Path(self.args.run_dir) / AGENT_FILE).write_text(self.args.controller + "\n")
+        (Path(self.args.run_dir) / BUS_FILE).unlink(missing_ok=True)
 
     def _connect(self) -> None:
         """Register with the controller, waiting for it at most --controller-wait."""
@@ -427,6 +435,7 @@ class AgentHandler(Serving):
 
     def stop(self) -> None:
         self._stop.set()
+        (Path(self.args.run_dir) / AGENT_FILE).unlink(missing_ok=True)
         self._stop_serving()
 
 

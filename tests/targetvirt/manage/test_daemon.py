@@ -17,6 +17,7 @@ import pytest
 
 from targetvirt.errors import NotFound
 from targetvirt.manage import controld, daemon
+from targetvirt.manage.common import agent_of
 from targetvirt.manage.controld import ControllerService
 from targetvirt.manage.daemon import AgentHandler, Handler, Serving, make_handler, parse_args
 from targetvirt.transport.inprocess import InProcessLink
@@ -196,6 +197,7 @@ def controller(tmp_path: Path) -> Iterator[tuple[ControllerService, str]]:
 def agent_handler(tmp_path: Path, controller: tuple[ControllerService, str]) -> Iterator[Serving]:
     args = parse_args(["--controller", f"unix:{controller[1]}", "--run-dir",
                        str(tmp_path / "run"), "--no-dbus", "--agent-id", "gw1"])  # fmt: skip
+    (tmp_path / "run").mkdir()  # main() makes it
     h = make_handler(args)
     h.tcmu = FakeTcmu()
     h._connect()  # what start() does before the (kernel) TCMU service
@@ -230,6 +232,16 @@ def test_agent_mode_serves_luns_with_the_vdisks_identity(
     with pytest.raises(NotFound):
         agent_handler.open_lun(config.parse("targetvirt/nosuch"),
                                DeviceInfo(1, "n", 512, MIB, "targetvirt/nosuch"))  # fmt: skip
+
+
+def test_an_agent_handler_tells_the_shell_where_management_is(
+    agent_handler: Serving, tmp_path: Path
+) -> None:
+    assert isinstance(agent_handler, AgentHandler)
+    agent_handler.mark_agent()  # what start() does once it serves
+    assert agent_of(tmp_path / "run") == f"unix:{tmp_path}/ctl.sock"
+    agent_handler.stop()
+    assert agent_of(tmp_path / "run") is None
 
 
 def test_the_default_mode_is_unchanged(handler: Handler) -> None:
