@@ -14,10 +14,14 @@ its own process on the handler's state folder.  fio writes with crc32c verify wh
 The LUN and the disk get a 180 s command timeout (LIO's cmd_time_out and sd's), above the
 agent's 60 s controller wait: a Python controller restarting under TCG takes 10-25 s.
 
-    python -m tests.vm.test_agent_faults up DIR SIZE          # in the guest: JSON out
-    python -m tests.vm.test_agent_faults restart DIR          # SIGKILL + start the controller
-    python -m tests.vm.test_agent_faults partition DIR DEV    # SIGSTOP, probes, SIGCONT
-    python -m tests.vm.test_agent_faults down DIR             # stop both daemons
+    python -m tests.vm.test_agent_faults up DIR SIZE               # in the guest: JSON out
+    python -m tests.vm.test_agent_faults restart DIR DEV LOG       # fio, SIGKILL + restart
+    python -m tests.vm.test_agent_faults partition DIR DEV LOG     # fio, SIGSTOP, probes, SIGCONT
+    python -m tests.vm.test_agent_faults down DIR                  # stop both daemons
+
+fio is started by the guest-side command itself, 3 s before the fault: a Python start in
+the TCG guest takes longer than fio's whole write phase (the first run of this test
+faulted the controller after fio had written everything).
 """
 
 from __future__ import annotations
@@ -97,15 +101,42 @@ def up(d: Path, size: int) -> dict[str, Any]:
     return out
 
 
-def restart(d: Path) -> dict[str, float]:
+def alive(pid: int) -> bool:
+    """Running, not a zombie (whose parent is gone and nobody reaps)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def start_fio(d: Path, dev: str, log: Path) -> int:
+    """fio writing a 24 MiB region at 2 MiB/s (12 s of writes, so the fault lands while it
+    writes), then verifying every block (crc32c); no flush: the mapping journal keeps what
+    it wrote.  Returns once it has written for 3 s."""
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(
+            ["fio", f"--name={log.stem}", f"--filename={dev}", "--ioengine=libaio",
+             "--direct=1", "--rw=randwrite", "--bsrange=4k-64k", "--iodepth=8",
+             f"--size={FIO_SIZE}", "--rate=,2m", "--verify=crc32c", "--verify_fatal=1",
+             "--do_verify=1", "--randrepeat=0", "--verify_state_save=0"],
+            stdout=out, stderr=subprocess.STDOUT, cwd=d, start_new_session=True,
+        )  # fmt: skip
+    time.sleep(3.0)
+    if proc.poll() is not None:
+        raise RuntimeError(f"fio ended at once: {log.read_text()[-2000:]}")
+    return proc.pid
+
+
+def restart(d: Path, dev: str, log: Path) -> dict[str, Any]:
+    fio = start_fio(d, dev, log)
     pid = int((d / "controller.pid").read_text())
-    killed = time.monotonic()
+    ev: dict[str, Any] = {"fio": fio, "fio_writing": alive(fio), "killed": time.monotonic()}
     os.kill(pid, signal.SIGKILL)
-    while Path(f"/proc/{pid}").exists():  # the parent (gone) never reaps it: a zombie...
-        if Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z":
-            break  # ...whose store lock is released
+    while alive(pid):  # dead, or a zombie: its store lock is released
         time.sleep(0.05)
-    return {"killed": killed, "active": start_controller(d)}
+    ev["active"] = start_controller(d)
+    ev["fio_running_at_restart"] = alive(fio)
+    return ev
 
 
 class Block:
@@ -129,14 +160,15 @@ def _io(dev: str, offset: int, block: Block, write: bool) -> None:
         os.close(fd)
 
 
-def partition(d: Path, dev: str) -> dict[str, Any]:
-    """SIGSTOP the controller; past the lease, a write is issued and a written block read;
-    the write must still be pending when SIGCONT comes, and complete after it."""
+def partition(d: Path, dev: str, log: Path) -> dict[str, Any]:
+    """SIGSTOP the controller under fio; past the lease, a write is issued and a written
+    block read; the write must still be pending when SIGCONT comes, and complete after."""
     mark, old, new = (Block(os.urandom(4096)) for _ in range(3))
     _io(dev, MARK, mark, True)
     _io(dev, PROBE, old, True)
     pid = int((d / "controller.pid").read_text())
-    ev: dict[str, Any] = {"stopped": time.monotonic()}
+    fio = start_fio(d, dev, log)
+    ev: dict[str, Any] = {"fio": fio, "fio_writing": alive(fio), "stopped": time.monotonic()}
     os.kill(pid, signal.SIGSTOP)
     try:
         time.sleep(LEASE + 2.0)  # the agent's lease was renewed before the stop, at best
@@ -157,6 +189,7 @@ def partition(d: Path, dev: str) -> dict[str, Any]:
         ev["read_ok"], ev["read_at"] = back.bytes() == mark.bytes(), time.monotonic()
         time.sleep(2.0)
         ev["pending_before_cont"] = writer.is_alive()
+        ev["fio_running_at_cont"] = alive(fio)
         ev["write_done_before_cont"] = dict(done)
     finally:
         ev["continued"] = time.monotonic()
@@ -190,9 +223,9 @@ def main(argv: list[str]) -> int:
 
         print(json.dumps(up(d, parse_size(argv[2]))))
     elif cmd == "restart":
-        print(json.dumps(restart(d)))
+        print(json.dumps(restart(d, argv[2], Path(argv[3]))))
     elif cmd == "partition":
-        print(json.dumps(partition(d, argv[2])))
+        print(json.dumps(partition(d, argv[2], Path(argv[3]))))
     elif cmd == "down":
         down(d)
     else:
@@ -224,22 +257,10 @@ def _json(stdout: str) -> Any:
     return json.loads([ln for ln in stdout.splitlines() if ln.strip()][-1])
 
 
-def _fio(guest: Guest, dev: str, log: Path) -> int:
-    """fio writing a 24 MiB region at 2 MiB/s (so a fault lands while it writes), then
-    verifying every block (crc32c); no flush: the mapping journal keeps what it wrote."""
-    return guest.spawn(["fio", f"--name={log.stem}", f"--filename={dev}", "--ioengine=libaio",
-                        "--direct=1", "--rw=randwrite", "--bsrange=4k-64k", "--iodepth=8",
-                        f"--size={FIO_SIZE}", "--rate=,2m", "--verify=crc32c",
-                        "--verify_fatal=1", "--do_verify=1", "--randrepeat=0"],
-                       log=log)  # fmt: skip
-
-
-def _running(guest: Guest, pid: int) -> bool:
-    return guest.run(["kill", "-0", str(pid)], check=False).ok
-
-
 def _finished_clean(guest: Guest, pid: int, log: Path) -> None:
-    guest.run(["sh", "-c", f"while kill -0 {pid} 2>/dev/null; do sleep 1; done"], timeout=600)
+    """Wait for fio (a zombie once done: its parent exited) and check its verify."""
+    guest.run(["sh", "-c", f"while [ -e /proc/{pid} ] && ! grep -q '^State:.*Z' "
+               f"/proc/{pid}/status 2>/dev/null; do sleep 1; done"], timeout=600)  # fmt: skip
     text = log.read_text()
     assert "err= 0" in text, text[-3000:]
     assert "verify: bad" not in text.lower() and "bad magic" not in text.lower(), text[-3000:]
@@ -250,29 +271,29 @@ def _finished_clean(guest: Guest, pid: int, log: Path) -> None:
 def test_controller_killed_and_stopped_under_io(guest: Guest, lun: str, results_dir: Path) -> None:
     events: dict[str, Any] = {}
     # (a) SIGKILL and restart under I/O
-    fio = _fio(guest, lun, results_dir / "fio-restart.log")
-    guest.run(["sleep", "3"])
-    assert _running(guest, fio), (results_dir / "fio-restart.log").read_text()[-2000:]
-    events["restart"] = _json(guest.module("tests.vm.test_agent_faults", "restart", WHERE,
-                                           timeout=300).stdout)  # fmt: skip
-    _finished_clean(guest, fio, results_dir / "fio-restart.log")
-    # (b) SIGSTOP: partitioned past the lease, then SIGCONT
-    fio = _fio(guest, lun, results_dir / "fio-partition.log")
-    guest.run(["sleep", "3"])
-    assert _running(guest, fio), (results_dir / "fio-partition.log").read_text()[-2000:]
-    ev = events["partition"] = _json(guest.module("tests.vm.test_agent_faults", "partition",
-                                                  WHERE, lun, timeout=400).stdout)  # fmt: skip
+    log = results_dir / "fio-restart.log"
+    ev = events["restart"] = _json(guest.module("tests.vm.test_agent_faults", "restart", WHERE,
+                                                lun, str(log), timeout=300).stdout)  # fmt: skip
     (results_dir / "events.json").write_text(json.dumps(events, indent=2))
+    assert ev["fio_writing"] and ev["fio_running_at_restart"], ev  # the fault hit its writes
+    _finished_clean(guest, ev["fio"], log)
+    # (b) SIGSTOP: partitioned past the lease, then SIGCONT
+    log = results_dir / "fio-partition.log"
+    out = guest.module("tests.vm.test_agent_faults", "partition", WHERE, lun, str(log),
+                       timeout=400)  # fmt: skip
+    ev = events["partition"] = _json(out.stdout)
+    (results_dir / "events.json").write_text(json.dumps(events, indent=2))
+    assert ev["fio_writing"] and ev["fio_running_at_cont"], ev
     assert ev["read_ok"], ev  # reads of written data go on without a lease
     assert ev["pending_before_cont"], ev  # no write completes without a lease
     assert ev["write_error"] is None, ev  # held, not failed: the initiator sees no error
     assert ev["write_done"] > ev["continued"], ev
     assert ev["readback_ok"], ev
-    _finished_clean(guest, fio, results_dir / "fio-partition.log")
+    _finished_clean(guest, ev["fio"], log)
     # the agent registered with the first controller and again with its successor (and
     # reloaded its tables: fio's verify read them)
-    log = guest.run(["cat", f"{WHERE}/controller.log"]).stdout
-    assert log.count("agent gw1 registered") >= 2, log[-3000:]
+    said = guest.run(["cat", f"{WHERE}/controller.log"]).stdout
+    assert said.count("agent gw1 registered") >= 2, said[-3000:]
 
 
 if __name__ == "__main__":
