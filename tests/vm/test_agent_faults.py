@@ -160,6 +160,13 @@ def _io(dev: str, offset: int, block: Block, write: bool) -> None:
         os.close(fd)
 
 
+def disk_writes(dev: str) -> tuple[int, int]:
+    """(write requests completed, write requests in flight) of the disk, from sysfs."""
+    stat = Path(f"/sys/block/{Path(dev).name}/stat").read_text().split()
+    inflight = Path(f"/sys/block/{Path(dev).name}/inflight").read_text().split()
+    return int(stat[4]), int(inflight[1])
+
+
 def partition(d: Path, dev: str, log: Path) -> dict[str, Any]:
     """SIGSTOP the controller under fio; past the lease, a write is issued and a written
     block read; the write must still be pending when SIGCONT comes, and complete after."""
@@ -172,6 +179,7 @@ def partition(d: Path, dev: str, log: Path) -> dict[str, Any]:
     os.kill(pid, signal.SIGSTOP)
     try:
         time.sleep(LEASE + 2.0)  # the agent's lease was renewed before the stop, at best
+        ev["disk_writes_at_issue"] = disk_writes(dev)
         done: dict[str, Any] = {}
 
         def probe_write() -> None:
@@ -189,6 +197,7 @@ def partition(d: Path, dev: str, log: Path) -> dict[str, Any]:
         ev["read_ok"], ev["read_at"] = back.bytes() == mark.bytes(), time.monotonic()
         time.sleep(2.0)
         ev["pending_before_cont"] = writer.is_alive()
+        ev["disk_writes_before_cont"] = disk_writes(dev)
         ev["fio_running_at_cont"] = alive(fio)
         ev["write_done_before_cont"] = dict(done)
     finally:
@@ -285,7 +294,10 @@ def test_controller_killed_and_stopped_under_io(guest: Guest, lun: str, results_
     (results_dir / "events.json").write_text(json.dumps(events, indent=2))
     assert ev["fio_writing"] and ev["fio_running_at_cont"], ev
     assert ev["read_ok"], ev  # reads of written data go on without a lease
-    assert ev["pending_before_cont"], ev  # no write completes without a lease
+    assert ev["pending_before_cont"], ev  # no write completes without a lease...
+    completed, _ = ev["disk_writes_at_issue"]
+    assert ev["disk_writes_before_cont"] == [completed, ev["disk_writes_before_cont"][1]], ev
+    assert ev["disk_writes_before_cont"][1] > 1, ev  # ...fio's are held too, with the probe
     assert ev["write_error"] is None, ev  # held, not failed: the initiator sees no error
     assert ev["write_done"] > ev["continued"], ev
     assert ev["readback_ok"], ev
