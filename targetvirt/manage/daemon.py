@@ -424,13 +424,15 @@ class AgentHandler(Serving):
 
     def _connect(self) -> None:
         """Register with the controller, waiting for it at most --controller-wait."""
-        first = self.agent.clock.now()
+        first, said = self.agent.clock.now(), False
         while True:
             try:
                 self.agent.connect()
                 return
             except ControllerUnreachable as e:
-                log.warning("waiting for the controller: %s", e)
+                if not said:  # once: it retries every half second
+                    log.warning("waiting for the controller: %s", e)
+                    said = True
                 self.agent.await_controller(first, e)
 
     def stop(self) -> None:

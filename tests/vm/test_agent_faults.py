@@ -90,9 +90,12 @@ def up(d: Path, size: int) -> dict[str, Any]:
     d.mkdir(parents=True, exist_ok=True)
     handler = Handler(d)
     handler.provision(VDISK, size)  # pool and vdisk, made where the controller will run
+    # both start at once (Python starts are slow under TCG): the handler waits for the
+    # controller up to its --controller-wait
+    start = handler.launch("--controller", f"unix:{d / 'ctl.sock'}", "--no-dbus",
+                           "--controller-wait", str(WAIT), "--agent-id", "gw1")  # fmt: skip
     start_controller(d)
-    handler.start("--controller", f"unix:{d / 'ctl.sock'}", "--no-dbus",
-                  "--controller-wait", str(WAIT), "--agent-id", "gw1")  # fmt: skip
+    handler.wait_ready(start, 180)
     assert handler.proc is not None
     (d / "handler.pid").write_text(str(handler.proc.pid))
     create_lun(VDISK, VDISK, size, cmd_time_out=TIMEOUT)
