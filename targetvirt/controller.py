@@ -171,6 +171,7 @@ class Controller:
         self._frozen: dict[str, _Freeze] = {}
         self._holds: dict[str, set[int]] = {}  # entries held NOWRITE by a migration
         self._delays: dict[str, float] = {}
+        self._unrecorded: set[str] = set()  # thawed at their timeout, the store not told yet
         self._blocked: set[str] = set()
         self.windows: deque[FreezeWindow] = deque(maxlen=4096)
         self.fenced: list[str] = []  # agent ids, in fencing order (for operators and tests)
@@ -758,7 +759,23 @@ class Controller:
                 self.catalog.set_freezes({n: None for n in due if n in self.catalog.vdisks})
             except TargetvirtError as e:
                 log.warning("thawing %s at its timeout, not yet recorded: %s", ", ".join(due), e)
+                self._unrecorded.update(due)  # tick() tries again
             self._thaw_now(due, [])
+
+    def _record_thaws(self) -> None:
+        """Tell the store of the thaws it could not record at their timeout (unless the
+        vdisk was frozen again or deleted since)."""
+        with self._op:
+            names = [
+                n for n in sorted(self._unrecorded)
+                if n not in self._frozen and n in self.catalog.vdisks
+            ]  # fmt: skip
+            try:
+                self.catalog.set_freezes({n: None for n in names})
+            except TargetvirtError as e:
+                log.warning("the thaws of %s are still not recorded: %s", ", ".join(names), e)
+                return
+            self._unrecorded.clear()
 
     def frozen(self, name: str) -> bool:
         return name in self._frozen
@@ -966,6 +983,8 @@ class Controller:
                     self.fenced.append(s.agent_id)
             for name in [n for n, until in self._delays.items() if now >= until]:
                 del self._delays[name]
+        if self._unrecorded:
+            self._record_thaws()
         if self._crossed:
             self._announce()
 

@@ -83,7 +83,7 @@ class Freeze:
         """A freeze as read back (the record passed its checksum; still check every field:
         a wrong one must fail loudly, never thaw or freeze forever by accident)."""
         if not isinstance(body, dict) or set(body) != {"mode", "until"}:
-            raise InvalidArgument(f"a freeze must have a mode and a deadline, not {body!r}")
+            raise InvalidArgument(f"a freeze must have a mode and a deadline, not {body!r:.80}")
         return cls(body["mode"], body["until"])
 
 

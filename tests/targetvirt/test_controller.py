@@ -456,6 +456,27 @@ def test_a_timeout_thaws_even_if_the_store_cannot_record_it(
     assert not cluster.restart_controller().frozen("v")
 
 
+def test_a_timeout_thaw_the_store_missed_is_recorded_later(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctl = cluster.controller
+    ctl.freeze(["v", "w"], timeout=5.0)
+
+    def broken(txn: object) -> None:
+        raise StoreError("the metadata store is unreachable")
+
+    with monkeypatch.context() as m:
+        m.setattr(cluster.catalog.store, "commit", broken)
+        cluster.clock.advance(6.0)
+        ctl.tick()
+        ctl.tick()  # still failing: still to be recorded
+    ctl.freeze(["w"])  # frozen again meanwhile: that freeze stands
+    assert stored_freeze(cluster, "v") is not None
+    ctl.tick()
+    assert stored_freeze(cluster, "v") is None
+    assert stored_freeze(cluster, "w") == {"mode": "nowrite", "until": None}
+
+
 # --- live snapshots and table operations -------------------------------------------------
 
 
