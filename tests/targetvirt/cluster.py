@@ -11,6 +11,7 @@ from targetvirt.agent import Agent, AgentVDisk
 from targetvirt.catalog import Catalog
 from targetvirt.clock import Clock, FakeClock
 from targetvirt.controller import Controller
+from targetvirt.store.rados import RadosStore
 from targetvirt.transport.inprocess import InProcessLink
 from tests.targetvirt.engine_model import SEG, open_catalog
 
@@ -50,9 +51,12 @@ class Cluster:
         segments: int = CONTAINER_SEGMENTS,
         encode: bool = True,
         location: Callable[[int], str | None] | None = None,
+        metadata: str | None = None,
     ) -> None:
         """``location(i)``: where container ``i`` lives (e.g. a RADOS location); None,
-        or no function, for a preallocated file in ``directory``."""
+        or no function, for a preallocated file in ``directory``.  ``metadata``: the
+        RADOS location of the metadata store (None: SQLite in ``directory``)."""
+        self.metadata = metadata
         self.dir = directory
         self.clock = FakeClock()
         self.lease, self.ack_timeout, self.encode = lease, ack_timeout, encode
@@ -92,6 +96,8 @@ class Cluster:
         return WALL_ORIGIN + self.clock.now()
 
     def _open_catalog(self) -> Catalog:
+        if self.metadata is not None:
+            return Catalog.open(RadosStore(self.metadata, create=True), self.wallclock)
         return open_catalog(self.db, self.wallclock)
 
     def _controller(self, catalog: Catalog) -> Controller:

@@ -40,6 +40,7 @@ class ClusterMachine(RuleBasedStateMachine):
         self.c = Cluster(
             self.dir, vdisks=dict(SIZES), agents=AGENTS, frozen_timeout=0.0, containers=2,
             cow={"a": "redirect", "b": "copy"}, location=self.container_location,
+            metadata=self.metadata_location(),
         )  # fmt: skip
         self.model = Model({n: bytearray(s) for n, s in SIZES.items()})
         self.serving = {i: {"a", "b"} for i in range(AGENTS)}
@@ -49,6 +50,10 @@ class ClusterMachine(RuleBasedStateMachine):
 
     def container_location(self, i: int) -> str | None:
         """Where container ``i`` lives (None: a file in the machine's folder)."""
+        return None
+
+    def metadata_location(self) -> str | None:
+        """Where the metadata store lives (None: SQLite in the machine's folder)."""
         return None
 
     def teardown(self) -> None:
