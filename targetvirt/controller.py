@@ -21,8 +21,9 @@ master tables) and keeps the agents' volatile copies coherent with it:
 * live snapshot / clone / consistency group: freeze (NOWRITE or INVALID, the caller's
   choice) in every agent serving a source and wait for the drain, copy the tables
   durably, push ``MarkShared`` and the thaw together, and record the freeze window;
-* user freeze/thaw (with an optional timeout, run by :meth:`Controller.tick`), delay and
-  cancel, block and unblock, and rollback / resize / delete / flatten / migrate /
+* user freeze/thaw (with an optional timeout, run by :meth:`Controller.tick`), durable:
+  a restarted controller (or a standby taking over) keeps them in force; delay and
+  cancel, block and unblock (volatile), and rollback / resize / delete / flatten / migrate /
   evacuate performed live;
 * a pool reaching its soft threshold: ``SoftThreshold`` to every agent serving a vdisk of
   it (pushed after the fault that allocated, or by :meth:`Controller.tick`, never under
@@ -67,11 +68,12 @@ from targetvirt.errors import (
 )
 from targetvirt.pool import Pool
 from targetvirt.transport import CommandSink, FencingSink
-from targetvirt.vdisk import VDisk
+from targetvirt.vdisk import Freeze, VDisk
 
 log = logging.getLogger(__name__)
 
 FREEZE_MODES = {"nowrite": t.NOWRITE, "invalid": t.INVALID}
+_MODE_OF = {state: mode for mode, state in FREEZE_MODES.items()}
 AGENT_RECORD = "agent"
 FLATTEN_BATCH = 256
 
@@ -121,8 +123,12 @@ class Session:
 @dataclass
 class _Freeze:
     state: int
-    until: float | None = None
+    until: float | None = None  # controller clock
     copying: bool = False  # a live copy is under way: mapped entries are about to be shared
+
+    @property
+    def mode(self) -> str:
+        return _MODE_OF[self.state]
 
 
 class Controller:
@@ -165,6 +171,7 @@ class Controller:
         self._frozen: dict[str, _Freeze] = {}
         self._holds: dict[str, set[int]] = {}  # entries held NOWRITE by a migration
         self._delays: dict[str, float] = {}
+        self._unrecorded: set[str] = set()  # thawed at their timeout, the store not told yet
         self._blocked: set[str] = set()
         self.windows: deque[FreezeWindow] = deque(maxlen=4096)
         self.fenced: list[str] = []  # agent ids, in fencing order (for operators and tests)
@@ -179,6 +186,30 @@ class Controller:
         # a predecessor's agents may still write through their tables until their leases end
         grace = max(prior, lease_seconds) + lease_margin
         self._grace_until = self.clock.now() + grace if self._awaiting else -math.inf
+        self._restore_freezes()
+
+    def _restore_freezes(self) -> None:
+        """Put the users' freezes the store holds back in force (no agent has registered
+        yet: each one's fetches will carry them), each with what is left of its timeout;
+        one whose timeout ran out while no controller ran is thawed now, durably."""
+        now, wall = self.clock.now(), self.catalog.wallclock()
+        expired: dict[str, Freeze | None] = {}
+        with self.catalog.lock:
+            for v in self.catalog.vdisks.values():
+                f = v.freeze
+                if f is None:
+                    continue
+                if f.until is not None and f.until <= wall:
+                    expired[v.name] = None
+                    continue
+                until = None if f.until is None else now + (f.until - wall)
+                self._frozen[v.name] = _Freeze(FREEZE_MODES[f.mode], until)
+        if self._frozen:
+            log.warning("still frozen from before the restart: %s", ", ".join(sorted(self._frozen)))
+        if expired:
+            log.warning("thawed (their timeouts passed while no controller ran): %s",
+                        ", ".join(sorted(expired)))  # fmt: skip
+            self.catalog.set_freezes(expired)
 
     # --- agent requests ------------------------------------------------------------------
 
@@ -684,11 +715,25 @@ class Controller:
         self, names: Sequence[str], *, mode: str = "nowrite", timeout: float | None = None
     ) -> None:
         """Hold writes (``nowrite``) or every use of the table (``invalid``) until
-        :meth:`thaw`, or until ``timeout`` seconds have passed (see :meth:`tick`)."""
+        :meth:`thaw`, or until ``timeout`` seconds have passed (see :meth:`tick`).  A vdisk
+        already frozen keeps its mode and takes the new timeout.
+
+        The freeze is durable before any agent hears of it: once this returns, a
+        controller restart keeps it (:meth:`_restore_freezes`).  The timeout is counted
+        on this controller's clock and stored as a wall-clock deadline (see
+        :class:`~targetvirt.vdisk.Freeze`); a wall-clock step (NTP) moves it only for a
+        successor, by that step.
+        """
         state = _freeze_state(mode)
         with self._op:
             for name in names:
                 self.catalog.vdisk(name)
+            # (no live copy runs while we hold _op: _frozen holds user freezes only)
+            deadline = None if timeout is None else self.catalog.wallclock() + timeout
+            self.catalog.set_freezes(
+                {n: Freeze(self._frozen[n].mode if n in self._frozen else mode, deadline)
+                 for n in names}
+            )  # fmt: skip
             self._freeze_now([n for n in names if n not in self._frozen], state)
             until = None if timeout is None else self.clock.now() + timeout
             with self._state:
@@ -697,8 +742,40 @@ class Controller:
                 self._state.notify_all()
 
     def thaw(self, names: Sequence[str]) -> None:
+        """Thaw, durably first: a restart after this returns finds the vdisks thawed."""
         with self._op:
-            self._thaw_now([n for n in names if n in self._frozen], [])
+            frozen = [n for n in names if n in self._frozen]
+            self.catalog.set_freezes({n: None for n in frozen if n in self.catalog.vdisks})
+            self._thaw_now(frozen, [])
+
+    def _thaw_due(self) -> None:
+        """Thaw the freezes whose timeout passed (checked under ``_op``: a freeze may just
+        have been given a new timeout).  If the store cannot record it, they thaw all the
+        same: the deadline it holds has passed, so a restart would thaw them too."""
+        with self._op:
+            now = self.clock.now()
+            due = [n for n, f in self._frozen.items() if f.until is not None and now >= f.until]
+            try:
+                self.catalog.set_freezes({n: None for n in due if n in self.catalog.vdisks})
+            except TargetvirtError as e:
+                log.warning("thawing %s at its timeout, not yet recorded: %s", ", ".join(due), e)
+                self._unrecorded.update(due)  # tick() tries again
+            self._thaw_now(due, [])
+
+    def _record_thaws(self) -> None:
+        """Tell the store of the thaws it could not record at their timeout (unless the
+        vdisk was frozen again or deleted since)."""
+        with self._op:
+            names = [
+                n for n in sorted(self._unrecorded)
+                if n not in self._frozen and n in self.catalog.vdisks
+            ]  # fmt: skip
+            try:
+                self.catalog.set_freezes({n: None for n in names})
+            except TargetvirtError as e:
+                log.warning("the thaws of %s are still not recorded: %s", ", ".join(names), e)
+                return
+            self._unrecorded.clear()
 
     def frozen(self, name: str) -> bool:
         return name in self._frozen
@@ -717,7 +794,14 @@ class Controller:
             self._push(self._to_servers(names, lambda n: p.Unblock(0, n)))
 
     def delay(self, name: str, seconds: float) -> None:
-        """Hold all I/O to a vdisk for ``seconds``; the agents release it by themselves."""
+        """Hold all I/O to a vdisk for ``seconds``; the agents release it by themselves.
+
+        Volatile, unlike a freeze, and on purpose: a delay holds I/O for *at most* its
+        time (an agent that re-registers -- after a controller restart, say -- releases
+        it early), so losing it breaks no promise, while a freeze promises that no write
+        lands until the thaw (a consistent backup underneath relies on it).  A delay is
+        short and bounded, and making it durable would add a metadata commit to
+        something meant to be cheap."""
         with self._op:
             self.catalog.vdisk(name)
             self._delays[name] = self.clock.now() + seconds
@@ -890,9 +974,8 @@ class Controller:
     def tick(self) -> None:
         """Do what is due: thaw freezes whose timeout passed, drop expired sessions."""
         now = self.clock.now()
-        due = [n for n, f in list(self._frozen.items()) if f.until is not None and now >= f.until]
-        if due:
-            self.thaw(due)
+        if any(f.until is not None and now >= f.until for f in list(self._frozen.values())):
+            self._thaw_due()
         with self._state:
             for s in self._sessions.values():
                 if s.live and now >= s.lease_until + self.lease_margin:
@@ -900,6 +983,8 @@ class Controller:
                     self.fenced.append(s.agent_id)
             for name in [n for n, until in self._delays.items() if now >= until]:
                 del self._delays[name]
+        if self._unrecorded:
+            self._record_thaws()
         if self._crossed:
             self._announce()
 

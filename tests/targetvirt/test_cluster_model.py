@@ -4,10 +4,12 @@ Random I/O from three agents (each serving the same vdisks, as multipath gateway
 plus clones and snapshots they attach) interleaves with random controller operations:
 live snapshots, clones and consistency-group snapshots in both freeze modes, freezes
 and thaws, delays, live migration, rollback, resize, flatten, delete, controller restarts
-and agent re-registrations.  After every step, every agent's view of every vdisk it
-serves, and the controller's master copy, equal the model byte for byte; refcounts
-equal a recount.  One thread, a fake clock: a write to a frozen vdisk fails at once
-(``frozen_timeout=0``) and leaves the model unchanged.
+and agent re-registrations.  Freezes are durable: they survive a controller restart
+(the model keeps each one's deadline on the fake clock; a restart may come after some
+time down, and a freeze whose timeout ran out meanwhile is thawed).  After every step,
+every agent's view of every vdisk it serves, and the controller's master copy, equal
+the model byte for byte; refcounts equal a recount.  One thread, a fake clock: a write
+to a frozen vdisk fails at once (``frozen_timeout=0``) and leaves the model unchanged.
 """
 
 from __future__ import annotations
@@ -38,14 +40,20 @@ class ClusterMachine(RuleBasedStateMachine):
         self.c = Cluster(
             self.dir, vdisks=dict(SIZES), agents=AGENTS, frozen_timeout=0.0, containers=2,
             cow={"a": "redirect", "b": "copy"}, location=self.container_location,
+            metadata=self.metadata_location(),
         )  # fmt: skip
         self.model = Model({n: bytearray(s) for n, s in SIZES.items()})
         self.serving = {i: {"a", "b"} for i in range(AGENTS)}
-        self.frozen: set[str] = set()
+        # frozen vdisk -> when its timeout thaws it (fake clock; None: only a thaw)
+        self.frozen: dict[str, float | None] = {}
         self.counter = 0
 
     def container_location(self, i: int) -> str | None:
         """Where container ``i`` lives (None: a file in the machine's folder)."""
+        return None
+
+    def metadata_location(self) -> str | None:
+        """Where the metadata store lives (None: SQLite in the machine's folder)."""
         return None
 
     def teardown(self) -> None:
@@ -199,21 +207,28 @@ class ClusterMachine(RuleBasedStateMachine):
             self.model.disks[f"{src}@{snap}"] = bytearray(self.model.disks[src])
             self.model.readonly.add(f"{src}@{snap}")
 
-    @rule(pick=st.integers(0, 9), mode=modes, timeout=st.sampled_from([None, 5.0]))
+    @rule(pick=st.integers(0, 9), mode=modes, timeout=st.sampled_from([None, 5.0, 12.0]))
     def freeze(self, pick: int, mode: str, timeout: float | None) -> None:
         name = self._writable(pick)
         self.c.controller.freeze([name], mode=mode, timeout=timeout)
-        self.frozen.add(name)
-        if timeout is not None:
-            self._advance(6.0)
-            self.c.controller.tick()
-            self.frozen.discard(name)
+        self.frozen[name] = None if timeout is None else self.c.clock.now() + timeout
 
     @rule(pick=st.integers(0, 9))
     def thaw(self, pick: int) -> None:
         name = self._writable(pick)
         self.c.controller.thaw([name])
-        self.frozen.discard(name)
+        self.frozen.pop(name, None)
+
+    @rule(seconds=st.sampled_from([3.0, 6.0]))
+    def time_passes(self, seconds: float) -> None:
+        self._advance(seconds)
+        self.c.controller.tick()
+        self._expire()
+
+    def _expire(self) -> None:
+        now = self.c.clock.now()
+        for name in [n for n, until in self.frozen.items() if until is not None and until <= now]:
+            del self.frozen[name]
 
     @rule(pick=st.integers(0, 9), expire=st.booleans(), agent=agents)
     def delay(self, pick: int, expire: bool, agent: int) -> None:
@@ -278,17 +293,23 @@ class ClusterMachine(RuleBasedStateMachine):
         for n in [n for n in self.model.disks if n == name or n.startswith(name + "@")]:
             del self.model.disks[n]
             self.model.readonly.discard(n)
-            self.frozen.discard(n)
+            self.frozen.pop(n, None)
             for served in self.serving.values():
                 served.discard(n)
 
-    @rule()
-    def restart_controller(self) -> None:
-        self.c.restart_controller()
+    @rule(down=st.sampled_from([0.0, 6.0]))
+    def restart_controller(self, down: float) -> None:
+        # (down for less than an agent's lease: they re-register, no waiting it out)
+        self.c.restart_controller(down)
         for a in self.c.agents:
             a.renew_lease()  # session lost: registers again and rebuilds its tables
         assert self.c.controller.ready
-        self.frozen.clear()  # freezes are volatile: they do not survive a restart
+        self._expire()  # durable freezes stay, but for those whose timeout ran out
+
+    @invariant()
+    def controller_knows_the_freezes(self) -> None:
+        for name in self.model.disks:
+            assert self.c.controller.frozen(name) == (name in self.frozen), name
 
     @rule(agent=agents)
     def reregister(self, agent: int) -> None:
