@@ -2,7 +2,7 @@
 
 At start the service subscribes to the TCM-USER netlink family, then takes over the
 devices that already exist (found in sysfs: LIO may have restored them before we ran)
-with the block / reset-ring / reopen sequence, so nothing left in a ring from a previous
+with the open / block / reset-ring / map sequence, so nothing left in a ring from a previous
 handler is replayed, and with the mode state (write cache...) that initiators set before
 the restart (tcmu_handler/modestate.py).  Then it follows ADDED / REMOVED / RECONFIG
 events, answering each with the DONE message that matches it.  One device failing to
