@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from targetvirt.clock import FakeClock
 from targetvirt.errors import AluaConfigError
-from tcmu_handler import alua
+from tcmu_handler import alua, netlink, service, uio
 from tcmu_handler.scsi import LunState, RamBackend, handle
 from tcmu_handler.scsi import alua as model
 from tests.fuzzing import fuzz_settings, one_line
@@ -383,3 +383,38 @@ def test_configfs_to_the_wire(tree: Tree) -> None:
     data = run(lun, "a30a00000000000001000000")
     assert (data[4], data[16]) == (0x80 | model.ACTIVE_NON_OPTIMIZED, model.ACTIVE_OPTIMIZED)
     assert struct.unpack(">H", data[18:20])[0] == 2
+
+
+# --- wiring: every LUN the service serves reads its own device's groups ---------------------
+
+
+def test_the_service_gives_each_lun_its_devices_groups(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    sysfs, configfs = tmp_path / "sys", tmp_path / "cfg"
+    put(sysfs / "uio0" / "name", f"tcm-user/{HBA}/{NAME}/targetvirt/db\n")
+    put(sysfs / "uio0" / "maps" / "map0" / "size", "0x0000000040800000\n")
+    Tree(configfs).two_gateways()
+    info = (
+        "Status: DEACTIVATED  Max Queue Depth: 0  SectorSize: 512  HwMaxSectors: 128\n"
+        "        Config: targetvirt/db Size: 4096 MaxDataAreaMB: 1024 DataPagesPerBlk: 1\n"
+    )
+    put(configfs / "target" / "core" / f"user_{HBA}" / NAME / "info", info)
+    opened: list[LunState] = []
+
+    def open_lun(cfg: object, info: object) -> tuple[RamBackend, LunState]:
+        opened.append(LunState(num_blocks=8))
+        return RamBackend(4096, 512), opened[-1]
+
+    def no_ring(*args: object, **kw: object) -> None:
+        raise OSError(5, "stop before the ring: the LUN is what is looked at")
+
+    monkeypatch.setattr(uio, "attach", no_ring)
+    tcmu = service.TcmuService(open_lun, sysfs_root=sysfs, configfs_root=configfs)  # type: ignore[arg-type]
+    added = netlink.DeviceEvent(
+        netlink.TcmuCmd.ADDED_DEVICE, f"tcm-user/{HBA}/{NAME}/targetvirt/db", 0, 7
+    )
+    tcmu._answer(added)
+    (lun,) = opened
+    assert isinstance(lun.alua, alua.ConfigfsAlua)
+    assert lun.alua_config(fresh=True).tpgs == model.TPGS_IMPLICIT
