@@ -128,6 +128,16 @@ def test_a_new_device_has_no_alua(tree: Tree) -> None:
     assert tree.read() == model.NO_ALUA  # only default_tg_pt_gp
 
 
+def test_a_single_gateway_lun_costs_one_listdir(
+    tree: Tree, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_reads(path: Path) -> str:
+        raise AssertionError(f"{path} read for a LUN with only the default group")
+
+    monkeypatch.setattr(alua, "_read", no_reads)
+    assert tree.read() == model.NO_ALUA
+
+
 def test_no_alua_folder_is_no_alua(tmp_path: Path) -> None:
     assert alua.read_alua(tmp_path / "gone", tmp_path) == model.NO_ALUA
 
