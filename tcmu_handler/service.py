@@ -28,7 +28,7 @@ from pathlib import Path
 
 from targetvirt.clock import Clock, MonotonicClock
 from targetvirt.errors import TargetvirtError
-from tcmu_handler import config, netlink, uio
+from tcmu_handler import alua, config, netlink, uio
 from tcmu_handler.device import Device
 from tcmu_handler.modestate import ModeStore
 from tcmu_handler.ring import ResetMode
@@ -168,6 +168,7 @@ class TcmuService:
             cfg = config.parse(dev.name.dev_config or "")
             info = read_info(dev.name, self.configfs_root)
             backend, lun = self.open_lun(cfg, info)
+            alua.attach(lun, self.configfs_root, dev.name.hba, dev.name.dev_name)
             handle, ring = uio.attach(
                 dev, reset=reset, configfs_root=self.configfs_root, dev_root=self.dev_root
             )
