@@ -834,8 +834,8 @@ class AgentVDisk:
                 if whole:
                     self._frozen_all = False
                 elif self._frozen_all:
-                    # lifted in pieces (a COMPARE AND WRITE hold stays): spell the freeze
-                    # out so that the rest stays frozen... until the pieces clear it
+                    # a thaw in pieces (around a COMPARE AND WRITE hold): turn the
+                    # flag into bits, so that each piece lifts its own range only
                     self._spell_out()
                 if self._nowrite_marks:
                     view &= np.uint64(~t.NOWRITE_BIT & (2**64 - 1))

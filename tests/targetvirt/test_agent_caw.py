@@ -25,7 +25,7 @@ MARK = b"CAW!"  # a COMPARE AND WRITE's data starts with it: the pause below cat
 @pytest.fixture
 def cluster(tmp_path: Path) -> Iterator[Cluster]:
     """Three agents serving ``v`` (files: the pause patches FileContainer.writev)."""
-    c = Cluster(str(tmp_path), vdisks={"v": 4 * SEG})
+    c = Cluster(str(tmp_path), vdisks={"v": 4 * SEG}, containers=2)  # (2: room to migrate)
     for i in range(4):
         write(c.vd(0), i * SEG, bytes([48 + i]) * SEG)  # allocated: no faults below
     yield c
@@ -176,3 +176,27 @@ def test_a_newcomer_cannot_write_while_a_local_caw_runs(
     newcomer = joining.result()
     write(newcomer, 4, b"new")
     assert read(alone, 0, 16) == MARK + b"new" + b"K" * 9
+
+
+def test_a_thaw_or_a_migration_during_a_caw_keeps_its_hold(cluster: Cluster) -> None:
+    """Between the grant and the compare, a freeze and its thaw (lifted around the hold,
+    on the agents' whole-table freeze flag) and a migration of the held segment (its
+    updates annotated per agent): the others stay held on that segment only."""
+    vd = cluster.vd(0)
+    real = vd._caw_locally
+    seen: list[Background] = []
+
+    def racing(o: int, v: memoryview, w: memoryview, until: float | None) -> int | None:
+        cluster.controller.freeze(["v"])
+        cluster.controller.thaw(["v"])
+        cluster.controller.migrate("v", 0)
+        seen.append(Background(lambda: write(cluster.vd(1), 8, b"late")))
+        assert seen[0].still_running()
+        write(cluster.vd(2), 2 * SEG, b"thawed")  # the rest of the vdisk is thawed
+        return real(o, v, w, until)
+
+    vd._caw_locally = racing  # type: ignore[method-assign]
+    assert caw(vd, 0, b"0" * 16, b"W" * 16) is None
+    seen[0].result()
+    assert read(cluster.vd(2), 0, 16) == b"W" * 8 + b"late" + b"W" * 4
+    assert read(cluster.vd(1), 2 * SEG, 6) == b"thawed"
