@@ -69,7 +69,10 @@ _SERVER_OPTIONS = [*_OPTIONS, ("grpc.http2.min_ping_interval_without_data_ms", 5
 _REPLIES = (
     p.Registered, p.VDiskInfo, p.TableRange, p.FaultReply, p.LeaseGrant, p.Done, p.Refused,
 )  # fmt: skip
-_REQUESTS = (p.Register, p.Attach, p.Detach, p.Fetch, p.Fault, p.Unmap, p.Flush, p.LeaseRenew)
+_REQUESTS: tuple[type[p.Request], ...] = (
+    p.Register, p.Attach, p.Detach, p.Fetch, p.Fault, p.Unmap, p.Flush, p.LeaseRenew,
+    p.Exclusive, p.EndExclusive,
+)  # fmt: skip
 
 
 # --- controller side -------------------------------------------------------------------

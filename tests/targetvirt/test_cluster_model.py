@@ -14,6 +14,7 @@ to a frozen vdisk fails at once (``frozen_timeout=0``) and leaves the model unch
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -22,6 +23,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from targetvirt import table as t
 from targetvirt.errors import FrozenTimeout, PoolFull
 from tests.targetvirt.cluster import Cluster, read
 from tests.targetvirt.engine_model import SEG, Model, check_contents, check_refcounts, data_for
@@ -143,7 +145,9 @@ class ClusterMachine(RuleBasedStateMachine):
                 offset, memoryview(verify), memoryview(data)
             )
         except FrozenTimeout:
-            assert name in self.frozen and match
+            # admitted as a write before it compares (the compare is under the write's
+            # hold), so a frozen vdisk fails it whether or not it would have matched
+            assert name in self.frozen
             return
         except PoolFull:
             return
@@ -152,6 +156,96 @@ class ClusterMachine(RuleBasedStateMachine):
             self.model.write(name, offset, data)
         else:
             assert got == seed % length
+
+    @rule(agent=agents, other=agents, pick=st.integers(0, 9), where=fractions,
+          length=st.integers(1, 4096), match=st.booleans(), seed=st.integers(0, 2**32),
+          wwhere=fractions, wlength=st.integers(1, 2 * SEG),
+          op=st.sampled_from(["none", "freeze", "snapshot", "migrate", "time"]))  # fmt: skip
+    def caw_races(
+        self, agent: int, other: int, pick: int, where: float, length: int, match: bool,
+        seed: int, wwhere: float, wlength: int, op: str,
+    ) -> None:  # fmt: skip
+        """Between the controller's Exclusive grant and the compare, a controller command
+        and then another agent's write: the write must wait (here: fail at once, with
+        ``frozen_timeout=0``) if it touches the CAW's segments, and the CAW compares
+        against the data after whatever did get through."""
+        name = self._served(agent, pick)
+        if name is None:
+            return
+        offset, length = self._span(name, where, length)
+        verify = bytearray(self.model.disks[name][offset : offset + length])
+        if not match:
+            verify[seed % length] ^= 0xFF
+        data = data_for(seed, length)
+        vd = self.c.vd(agent, name)
+        real = vd._caw_locally
+        held: list[bool] = []
+
+        def racing(o: int, v: memoryview, w: memoryview, until: float | None) -> int | None:
+            if until is not None:  # not alone: the others are held
+                self._race(
+                    name, op, (agent, other), (wwhere, wlength), vd.segment_size, (offset, length)
+                )
+                held.append(True)
+            return real(o, v, w, until)
+
+        vd._caw_locally = racing  # type: ignore[method-assign]
+        try:
+            got = vd.compare_and_write(offset, memoryview(verify), memoryview(data))
+        except FrozenTimeout:
+            assert name in self.frozen
+            return
+        except PoolFull:
+            return
+        finally:
+            del vd._caw_locally
+        assert held or not any(name in self.serving[i] for i in range(AGENTS) if i != agent)
+        current = self.model.disks[name][offset : offset + length]
+        if current == verify:
+            assert got is None
+            self.model.write(name, offset, data)
+        else:
+            assert got == next(i for i in range(length) if current[i] != verify[i])
+
+    def _race(
+        self, name: str, op: str, agents: tuple[int, int], write: tuple[float, int], seg: int,
+        span: tuple[int, int],
+    ) -> None:  # fmt: skip
+        """The controller command, then the other agent's write (see caw_races)."""
+        (agent, other), (wwhere, wlength), (offset, length) = agents, write, span
+        if op == "freeze" and name not in self.frozen:
+            self.c.controller.freeze([name])
+            self.c.controller.thaw([name])  # lifts everything but the CAW's hold
+        elif op == "snapshot":
+            snap = self._fresh("r")
+            with contextlib.suppress(PoolFull):
+                self.c.controller.snapshot(name, snap)
+                self.model.disks[f"{name}@{snap}"] = bytearray(self.model.disks[name])
+                self.model.readonly.add(f"{name}@{snap}")
+        elif op == "migrate":
+            index = offset // seg
+            v = self.c.catalog.vdisk(name)
+            if v.table[index] & t.MAPPED:
+                with contextlib.suppress(PoolFull):
+                    self.c.controller.migrate(name, index)
+        elif op == "time":
+            self.time_passes(3.0)  # (its hold lasts the lease: 10 s)
+        if name not in self.serving[other]:
+            return
+        woff, wlen = self._span(name, wwhere, wlength)
+        data = data_for(wlen, wlen)
+        overlaps = woff // seg <= (offset + length - 1) // seg
+        overlaps = overlaps and offset // seg <= (woff + wlen - 1) // seg
+        held = overlaps and other != agent  # its own writes go on until its local hold
+        try:
+            self.c.vd(other, name).write_from(woff, [memoryview(data)], False)
+        except FrozenTimeout:
+            assert name in self.frozen or held
+            return
+        except PoolFull:
+            return
+        assert name not in self.frozen and not held
+        self.model.write(name, woff, data)
 
     @rule(agent=agents)
     def flush(self, agent: int) -> None:
