@@ -117,6 +117,10 @@ def _nbytes(bufs: Sequence[memoryview]) -> int:
     return sum(memoryview(b).nbytes for b in bufs)
 
 
+class _NotAlone(Exception):
+    """A COMPARE AND WRITE that started alone is no longer: start again, with the controller."""
+
+
 class Lease:
     """Until when (agent clock) this agent may admit writes."""
 
@@ -187,6 +191,7 @@ class AgentVDisk:
         self._blocked = False
         self._delay_until: float | None = None
         self._caw = 0
+        self._solo = False  # the controller said no other agent may write this vdisk
         self._dropped = False
         self._frozen_all = False  # NOWRITE on every entry, held as one flag
         self._shared_all = False  # SHARED on every mapped entry, held as one flag
@@ -405,31 +410,87 @@ class AgentVDisk:
             self._finish(grant)
 
     def compare_and_write(self, offset: int, verify: memoryview, write: memoryview) -> int | None:
-        """Atomically (against every other write through this agent to this vdisk): if the
-        bytes at ``offset`` equal ``verify``, write ``write``.  Returns None when written,
-        else the offset of the first differing byte.
+        """Atomically (against every write to those bytes, through any agent): if the bytes
+        at ``offset`` equal ``verify``, write ``write``.  Returns None when written, else
+        the offset of the first differing byte.
 
-        Writes through other agents are not serialised with it (ATS across gateways needs
-        a controller-side lock; not done here).
+        Alone on the vdisk (the controller's Solo), the local hold suffices.  Otherwise the
+        controller holds every other agent's writes to the segments covered (Exclusive)
+        for the compare and the write.  Why an agent that joins while a local one runs
+        cannot write mid-way: the controller tells the agent writing alone Solo(False)
+        before the newcomer's Register or Attach returns (so before it can fetch a single
+        entry), and that command is acknowledged only after a drain, which waits for the
+        COMPARE AND WRITE in flight (its read, compare and write happen inside one
+        admitted write, and it finds out it is no longer alone under the lock once
+        admitted: then it starts again with the controller).
         """
         if self.readonly:
             raise ReadOnly(f"{self.name} is a snapshot and cannot be written")
         n = memoryview(verify).nbytes
         if memoryview(write).nbytes != n:
             raise InvalidArgument("COMPARE AND WRITE needs verify and write data of one length")
+        if not n:
+            return None
+        self._check_range(offset, n)
         with self._caw_lock:
-            self._change(0, 0, self._hold_writes, drain=True, log=False)
+            while True:
+                if self._solo:
+                    with contextlib.suppress(_NotAlone):
+                        return self._caw_locally(offset, verify, write, None)
+                    continue
+                return self._caw_exclusive(offset, verify, write)
+
+    def _caw_exclusive(self, offset: int, verify: memoryview, write: memoryview) -> int | None:
+        aid, name = self.agent.agent_id, self.name
+        lo, hi = offset >> self._shift, ((offset + len(verify) - 1) >> self._shift) + 1
+        sent = self._now()
+        grant = self._request(lambda s: p.Exclusive(aid, s, name, lo, hi - lo), p.LeaseGrant)
+        try:
+            return self._caw_locally(offset, verify, write, sent + grant.seconds)
+        finally:
+            # Best effort: if it is lost, the hold runs out by itself at the controller
+            # (its lease), and a later Exclusive of this agent replaces it.
+            with contextlib.suppress(TargetvirtError):
+                self._request(lambda s: p.EndExclusive(aid, s, name), p.Done)
+
+    def _caw_locally(
+        self, offset: int, verify: memoryview, write: memoryview, until: float | None
+    ) -> int | None:
+        """Compare and write under the local hold (no other write of this agent runs).
+        ``until``: the end of the controller's exclusive hold (None: alone, which must
+        still hold once the write is admitted, else :class:`_NotAlone`)."""
+        self._change(0, 0, self._hold_writes, drain=True, log=False)
+        try:
+            # Admitted as a write first (faults done, counted in flight), then read,
+            # compared and written through that one grant: a drain (Solo(False), a hold)
+            # waits for all three and never for the controller.
+            grant = self._admit(offset, len(verify), CAW_WRITE)
             try:
-                current = bytearray(n)
-                self._read_slow(offset, [memoryview(current)])
+                with self._lock:
+                    if until is None and not self._solo:
+                        raise _NotAlone
+                    if until is not None and self._now() >= until:
+                        raise LeaseExpired(
+                            f"the exclusive hold for a COMPARE AND WRITE to {self.name} ran out"
+                        )
+                current = bytearray(len(verify))
+                parts = Cursor([memoryview(current)])
+                for c, coff, k in grant.extents:
+                    assert c is not None
+                    c.readv(parts.take(k), coff)
                 if current != verify:
                     a = np.frombuffer(current, dtype=np.uint8)
                     b = np.frombuffer(verify, dtype=np.uint8)
                     return int(np.flatnonzero(a != b)[0])
-                self._write_slow(offset, [memoryview(write)], False, CAW_WRITE)
+                parts = Cursor([memoryview(write)])
+                for c, coff, k in grant.extents:
+                    assert c is not None
+                    c.writev(parts.take(k), coff)
                 return None
             finally:
-                self._change(0, 0, self._release_writes, drain=False, log=False)
+                self._release(grant)
+        finally:
+            self._change(0, 0, self._release_writes, drain=False, log=False)
 
     def _hold_writes(self) -> None:
         self._caw += 1
@@ -522,7 +583,7 @@ class AgentVDisk:
                         else:
                             if mode != READ:
                                 self._check_lease()
-                            need = self._resolve(offset, length, mode != READ)
+                            need = self._resolve(offset, length, mode)
                         if isinstance(need, list):
                             grant.parity = self._gen & 1
                             self._active[grant.parity] += 1
@@ -584,9 +645,14 @@ class AgentVDisk:
                 "are refused"
             )
 
-    def _resolve(self, offset: int, length: int, write: bool) -> list[Extent] | _Need:
-        """Under the lock: the extents of the range, or the first reason it cannot go yet."""
+    def _resolve(self, offset: int, length: int, mode: int) -> list[Extent] | _Need:
+        """Under the lock: the extents of the range, or the first reason it cannot go yet.
+
+        A COMPARE AND WRITE's segments are never faulted as ``covered`` (zeroed, not
+        copied): it may miscompare and write nothing.
+        """
         self._check_range(offset, length)
+        write = mode != READ
         entries, shift, mask, seg = self._entries, self._shift, self._mask, self._segment_size
         out: list[Extent] = []
         while length:
@@ -602,7 +668,9 @@ class AgentVDisk:
                     return _Need(_WAIT, index)
                 if e & (t.MAPPED | t.SHARED) != t.MAPPED or self._shared_all:
                     last = (offset + length - 1) >> shift
-                    covered = n == seg and self._ready_to_write(index + 1, last + 1)
+                    covered = (
+                        mode == WRITE and n == seg and self._ready_to_write(index + 1, last + 1)
+                    )
                     return _Need(_FAULT, index, covered=covered)
             if e & t.MAPPED:
                 c = self._containers.get(t.cid_of(e))
@@ -733,6 +801,11 @@ class AgentVDisk:
             self._change(0, _ALL, functools.partial(setattr, self, "_dropped", True), drain=True)
         elif isinstance(cmd, p.Resize):
             self._change(0, _ALL, functools.partial(self._resize, cmd.size), drain=True)
+        elif isinstance(cmd, p.Solo):
+            # no longer alone: drain, so that a COMPARE AND WRITE admitted alone finishes
+            # before the ack lets another agent in
+            solo = functools.partial(setattr, self, "_solo", cmd.alone)
+            self._change(0, 0, solo, drain=not cmd.alone, log=False)
         elif isinstance(cmd, p.SoftThreshold):
             for listener in list(self.soft_threshold_listeners):
                 listener()
@@ -785,6 +858,10 @@ class AgentVDisk:
             else:
                 if whole:
                     self._frozen_all = False
+                elif self._frozen_all:
+                    # a thaw in pieces (around a COMPARE AND WRITE hold): turn the
+                    # flag into bits, so that each piece lifts its own range only
+                    self._spell_out()
                 if self._nowrite_marks:
                     view &= np.uint64(~t.NOWRITE_BIT & (2**64 - 1))
                     self._nowrite_marks = not whole
@@ -857,6 +934,7 @@ class AgentVDisk:
 
         def suspend() -> None:
             self._suspended, self._blocked, self._delay_until = True, False, None
+            self._solo = False  # the new session says again whether it writes alone
             self._frozen_all = False  # the new session's fetches carry any freeze
             self._shared_all = False  # ... and the sharing
 

@@ -24,7 +24,7 @@ import re
 import threading
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +57,7 @@ from targetvirt.vdisk import (
     KIND_VDISK,
     CowMode,
     Family,
+    Freeze,
     VDisk,
     check_size,
 )
@@ -283,7 +284,18 @@ class Catalog:
             parent=body["parent"], size=body["size"], cow=body["cow"],
             created=body["created"], table=table, hashes=hashes,
         )  # fmt: skip
+        vdisk.freeze = self._load_freeze(body)
         self._register(vdisk)
+
+    @staticmethod
+    def _load_freeze(body: dict[str, Any]) -> Freeze | None:
+        """A vdisk's freeze as stored; damage is named, never read as "not frozen"."""
+        if "freeze" not in body:
+            return None
+        try:
+            return Freeze.from_record(body["freeze"])
+        except InvalidArgument as e:
+            raise StoreCorrupt(f"the freeze of vdisk {body['name']} is damaged: {e}") from None
 
     def _family(self, fid: int) -> Family:
         return self._families.setdefault(fid, Family(fid))
@@ -346,6 +358,23 @@ class Catalog:
         total = pool.total_segments() * pool.segment_size
         free = pool.free_segments() * pool.segment_size
         return PoolUsage(pool.name, pool.segment_size, total, total - free, free)
+
+    # --- users' freezes (the controller applies them) ------------------------------------
+
+    def set_freezes(self, freezes: Mapping[str, Freeze | None]) -> None:
+        """Record (``None``: clear) the freezes of vdisks, durably, in one commit: all of
+        them or, if the commit fails, none (and nothing is left staged for a later one)."""
+        with self.lock:
+            vdisks = [(self.vdisk(name), freeze) for name, freeze in freezes.items()]
+            before = [(v, v.freeze) for v, _ in vdisks]
+            for v, freeze in vdisks:
+                v.freeze, v.record_dirty = freeze, True
+            try:
+                self.commit()
+            except BaseException:
+                for v, freeze in before:
+                    v.freeze = freeze  # the retried record carries the old freeze again
+                raise
 
     # --- other components' records ----------------------------------------------------
 

@@ -8,7 +8,8 @@ tables trustworthy:
 * a segment is mapped at one index only, by tables of one family (sharing only ever
   comes from copying tables), so no vdisk can see another vdisk's data;
 
-and looks for *leaks*: free segments that still occupy space (data of sparse files,
+lists the vdisks a user froze (a controller started on the store keeps them frozen), and
+looks for *leaks*: free segments that still occupy space (data of sparse files,
 objects of RADOS containers), left behind when a crash lost an allocation that was
 never committed.  Repair mode gives that space back; it never touches a segment that any
 table maps.
@@ -22,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -42,6 +44,7 @@ class Report:
     reclaimed_segments: int = 0
     checked_vdisks: int = 0
     checked_entries: int = 0
+    frozen: list[str] = field(default_factory=list)  # "name (mode, until when)"
 
     @property
     def clean(self) -> bool:
@@ -49,6 +52,7 @@ class Report:
 
     def lines(self) -> list[str]:
         out = [f"checked {self.checked_vdisks} vdisks, {self.checked_entries} mapped entries"]
+        out += [f"frozen: {f}" for f in self.frozen]
         out += [f"DAMAGE: {d}" for d in self.damage]
         if self.leaked_segments:
             out.append(
@@ -67,6 +71,7 @@ def check(catalog: Catalog, *, repair: bool = False) -> Report:
             owners: dict[int, tuple[int, int, str]] = {}
             for v in (v for v in catalog.vdisks.values() if v.pool is pool):
                 report.checked_vdisks += 1
+                _note_freeze(report, v)
                 for index, entry in v.table.iter_mapped():
                     report.checked_entries += 1
                     _check_entry(report, v, index, entry, owners)
@@ -80,6 +85,17 @@ def check(catalog: Catalog, *, repair: bool = False) -> Report:
                 if repair:
                     c.sync()  # discards may be asynchronous (RADOS)
     return report
+
+
+def _note_freeze(report: Report, v: VDisk) -> None:
+    f = v.freeze
+    if f is not None:
+        until = (
+            "until thawed"
+            if f.until is None
+            else "until " + time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(f.until))
+        )
+        report.frozen.append(f"{v.name} ({f.mode}, {until})")
 
 
 def _check_entry(

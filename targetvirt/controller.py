@@ -21,8 +21,9 @@ master tables) and keeps the agents' volatile copies coherent with it:
 * live snapshot / clone / consistency group: freeze (NOWRITE or INVALID, the caller's
   choice) in every agent serving a source and wait for the drain, copy the tables
   durably, push ``MarkShared`` and the thaw together, and record the freeze window;
-* user freeze/thaw (with an optional timeout, run by :meth:`Controller.tick`), delay and
-  cancel, block and unblock, and rollback / resize / delete / flatten / migrate /
+* user freeze/thaw (with an optional timeout, run by :meth:`Controller.tick`), durable:
+  a restarted controller (or a standby taking over) keeps them in force; delay and
+  cancel, block and unblock (volatile), and rollback / resize / delete / flatten / migrate /
   evacuate performed live;
 * a pool reaching its soft threshold: ``SoftThreshold`` to every agent serving a vdisk of
   it (pushed after the fault that allocated, or by :meth:`Controller.tick`, never under
@@ -67,11 +68,12 @@ from targetvirt.errors import (
 )
 from targetvirt.pool import Pool
 from targetvirt.transport import CommandSink, FencingSink
-from targetvirt.vdisk import VDisk
+from targetvirt.vdisk import Freeze, VDisk
 
 log = logging.getLogger(__name__)
 
 FREEZE_MODES = {"nowrite": t.NOWRITE, "invalid": t.INVALID}
+_MODE_OF = {state: mode for mode, state in FREEZE_MODES.items()}
 AGENT_RECORD = "agent"
 FLATTEN_BATCH = 256
 
@@ -108,6 +110,7 @@ class Session:
     backlog: list[p.Command] = field(default_factory=list)
     acks: dict[int, p.Ack] = field(default_factory=dict)
     attached: set[str] = field(default_factory=set)  # vdisks whose blocks/delays it got
+    solo: set[str] = field(default_factory=set)  # vdisks it was told it writes alone
     next_seq: int = 1
     fenced: bool = False  # refused from now on; its lease runs out
     gone: bool = False  # the agent registered again (it quiesced first)
@@ -119,10 +122,23 @@ class Session:
 
 
 @dataclass
+class _Exclusion:
+    """One agent's COMPARE AND WRITE hold on entries ``[lo, hi)`` of a vdisk."""
+
+    lo: int
+    hi: int
+    until: float  # controller clock: dropped then, whatever the holder does
+
+
+@dataclass
 class _Freeze:
     state: int
-    until: float | None = None
+    until: float | None = None  # controller clock
     copying: bool = False  # a live copy is under way: mapped entries are about to be shared
+
+    @property
+    def mode(self) -> str:
+        return _MODE_OF[self.state]
 
 
 class Controller:
@@ -164,7 +180,10 @@ class Controller:
         self._by_agent: dict[str, Session] = {}
         self._frozen: dict[str, _Freeze] = {}
         self._holds: dict[str, set[int]] = {}  # entries held NOWRITE by a migration
+        # vdisk -> session -> its COMPARE AND WRITE hold (NOWRITE in every other agent)
+        self._exclusions: dict[str, dict[int, _Exclusion]] = {}
         self._delays: dict[str, float] = {}
+        self._unrecorded: set[str] = set()  # thawed at their timeout, the store not told yet
         self._blocked: set[str] = set()
         self.windows: deque[FreezeWindow] = deque(maxlen=4096)
         self.fenced: list[str] = []  # agent ids, in fencing order (for operators and tests)
@@ -179,6 +198,30 @@ class Controller:
         # a predecessor's agents may still write through their tables until their leases end
         grace = max(prior, lease_seconds) + lease_margin
         self._grace_until = self.clock.now() + grace if self._awaiting else -math.inf
+        self._restore_freezes()
+
+    def _restore_freezes(self) -> None:
+        """Put the users' freezes the store holds back in force (no agent has registered
+        yet: each one's fetches will carry them), each with what is left of its timeout;
+        one whose timeout ran out while no controller ran is thawed now, durably."""
+        now, wall = self.clock.now(), self.catalog.wallclock()
+        expired: dict[str, Freeze | None] = {}
+        with self.catalog.lock:
+            for v in self.catalog.vdisks.values():
+                f = v.freeze
+                if f is None:
+                    continue
+                if f.until is not None and f.until <= wall:
+                    expired[v.name] = None
+                    continue
+                until = None if f.until is None else now + (f.until - wall)
+                self._frozen[v.name] = _Freeze(FREEZE_MODES[f.mode], until)
+        if self._frozen:
+            log.warning("still frozen from before the restart: %s", ", ".join(sorted(self._frozen)))
+        if expired:
+            log.warning("thawed (their timeouts passed while no controller ran): %s",
+                        ", ".join(sorted(expired)))  # fmt: skip
+            self.catalog.set_freezes(expired)
 
     # --- agent requests ------------------------------------------------------------------
 
@@ -239,6 +282,10 @@ class Controller:
             return self._detach(r)
         if isinstance(r, p.ContainerFailure):
             return self._container_failure(r)
+        if isinstance(r, p.Exclusive):
+            return self._exclusive(r)
+        if isinstance(r, p.EndExclusive):
+            return self._end_exclusive(r)
         raise ProtocolError(f"{type(r).__name__} is not a request the controller answers")
 
     def _session(self, agent_id: str, sid: int) -> Session:
@@ -266,6 +313,10 @@ class Controller:
         with self._op:
             vdisks = {v for v in r.vdisks if v in self.catalog.vdisks}
             s = Session(secrets.randbits(63) | 1, r.agent_id, r.host, vdisks, 0.0)
+            # Before the newcomer exists (it can fetch nothing, write nothing), any agent
+            # that was writing these vdisks alone gives that up and finishes its local
+            # COMPARE AND WRITE (the drain of Solo(False)).
+            self._push([pair for n in sorted(vdisks) for pair in self._solo(n, s, tell=False)])
             with self._state:
                 s.lease_until = self.clock.now() + self.lease_seconds
                 self._sessions[s.sid] = s
@@ -308,6 +359,8 @@ class Controller:
         s = self._session(r.agent_id, r.session)
         with self._op:
             v = self.catalog.vdisk(r.vdisk)
+            # as in _register: the others stop writing alone before this one may fetch
+            self._push(self._solo(r.vdisk, s))
             with self._state:
                 s.vdisks.add(r.vdisk)
                 first = r.vdisk not in s.attached
@@ -328,9 +381,13 @@ class Controller:
 
     def _detach(self, r: p.Detach) -> p.Done:
         s = self._session(r.agent_id, r.session)
-        with self._op, self._state:
-            s.vdisks.discard(r.vdisk)
-            s.attached.discard(r.vdisk)
+        with self._op:
+            with self._state:
+                s.vdisks.discard(r.vdisk)
+                s.attached.discard(r.vdisk)
+                s.solo.discard(r.vdisk)
+            # the agent drained and dropped the vdisk before detaching: one left may be alone
+            self._push(self._solo(r.vdisk, None))
         return p.Done()
 
     def _container_failure(self, r: p.ContainerFailure) -> p.Done:
@@ -378,7 +435,7 @@ class Controller:
             n = len(v.table)
             if r.start > n:
                 raise InvalidArgument(f"{r.vdisk} has {n} entries; cannot fetch from {r.start}")
-            return p.TableRange(r.vdisk, r.start, self._annotate(v, r.start, r.count))
+            return p.TableRange(r.vdisk, r.start, self._annotate(v, r.start, r.count, s.sid))
 
     def _fault(self, r: p.Fault) -> p.FaultReply:
         self._wait_ready()
@@ -390,13 +447,13 @@ class Controller:
                 raise ReadOnly(f"{v.name} is a snapshot and cannot be written")
             if not 0 <= r.index < len(v.table):
                 raise InvalidArgument(f"{v.name} has no entry {r.index}")
-            if not self._writable(v.name, r.index):
+            if not self._writable(v.name, r.index, s.sid):
                 # frozen or held: change nothing; the agent waits on the NOWRITE it gets
-                return p.FaultReply(v.name, r.index, self._annotate_one(v, r.index))
+                return p.FaultReply(v.name, r.index, self._annotate_one(v, r.index, s.sid))
             with self._recording(v.family.members) as changed:
                 self.catalog.fault(v, r.index, r.covered)
             self._push(self._coherence(changed, skip=(s.sid, v.name)))
-            return p.FaultReply(v.name, r.index, self._annotate_one(v, r.index))
+            return p.FaultReply(v.name, r.index, self._annotate_one(v, r.index, s.sid))
 
     def _unmap(self, r: p.Unmap) -> p.TableRange:
         self._wait_ready()
@@ -409,12 +466,169 @@ class Controller:
             end = r.start + r.count
             if end > len(v.table):
                 raise InvalidArgument(f"{v.name} has {len(v.table)} entries; cannot unmap to {end}")
-            if all(self._writable(v.name, i) for i in (r.start, end - 1)):
+            held = any(a < end and r.start < b for a, b in self._excluded(v.name, s.sid))
+            if not held and all(self._writable(v.name, i) for i in (r.start, end - 1)):
                 with self._recording(v.family.members) as changed:
                     self.catalog.drop_entries(v, range(r.start, end))
                 # the requester too: its own in-flight I/O on freed segments must drain
                 self._push(self._coherence(changed, skip=None))
-            return p.TableRange(v.name, r.start, self._annotate(v, r.start, r.count))
+            return p.TableRange(v.name, r.start, self._annotate(v, r.start, r.count, s.sid))
+
+    # --- COMPARE AND WRITE across agents -------------------------------------------------
+    #
+    # A COMPARE AND WRITE (VMFS's ATS) must be atomic against every write to its blocks
+    # through any gateway.  An agent alone on a vdisk needs nobody else: its local lock
+    # does it (Solo).  Otherwise it asks for an Exclusive hold on the segments it covers:
+    # NOWRITE on them in every other agent, drained, like a migration's hold; it compares
+    # and writes under its local lock, then ends the hold.  The hold is a lease: it lasts
+    # at most lease_seconds (the agent counts from when it asked, so it stops first), so a
+    # holder that dies, is fenced or loses its EndExclusive cannot hold the others for
+    # longer; re-registering (after quiescing) ends it at once.
+
+    def _solo(
+        self, name: str, joining: Session | None, *, tell: bool = True
+    ) -> list[tuple[Session, p.Command]]:
+        """The Solo commands that make the servers of ``name`` (and ``joining``) know
+        whether they write it alone.  Alone needs one server, no fenced session whose
+        lease may still run, and no predecessor's agent that may still write (``ready``).
+        ``tell=False``: nothing for ``joining`` (its stream is not open yet; it starts not
+        alone anyway).  Recorded as sent: a lost Solo(True) costs round trips, never
+        safety; a Solo(False) not acknowledged fences the agent as any command does."""
+        now = self.clock.now()
+        with self._state:
+            servers = [s for s in self._sessions.values() if s.live and name in s.vdisks]
+            if joining is not None and joining not in servers:
+                servers.append(joining)
+            lingering = any(
+                not s.live and not s.gone and name in s.vdisks
+                and now < s.lease_until + self.lease_margin
+                for s in self._sessions.values()
+            )  # fmt: skip
+            ready = not self._awaiting or now >= self._grace_until
+            alone = len(servers) == 1 and not lingering and ready
+            pairs: list[tuple[Session, p.Command]] = []
+            for s in servers:
+                if (name in s.solo) == alone or (s is joining and not tell):
+                    continue
+                if alone:
+                    s.solo.add(name)
+                else:
+                    s.solo.discard(name)
+                pairs.append((s, p.Solo(0, name, alone)))
+            return pairs
+
+    def _exclusive(self, r: p.Exclusive) -> p.LeaseGrant:
+        # a predecessor's agents cannot be held: wait until none may still write
+        self._wait_ready()
+        lo, hi = r.start, r.start + r.count
+        while True:
+            with self._op:
+                s = self._session(r.agent_id, r.session)
+                self._serving(s, r.vdisk)
+                v = self.catalog.vdisk(r.vdisk)
+                if v.readonly:
+                    raise ReadOnly(f"{v.name} is a snapshot and cannot be written")
+                if hi > len(v.table):
+                    raise InvalidArgument(f"{v.name} has {len(v.table)} entries; not {hi}")
+                self._expire_exclusions()
+                with self._state:
+                    held = self._exclusions.setdefault(v.name, {})
+                    rival = self._rival(v.name, lo, hi, s.sid)
+                    if rival is None:
+                        # (an agent runs one COMPARE AND WRITE per vdisk at a time: a hold
+                        # it still has is a leftover, e.g. of a lost EndExclusive)
+                        old = held.pop(s.sid, None)
+                        held[s.sid] = _Exclusion(lo, hi, math.inf)
+                if rival is None:
+                    others = [o for o in self._servers(v.name) if o.sid != s.sid]
+                    pairs: list[tuple[Session, p.Command]] = [
+                        (o, p.SetState(0, v.name, lo, r.count, t.NOWRITE)) for o in others
+                    ]
+                    if old is not None:
+                        pairs += self._lift(v.name, old.lo, old.hi, {o.sid for o in others})
+                    self._push(pairs)
+                    with self._state:
+                        until = self.clock.now() + self.lease_seconds + self.lease_margin
+                        held[s.sid].until = until
+                        self._state.notify_all()
+                    return p.LeaseGrant(self.lease_seconds)
+            # Another agent holds an overlapping range: wait (without _op: its COMPARE
+            # AND WRITE may need a fault) until it ends, or its hold runs out.
+            with self._state:
+                if self._rival(r.vdisk, lo, hi, r.session) is rival:
+                    self.clock.wait(self._state, None if math.isinf(rival.until) else rival.until)
+
+    def _rival(self, name: str, lo: int, hi: int, sid: int) -> _Exclusion | None:
+        """Under ``_state``: another session's hold overlapping ``[lo, hi)``."""
+        for other, x in self._exclusions.get(name, {}).items():
+            if other != sid and x.lo < hi and lo < x.hi:
+                return x
+        return None
+
+    def _end_exclusive(self, r: p.EndExclusive) -> p.Done:
+        s = self._session(r.agent_id, r.session)
+        with self._op:
+            self._drop_exclusions(lambda name, sid: name == r.vdisk and sid == s.sid)
+        return p.Done()
+
+    def _expire_exclusions(self) -> None:
+        """Under ``_op``: drop the holds that ran out, or whose holder re-registered."""
+        now = self.clock.now()
+
+        def dead(name: str, sid: int) -> bool:
+            x, s = self._exclusions[name][sid], self._sessions.get(sid)
+            if now >= x.until or s is None or s.gone:
+                return True
+            return not s.live and now >= s.lease_until + self.lease_margin  # fenced, lapsed
+
+        self._drop_exclusions(dead)
+
+    def _drop_exclusions(self, which: Callable[[str, int], bool]) -> None:
+        """Under ``_op``: end the holds ``which`` selects; lift them in the other agents
+        (but where something else still holds writes)."""
+        ended: list[tuple[str, int, _Exclusion]] = []
+        with self._state:
+            for name, held in self._exclusions.items():
+                for sid in [sid for sid in held if which(name, sid)]:
+                    ended.append((name, sid, held.pop(sid)))
+            self._state.notify_all()
+        pairs: list[tuple[Session, p.Command]] = []
+        for name, sid, x in ended:
+            if name in self.catalog.vdisks:
+                others = {o.sid for o in self._servers(name) if o.sid != sid}
+                pairs += self._lift(name, x.lo, min(x.hi, len(self.catalog.vdisk(name).table)),
+                                    others)  # fmt: skip
+        self._push(pairs)
+
+    def _excluded(self, name: str, sid: int | None) -> list[tuple[int, int]]:
+        """The ranges of ``name`` another session than ``sid`` holds for its COMPARE AND
+        WRITE (``sid`` None: every hold)."""
+        with self._state:
+            held = self._exclusions.get(name, {})
+            return sorted((x.lo, x.hi) for other, x in held.items() if other != sid)
+
+    def _lift(
+        self, name: str, lo: int, hi: int, sids: set[int] | None
+    ) -> list[tuple[Session, p.Command]]:
+        """SetState(NORMAL) on ``[lo, hi)`` for the servers of ``name`` (those in ``sids``
+        if given), leaving out what must stay NOWRITE for each: a freeze (everything), a
+        migration's hold, another agent's COMPARE AND WRITE hold."""
+        if name in self._frozen or lo >= hi:
+            return []
+        pairs: list[tuple[Session, p.Command]] = []
+        for s in self._servers(name):
+            if sids is not None and s.sid not in sids:
+                continue
+            keep = [(i, i + 1) for i in self._holds.get(name, ())] + self._excluded(name, s.sid)
+            pos = lo
+            for a, b in [*sorted(keep), (hi, hi)]:
+                if a > pos:
+                    end = min(a, hi)
+                    pairs.append((s, p.SetState(0, name, pos, end - pos, t.NORMAL)))
+                pos = max(pos, b)
+                if pos >= hi:
+                    break
+        return pairs
 
     # --- command stream (transports) ---------------------------------------------------
 
@@ -534,20 +748,25 @@ class Controller:
         freeze = self._frozen.get(name)
         return freeze is not None and freeze.copying
 
-    def _writable(self, name: str, index: int) -> bool:
-        return name not in self._frozen and index not in self._holds.get(name, ())
+    def _writable(self, name: str, index: int, sid: int | None = None) -> bool:
+        """Whether session ``sid`` may write entry ``index`` (None: any session; a
+        COMPARE AND WRITE hold leaves its holder writable, nobody else)."""
+        if name in self._frozen or index in self._holds.get(name, ()):
+            return False
+        return not any(a <= index < b for a, b in self._excluded(name, sid))
 
-    def _annotate_one(self, v: VDisk, index: int) -> int:
+    def _annotate_one(self, v: VDisk, index: int, sid: int | None = None) -> int:
         e = v.table[index]
         if e & t.MAPPED and (v.pool.refcount(e) > 1 or self._copying(v.name)):
             e |= t.SHARED
-        if not self._writable(v.name, index):
+        if not self._writable(v.name, index, sid):
             e |= t.NOWRITE_BIT
         return e
 
-    def _annotate(self, v: VDisk, start: int, count: int) -> array[int]:
-        """Entries as an agent must hold them: SHARED where another table maps the
-        segment, NOWRITE where a freeze or a migration holds writes."""
+    def _annotate(self, v: VDisk, start: int, count: int, sid: int | None = None) -> array[int]:
+        """Entries as session ``sid`` must hold them: SHARED where another table maps the
+        segment, NOWRITE where a freeze, a migration or another agent's COMPARE AND WRITE
+        holds writes."""
         view = v.table.view()[start : start + count]
         out = view.copy()
         mapped = np.flatnonzero(view & np.uint64(t.MAPPED))
@@ -570,6 +789,10 @@ class Controller:
         for index in holds:
             if start <= index < start + len(out):
                 out[index - start] |= np.uint64(t.NOWRITE_BIT)
+        for lo, hi in self._excluded(v.name, sid):
+            a, b = max(lo, start) - start, min(hi, start + len(out)) - start
+            if a < b:
+                out[a:b] |= np.uint64(t.NOWRITE_BIT)
         return array("Q", out.tobytes())
 
     @contextlib.contextmanager
@@ -600,17 +823,26 @@ class Controller:
             idx = sorted(i for i in indexes if i < len(v.table))
             if not idx:
                 continue
-            update = p.Update(
-                0, name, array("Q", idx), array("Q", [self._annotate_one(v, i) for i in idx])
-            )
-            pairs += [(s, update) for s in self._servers(name) if (s.sid, name) != skip]
+            held = bool(self._excluded(name, None))  # then annotated per session
+            update = self._update(v, idx, None)
+            pairs += [
+                (s, self._update(v, idx, s.sid) if held else update)
+                for s in self._servers(name) if (s.sid, name) != skip
+            ]  # fmt: skip
         return pairs
+
+    def _update(self, v: VDisk, idx: list[int], sid: int | None) -> p.Update:
+        entries = array("Q", [self._annotate_one(v, i, sid) for i in idx])
+        return p.Update(0, v.name, array("Q", idx), entries)
 
     def _state_all(self, names: Sequence[str], state: int) -> list[tuple[Session, p.Command]]:
         pairs: list[tuple[Session, p.Command]] = []
         for name in names:
             n = len(self.catalog.vdisk(name).table)
-            pairs += [(s, p.SetState(0, name, 0, n, state)) for s in self._servers(name)]
+            if state == t.NORMAL:
+                pairs += self._lift(name, 0, n, None)  # but what still holds writes
+            else:
+                pairs += [(s, p.SetState(0, name, 0, n, state)) for s in self._servers(name)]
         return pairs
 
     def _to_servers(
@@ -688,11 +920,25 @@ class Controller:
         self, names: Sequence[str], *, mode: str = "nowrite", timeout: float | None = None
     ) -> None:
         """Hold writes (``nowrite``) or every use of the table (``invalid``) until
-        :meth:`thaw`, or until ``timeout`` seconds have passed (see :meth:`tick`)."""
+        :meth:`thaw`, or until ``timeout`` seconds have passed (see :meth:`tick`).  A vdisk
+        already frozen keeps its mode and takes the new timeout.
+
+        The freeze is durable before any agent hears of it: once this returns, a
+        controller restart keeps it (:meth:`_restore_freezes`).  The timeout is counted
+        on this controller's clock and stored as a wall-clock deadline (see
+        :class:`~targetvirt.vdisk.Freeze`); a wall-clock step (NTP) moves it only for a
+        successor, by that step.
+        """
         state = _freeze_state(mode)
         with self._op:
             for name in names:
                 self.catalog.vdisk(name)
+            # (no live copy runs while we hold _op: _frozen holds user freezes only)
+            deadline = None if timeout is None else self.catalog.wallclock() + timeout
+            self.catalog.set_freezes(
+                {n: Freeze(self._frozen[n].mode if n in self._frozen else mode, deadline)
+                 for n in names}
+            )  # fmt: skip
             self._freeze_now([n for n in names if n not in self._frozen], state)
             until = None if timeout is None else self.clock.now() + timeout
             with self._state:
@@ -701,8 +947,40 @@ class Controller:
                 self._state.notify_all()
 
     def thaw(self, names: Sequence[str]) -> None:
+        """Thaw, durably first: a restart after this returns finds the vdisks thawed."""
         with self._op:
-            self._thaw_now([n for n in names if n in self._frozen], [])
+            frozen = [n for n in names if n in self._frozen]
+            self.catalog.set_freezes({n: None for n in frozen if n in self.catalog.vdisks})
+            self._thaw_now(frozen, [])
+
+    def _thaw_due(self) -> None:
+        """Thaw the freezes whose timeout passed (checked under ``_op``: a freeze may just
+        have been given a new timeout).  If the store cannot record it, they thaw all the
+        same: the deadline it holds has passed, so a restart would thaw them too."""
+        with self._op:
+            now = self.clock.now()
+            due = [n for n, f in self._frozen.items() if f.until is not None and now >= f.until]
+            try:
+                self.catalog.set_freezes({n: None for n in due if n in self.catalog.vdisks})
+            except TargetvirtError as e:
+                log.warning("thawing %s at its timeout, not yet recorded: %s", ", ".join(due), e)
+                self._unrecorded.update(due)  # tick() tries again
+            self._thaw_now(due, [])
+
+    def _record_thaws(self) -> None:
+        """Tell the store of the thaws it could not record at their timeout (unless the
+        vdisk was frozen again or deleted since)."""
+        with self._op:
+            names = [
+                n for n in sorted(self._unrecorded)
+                if n not in self._frozen and n in self.catalog.vdisks
+            ]  # fmt: skip
+            try:
+                self.catalog.set_freezes({n: None for n in names})
+            except TargetvirtError as e:
+                log.warning("the thaws of %s are still not recorded: %s", ", ".join(names), e)
+                return
+            self._unrecorded.clear()
 
     def frozen(self, name: str) -> bool:
         return name in self._frozen
@@ -721,7 +999,14 @@ class Controller:
             self._push(self._to_servers(names, lambda n: p.Unblock(0, n)))
 
     def delay(self, name: str, seconds: float) -> None:
-        """Hold all I/O to a vdisk for ``seconds``; the agents release it by themselves."""
+        """Hold all I/O to a vdisk for ``seconds``; the agents release it by themselves.
+
+        Volatile, unlike a freeze, and on purpose: a delay holds I/O for *at most* its
+        time (an agent that re-registers -- after a controller restart, say -- releases
+        it early), so losing it breaks no promise, while a freeze promises that no write
+        lands until the thaw (a consistent backup underneath relies on it).  A delay is
+        short and bounded, and making it durable would add a metadata commit to
+        something meant to be cheap."""
         with self._op:
             self.catalog.vdisk(name)
             self._delays[name] = self.clock.now() + seconds
@@ -802,6 +1087,7 @@ class Controller:
                     self._frozen.pop(n, None)
                     self._delays.pop(n, None)
                     self._holds.pop(n, None)
+                    self._exclusions.pop(n, None)
                     self._blocked.discard(n)
 
     def flatten(self, name: str, progress: Progress = _no_progress) -> int:
@@ -862,11 +1148,10 @@ class Controller:
                 for m in sharers:
                     self._holds.get(m, set()).discard(index)
             release = [
-                (s, cmd)
-                for s, cmd in self._to_servers(
-                    sharers, lambda n: p.SetState(0, n, index, 1, t.NORMAL)
-                )
-                if cmd.vdisk not in changed and cmd.vdisk not in self._frozen
+                pair
+                for m in sharers
+                if m not in changed
+                for pair in self._lift(m, index, index + 1, None)
             ]  # a failed copy leaves entries as they were: just lift the hold
             self._push(self._coherence(changed, skip=None) + release)
         return new
@@ -894,9 +1179,8 @@ class Controller:
     def tick(self) -> None:
         """Do what is due: thaw freezes whose timeout passed, drop expired sessions."""
         now = self.clock.now()
-        due = [n for n, f in list(self._frozen.items()) if f.until is not None and now >= f.until]
-        if due:
-            self.thaw(due)
+        if any(f.until is not None and now >= f.until for f in list(self._frozen.values())):
+            self._thaw_due()
         with self._state:
             for s in self._sessions.values():
                 if s.live and now >= s.lease_until + self.lease_margin:
@@ -904,12 +1188,26 @@ class Controller:
                     self.fenced.append(s.agent_id)
             for name in [n for n, until in self._delays.items() if now >= until]:
                 del self._delays[name]
+        if self._unrecorded:
+            self._record_thaws()
+        if self._exclusions_due(now):
+            with self._op:
+                self._expire_exclusions()
         if self._crossed:
             self._announce()
+
+    def _exclusions_due(self, now: float) -> bool:
+        with self._state:
+            return any(
+                now >= x.until or sid not in self._sessions or not self._sessions[sid].live
+                for held in self._exclusions.values()
+                for sid, x in held.items()
+            )
 
     def _next_due(self) -> float:
         times = [f.until for f in self._frozen.values() if f.until is not None]
         times += [s.lease_until + self.lease_margin for s in self._sessions.values() if s.live]
+        times += [x.until for held in self._exclusions.values() for x in held.values()]
         return min(times, default=self.clock.now() + 1.0)
 
     def start(self) -> None:

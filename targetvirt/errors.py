@@ -142,6 +142,14 @@ class ControllerUnreachable(LeaseExpired):
     """An I/O needs the controller and the agent cannot reach it (same sense: try another path)."""
 
 
+# --- LIO configuration -----------------------------------------------------------
+
+
+class AluaConfigError(TargetvirtError):
+    """A device's ALUA groups in configfs cannot be read or hold values the kernel never
+    writes (the TCMU handler then keeps its last good view, or reports no ALUA)."""
+
+
 # --- SCSI ------------------------------------------------------------------------
 
 

@@ -15,8 +15,8 @@ Three families of messages:
 
 * requests, agent -> controller (unary): :class:`Register` then, with the session it
   returns, :class:`Attach`, :class:`Describe`, :class:`Fetch`, :class:`Fault`,
-  :class:`Unmap`, :class:`Flush`, :class:`LeaseRenew`, :class:`ContainerFailure`; on the
-  command stream
+  :class:`Unmap`, :class:`Flush`, :class:`LeaseRenew`, :class:`ContainerFailure`,
+  :class:`Exclusive`, :class:`EndExclusive`; on the command stream
   :class:`Hello` then :class:`Ack` for each command;
 * replies, controller -> agent: one per request, or :class:`Refused` carrying an error;
 * commands, controller -> agent, pushed down the stream, each with a sequence number
@@ -431,6 +431,40 @@ class Describe(Request):
     vdisk: str
 
 
+# COMPARE AND WRITE across gateways (type codes from 13: 12 is taken by Describe on the
+# agentmode branch).  Additive: an old controller refuses them as unknown types, and an old
+# agent never sends them (it never hears Solo either).
+
+
+@message(13, STR, U64, STR, U64, U32)
+@dataclass(frozen=True, slots=True)
+class Exclusive(Request):
+    """Hold every *other* agent's writes to entries ``[start, start + count)`` (NOWRITE,
+    drained) for one COMPARE AND WRITE; answered by :class:`LeaseGrant`: the hold lasts
+    at most ``seconds`` from when the request was sent (the controller drops it a margin
+    later), or until :class:`EndExclusive`."""
+
+    agent_id: str
+    session: int
+    vdisk: str
+    start: int
+    count: int
+
+    def check(self) -> None:
+        if not 0 < self.count <= MAX_ENTRIES:
+            raise ProtocolError(f"Exclusive of {self.count} entries is out of range")
+
+
+@message(14, STR, U64, STR)
+@dataclass(frozen=True, slots=True)
+class EndExclusive(Request):
+    """The COMPARE AND WRITE is over: lift the hold on the others; answered by :class:`Done`."""
+
+    agent_id: str
+    session: int
+    vdisk: str
+
+
 # replies
 
 
@@ -599,9 +633,19 @@ class SoftThreshold(Command):
     thin-provisioning unit attention (nothing to drain)."""
 
 
+@message(74, U64, STR, BOOL)
+@dataclass(frozen=True, slots=True)
+class Solo(Command):
+    """``alone``: this agent is the only one that may write the vdisk, so its COMPARE AND
+    WRITE needs no :class:`Exclusive` round trip.  ``alone=False`` is acknowledged only
+    once a COMPARE AND WRITE in flight has finished (a drain).  Agents start not alone."""
+
+    alone: bool
+
+
 COMMANDS = (
     SetState, Block, Unblock, Update, MarkShared, Delay, CancelDelay, DropVDisk, Resize,
-    SoftThreshold,
+    SoftThreshold, Solo,
 )  # fmt: skip
 
 

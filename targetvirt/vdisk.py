@@ -23,6 +23,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
@@ -39,12 +40,51 @@ CowMode = Literal["redirect", "copy"]
 COW_MODES: tuple[CowMode, ...] = ("redirect", "copy")
 KIND_VDISK = "vdisk"
 KIND_SNAPSHOT = "snapshot"
+FREEZE_MODES = ("nowrite", "invalid")
+MAX_DEADLINE = 2.0**37  # wall-clock seconds: past year 6000, and any date prints
 
 Extent = tuple[Container | None, int, int]
 Buffer = memoryview | bytearray
 
 
 _STRIPES = [threading.Lock() for _ in range(64)]
+
+
+@dataclass(frozen=True)
+class Freeze:
+    """A user's freeze of a vdisk as the metadata store keeps it (the controller applies
+    it: :meth:`targetvirt.controller.Controller.freeze`).
+
+    ``until``: when it thaws by itself, in wall-clock seconds since the epoch (``None``:
+    only when thawed).  Wall-clock, not the controller's monotonic clock: the deadline
+    must mean the same to a controller started later, maybe on another host (a RADOS
+    standby), and a restart must see how much of the timeout ran out while no controller
+    ran -- a "time remaining" could not tell.
+    """
+
+    mode: str
+    until: float | None = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in FREEZE_MODES:
+            raise InvalidArgument(
+                f"freeze mode {self.mode!r} is not one of {', '.join(FREEZE_MODES)}"
+            )
+        if self.until is not None and (
+            type(self.until) not in (int, float) or not 0 <= self.until < MAX_DEADLINE
+        ):
+            raise InvalidArgument(f"a freeze deadline of {self.until!r} is out of range")
+
+    def record(self) -> dict[str, Any]:
+        return {"mode": self.mode, "until": self.until}
+
+    @classmethod
+    def from_record(cls, body: object) -> Freeze:
+        """A freeze as read back (the record passed its checksum; still check every field:
+        a wrong one must fail loudly, never thaw or freeze forever by accident)."""
+        if not isinstance(body, dict) or set(body) != {"mode", "until"}:
+            raise InvalidArgument(f"a freeze must have a mode and a deadline, not {body!r:.80}")
+        return cls(body["mode"], body["until"])
 
 
 class Family:
@@ -92,6 +132,7 @@ class VDisk:
         self.table = table
         self.hashes: list[bytes] = hashes if hashes is not None else []
         self.record_dirty = hashes is None
+        self.freeze: Freeze | None = None  # a user's freeze, durable (the controller's)
         self.segment_size = pool.segment_size
         self.shift = self.segment_size.bit_length() - 1
         self.mask = self.segment_size - 1
@@ -117,6 +158,7 @@ class VDisk:
             "cow": self.cow,
             "created": self.created,
             "entries": len(self.table),
+            **({"freeze": self.freeze.record()} if self.freeze is not None else {}),
         }
 
     # --- accounting ----------------------------------------------------------------

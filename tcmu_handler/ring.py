@@ -135,9 +135,10 @@ def recovery_steps(mode: ResetMode = ResetMode.BUSY) -> tuple[RecoveryStep, ...]
     """The writes to do before mapping a device this process did not set up itself
     (daemon restart, or a ring found broken), as libtcmu does on reopen (tcmu.md 1.9).
 
-    After them: open and mmap the uio device, build a :class:`Ring` (head and tail are
-    0), then :data:`UNBLOCK` and run :meth:`Ring.fetch` once at once, because commands
-    queued before ``open()`` raised no event.
+    Before them open the uio device (claiming it: one opener at a time); after them
+    mmap it, build a :class:`Ring` (head and tail are 0), then :data:`UNBLOCK` and run
+    :meth:`Ring.fetch` once at once, because commands queued before ``open()`` raised
+    no event.
     """
     return (
         RecoveryStep(

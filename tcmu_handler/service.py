@@ -2,11 +2,13 @@
 
 At start the service subscribes to the TCM-USER netlink family, then takes over the
 devices that already exist (found in sysfs: LIO may have restored them before we ran)
-with the block / reset-ring / reopen sequence, so nothing left in a ring from a previous
+with the open / block / reset-ring / map sequence, so nothing left in a ring from a previous
 handler is replayed, and with the mode state (write cache...) that initiators set before
 the restart (tcmu_handler/modestate.py).  Then it follows ADDED / REMOVED / RECONFIG
 events, answering each with the DONE message that matches it.  One device failing to
-open never stops the others.
+open never stops the others, and a refused device is tried again every
+``RETRY_SECONDS`` (a vdisk created later, a predecessor that had not yet let go of the
+device): it is served as soon as it can be, its reason logged once per change.
 
 Backends are supplied by the caller (the daemon): ``open_lun(config, info)`` returns the
 block backend and the LUN state for a device, or raises a TargetvirtError that says why
@@ -24,8 +26,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from targetvirt.clock import Clock, MonotonicClock
 from targetvirt.errors import TargetvirtError
-from tcmu_handler import config, netlink, uio
+from tcmu_handler import alua, config, netlink, uio
 from tcmu_handler.device import Device
 from tcmu_handler.modestate import ModeStore
 from tcmu_handler.ring import ResetMode
@@ -66,6 +69,8 @@ def read_info(name: uio.UioName, configfs_root: Path) -> DeviceInfo:
                       name.dev_config or "")  # fmt: skip
 
 
+RETRY_SECONDS = 10.0  # between attempts to serve the devices refused so far
+
 OpenLun = Callable[[config.DevConfig, DeviceInfo], tuple[BlockBackend, LunState]]
 CloseLun = Callable[[str], None]  # the last device of this vdisk (or vdisk@snap) is gone
 
@@ -83,8 +88,11 @@ class TcmuService:
         dev_root: Path = uio.DEV_ROOT,
         workers: int = 4,
         modes: ModeStore | None = None,
+        clock: Clock | None = None,
     ) -> None:
         self.open_lun = open_lun
+        self.clock = clock or MonotonicClock()
+        self._next_retry = self.clock.now() + RETRY_SECONDS
         self.modes = modes
         self.close_lun = close_lun
         self.sysfs_root = sysfs_root
@@ -137,6 +145,20 @@ class TcmuService:
             if key_of(dev.name) not in self.devices:
                 self._add(dev, reset=ResetMode.BUSY)
 
+    def retry_refused(self) -> None:
+        """Try again to serve the devices refused so far that still exist."""
+        for dev in uio.scan(self.sysfs_root):
+            key = key_of(dev.name)
+            if key in self.refused and key not in self.devices:
+                self._add(dev, reset=ResetMode.BUSY)
+
+    def _retry_when_due(self) -> None:
+        now = self.clock.now()
+        if now >= self._next_retry:
+            self._next_retry = now + RETRY_SECONDS
+            if self.refused:
+                self.retry_refused()
+
     # --- devices ---------------------------------------------------------------------
 
     def _add(self, dev: uio.UioDevice, reset: ResetMode | None) -> int:
@@ -146,11 +168,13 @@ class TcmuService:
             cfg = config.parse(dev.name.dev_config or "")
             info = read_info(dev.name, self.configfs_root)
             backend, lun = self.open_lun(cfg, info)
+            alua.attach(lun, self.configfs_root, dev.name.hba, dev.name.dev_name)
             handle, ring = uio.attach(
                 dev, reset=reset, configfs_root=self.configfs_root, dev_root=self.dev_root
             )
         except (TargetvirtError, OSError) as e:
-            log.error("not serving %s: %s", key, e)
+            if self.refused.get(key) != str(e):  # retried every RETRY_SECONDS: say it once
+                log.error("not serving %s: %s", key, e)
             self.refused[key] = str(e)
             return -(e.errno or errno.EINVAL) if isinstance(e, OSError) else -errno.ENOENT
         self._keep_modes(key, lun, fresh=reset is None)
@@ -200,6 +224,7 @@ class TcmuService:
         poller = select.poll()
         poller.register(self._channel.fileno(), select.POLLIN)
         while not self._stopping.is_set():
+            self._retry_when_due()
             if not poller.poll(500):
                 continue
             try:

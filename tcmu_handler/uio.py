@@ -166,6 +166,11 @@ class UioHandle:
         timeout: float = 2.0,
     ) -> UioHandle:
         fd = open_node(device.minor, dev_root=dev_root, clock=clock, timeout=timeout)
+        return cls.map(fd, device)
+
+    @classmethod
+    def map(cls, fd: int, device: UioDevice) -> UioHandle:
+        """Map an open node (closed if the mapping fails)."""
         try:
             # The kernel refuses (EINVAL) any length but exactly map0's size.
             buffer = mmap.mmap(
@@ -269,17 +274,27 @@ def attach(
     clock: Clock | None = None,
     actions: DeviceActions | None = None,
 ) -> tuple[UioHandle, Ring]:
-    """Take over a device: block it and reset its ring (unless ``reset`` is None, for a
-    device just created), open and map it, check the mailbox, then unblock.
+    """Take over a device: open it, block it and reset its ring (unless ``reset`` is
+    None, for a device just created), map it, check the mailbox, then unblock.
+
+    The node is opened first because the kernel lets one process have it open: a
+    device another process still serves (a second daemon, or a predecessor still
+    exiting) fails here with EBUSY before anything touches its ring.  (libtcmu opens
+    after the reset; opening changes nothing in the ring, so the order is free.)
 
     The caller must fetch the ring once right away. If anything fails after blocking,
     the device is left blocked (initiators get BUSY and retry) and the error raised.
     """
     actions = actions or DeviceActions(device.name, configfs_root)
-    if reset is not None:
-        for step in recovery_steps(reset):
-            actions.apply(step)
-    handle = UioHandle.open(device, dev_root=dev_root, clock=clock)
+    fd = open_node(device.minor, dev_root=dev_root, clock=clock)
+    try:
+        if reset is not None:
+            for step in recovery_steps(reset):
+                actions.apply(step)
+    except BaseException:
+        os.close(fd)
+        raise
+    handle = UioHandle.map(fd, device)
     ring: Ring | None = None
     try:
         ring = Ring(handle.buffer)

@@ -76,9 +76,9 @@ _CLIENT_OPTIONS = [
 _REPLIES = (
     p.Registered, p.VDiskInfo, p.TableRange, p.FaultReply, p.LeaseGrant, p.Done, p.Refused,
 )  # fmt: skip
-_REQUESTS = (
-    p.Register, p.Attach, p.Describe, p.Detach, p.Fetch, p.Fault, p.Unmap, p.Flush, p.LeaseRenew,
-    p.ContainerFailure,
+_REQUESTS: tuple[type[p.Request], ...] = (
+    p.Register, p.Attach, p.Describe, p.Detach, p.Fetch, p.Fault, p.Unmap, p.Flush,
+    p.LeaseRenew, p.ContainerFailure, p.Exclusive, p.EndExclusive,
 )  # fmt: skip
 
 

@@ -93,7 +93,7 @@ _HANDLERS: dict[int, tuple[Handler, Kind]] = {
     op.SYNCHRONIZE_CACHE_16: (sbc.synchronize_cache_16, Kind.IO),
     op.WRITE_SAME_16: (sbc.write_same_16, Kind.IO),
     op.SERVICE_ACTION_IN_16: (_service_action_in, Kind.INLINE),  # GET LBA STATUS: see classify
-    op.MAINTENANCE_IN: (spc.maintenance_in, Kind.INLINE),
+    op.MAINTENANCE_IN: (spc.maintenance_in, Kind.INLINE),  # RTPG: see classify
     op.READ_12: (sbc.read_12, Kind.IO),
     op.WRITE_12: (sbc.write_12, Kind.IO),
     op.WRITE_VERIFY_12: (sbc.write_verify_12, Kind.IO),
@@ -114,13 +114,19 @@ def classify(cdb: bytes) -> Kind:
     """
     if not cdb:
         return Kind.INLINE
-    if (
-        cdb[0] == op.SERVICE_ACTION_IN_16
-        and len(cdb) > 1
-        and cdb[1] & 0x1F == op.SAI_GET_LBA_STATUS
-    ):
+    if len(cdb) > 1 and (cdb[0], cdb[1] & 0x1F) in _IO_ACTIONS:
         return Kind.IO
     return _KIND[cdb[0]]
+
+
+# Service actions of inline opcodes that must run in a worker: GET LBA STATUS reads the
+# backend's map, REPORT TARGET PORT GROUPS reads configfs (tcmu_handler/alua.py).
+_IO_ACTIONS = frozenset(
+    {
+        (op.SERVICE_ACTION_IN_16, op.SAI_GET_LBA_STATUS),
+        (op.MAINTENANCE_IN, op.MI_REPORT_TARGET_PGS),
+    }
+)
 
 
 def cdb_length(opcode: int) -> int:

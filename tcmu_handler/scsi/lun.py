@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 
 from targetvirt.errors import DATA_PROTECT, InvalidArgument, Sense
 from tcmu_handler.scsi import sense as sn
+from tcmu_handler.scsi.alua import NO_ALUA, AluaConfig, AluaProvider
 
 LIO_OUI = 0x001405  # the IEEE company id LIO (and tcmu-runner) put in NAA designators
 BLOCK_SIZES = (512, 4096)
@@ -126,6 +127,8 @@ class LunState:
     swp: bool = False
     d_sense: bool = False
     wce_default: bool | None = None  # the "default" value MODE SENSE reports
+    # ALUA target port groups (scsi/alua.py); None: the LUN reports no ALUA (TPGS 00b).
+    alua: AluaProvider | None = field(default=None, repr=False)
     # told after a MODE SELECT changed the state above (the service saves it)
     on_mode_select: Callable[[LunState], None] | None = field(default=None, init=False, repr=False)
     # Set while unit attentions are pending or a long operation runs (see module doc).
@@ -196,6 +199,11 @@ class LunState:
         t10_id = self.vendor.encode("ascii").ljust(8, b" ")
         t10_id += (self.serial or self.naa.hex()).encode("ascii")
         return naa, bytes((0x02, 0x01, 0x00, len(t10_id))) + t10_id
+
+    def alua_config(self, *, fresh: bool = False) -> AluaConfig:
+        """The target port groups now (``fresh``) or as recently read (see AluaProvider)."""
+        provider = self.alua
+        return NO_ALUA if provider is None else provider.snapshot(fresh=fresh)
 
     # --- capacity and unit attentions -------------------------------------------------
 

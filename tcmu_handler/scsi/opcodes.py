@@ -56,6 +56,7 @@ READ_DEFECT_DATA_12 = 0xB7
 # service actions
 SAI_READ_CAPACITY_16 = 0x10
 SAI_GET_LBA_STATUS = 0x12
+MI_REPORT_TARGET_PGS = 0x0A
 MI_REPORT_SUPPORTED_OPCODES = 0x0C
 XCOPY_LID1 = 0x00
 RCR_COPY_STATUS = 0x00
@@ -202,8 +203,25 @@ SUPPORTED: tuple[CommandInfo, ...] = (
 WITH_SERVICE_ACTION = frozenset(c.opcode for c in SUPPORTED if c.service_action is not None)
 
 
-def lookup(opcode: int, service_action: int | None) -> CommandInfo | None:
-    for info in SUPPORTED:
+# REPORT TARGET PORT GROUPS: listed only while the LUN reports ALUA (scsi/alua.py).
+# PARAMETER DATA FORMAT (byte 1, bits 7-5) is examined: reserved formats are refused.
+REPORT_TARGET_PGS = CommandInfo(
+    MAINTENANCE_IN, MI_REPORT_TARGET_PGS, _u(0xA3, 0xFF, 0, 0, 0, 0, *_FF4, 0, 0)
+)
+
+
+def supported(alua: bool) -> tuple[CommandInfo, ...]:
+    """The commands of a LUN; with ALUA, REPORT TARGET PORT GROUPS too (in opcode order)."""
+    if not alua:
+        return SUPPORTED
+    at = next(i for i, c in enumerate(SUPPORTED) if c.opcode == MAINTENANCE_IN)
+    return (*SUPPORTED[:at], REPORT_TARGET_PGS, *SUPPORTED[at:])
+
+
+def lookup(
+    opcode: int, service_action: int | None, commands: tuple[CommandInfo, ...] = SUPPORTED
+) -> CommandInfo | None:
+    for info in commands:
         if info.opcode == opcode and info.service_action == service_action:
             return info
     return None

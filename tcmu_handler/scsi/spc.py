@@ -1,5 +1,6 @@
 """SPC-4 commands every LUN answers: INQUIRY and its VPD pages, REQUEST SENSE,
-REPORT SUPPORTED OPERATION CODES, TEST UNIT READY and a few small ones.
+REPORT SUPPORTED OPERATION CODES, REPORT TARGET PORT GROUPS (with ALUA: scsi/alua.py),
+TEST UNIT READY and a few small ones.
 
 Replies are built whole and cut to the allocation length by ``respond``, which also
 reports the exact length sent, so no byte of the data-in buffer is left stale.
@@ -10,10 +11,10 @@ from __future__ import annotations
 import struct
 from collections.abc import Callable, Sequence
 
-from targetvirt.errors import invalid_field_in_cdb
+from targetvirt.errors import ScsiError, invalid_field_in_cdb
+from tcmu_handler.scsi import alua, xcopy
 from tcmu_handler.scsi import opcodes as op
 from tcmu_handler.scsi import sense as sn
-from tcmu_handler.scsi import xcopy
 from tcmu_handler.scsi.backend import BlockBackend
 from tcmu_handler.scsi.common import COMPLETED, Completion, respond
 from tcmu_handler.scsi.lun import LunState
@@ -38,6 +39,7 @@ def standard_inquiry(lun: LunState) -> bytes:
     data[3] = 0x12  # HISUP, response data format 2
     data[4] = STANDARD_INQUIRY_LEN - 5
     data[5] = 0x08  # 3PC: EXTENDED COPY is supported (VMware looks here for "full copy")
+    data[5] |= lun.alua_config().tpgs  # TPGS: 01b while the LUN reports ALUA
     data[7] = 0x02  # CMDQUE
     data[8:16] = _pad(lun.vendor, 8)
     data[16:32] = _pad(lun.product, 16)
@@ -60,7 +62,10 @@ def vpd_serial(lun: LunState) -> bytes:
 
 
 def vpd_device_identification(lun: LunState) -> bytes:
-    return _vpd(0x83, b"".join(lun.designators()))
+    # With ALUA, the local target port's designators follow the logical unit's: Linux's
+    # scsi_dh_alua and multipath's alua prioritizer find the path's group here.
+    ports = alua.port_designators(lun.alua_config())
+    return _vpd(0x83, b"".join(lun.designators()) + ports)
 
 
 def vpd_block_limits(lun: LunState) -> bytes:
@@ -176,9 +181,9 @@ def _timeouts(info: op.CommandInfo) -> bytes:
     return struct.pack(">HBBII", 0x0A, 0, 0, 0, info.timeout)
 
 
-def _all_commands(rctd: bool) -> bytes:
+def _all_commands(commands: tuple[op.CommandInfo, ...], rctd: bool) -> bytes:
     body = bytearray()
-    for info in op.SUPPORTED:
+    for info in commands:
         servactv = info.service_action is not None
         flags = (0x02 if rctd else 0) | (0x01 if servactv else 0)
         body += struct.pack(
@@ -189,31 +194,60 @@ def _all_commands(rctd: bool) -> bytes:
     return struct.pack(">I", len(body)) + bytes(body)
 
 
-def _one_command(option: int, opcode: int, sa: int, rctd: bool) -> bytes:
+def _one_command(
+    commands: tuple[op.CommandInfo, ...], option: int, opcode: int, sa: int, rctd: bool
+) -> bytes:
     has_sa = opcode in op.WITH_SERVICE_ACTION
     if option == 1 and has_sa:
         raise invalid_field_in_cdb(2, 2, f"operation code {opcode:#04x} has service actions")
-    if option == 2 and not has_sa and op.lookup(opcode, None) is not None:
+    if option == 2 and not has_sa and op.lookup(opcode, None, commands) is not None:
         raise invalid_field_in_cdb(2, 2, f"operation code {opcode:#04x} has no service actions")
-    info = op.lookup(opcode, sa if has_sa else None)
+    info = op.lookup(opcode, sa if has_sa else None, commands)
     if info is None:
         return bytes((0, 0x01, 0, 0))  # SUPPORT 001b: not supported
     head = bytes((0, (0x80 if rctd else 0) | 0x03)) + struct.pack(">H", len(info.usage))
     return head + info.usage + (_timeouts(info) if rctd else b"")
 
 
-def maintenance_in(
-    lun: LunState, cdb: bytes, _o: Buffers, data_in: Buffers, _b: BlockBackend
-) -> Completion:
-    if cdb[1] & 0x1F != op.MI_REPORT_SUPPORTED_OPCODES:
-        # libiscsi (and SPC-4) read this pointer at the SERVICE ACTION as "not implemented".
-        raise invalid_field_in_cdb(1, 4, "service action not supported")
+def report_supported_opcodes(lun: LunState, cdb: bytes, data_in: Buffers) -> Completion:
     rctd, option = bool(cdb[2] & 0x80), cdb[2] & 0x07
     alloc = struct.unpack_from(">I", cdb, 6)[0]
+    commands = op.supported(lun.alua_config().active)
     if option == 0:
-        data = _all_commands(rctd)
+        data = _all_commands(commands, rctd)
     elif option <= 3:
-        data = _one_command(option, cdb[3], struct.unpack_from(">H", cdb, 4)[0], rctd)
+        sa = struct.unpack_from(">H", cdb, 4)[0]
+        data = _one_command(commands, option, cdb[3], sa, rctd)
     else:
         raise invalid_field_in_cdb(2, 2, "reserved REPORTING OPTIONS")
     return respond(data, alloc, data_in)
+
+
+def report_target_port_groups(lun: LunState, cdb: bytes, data_in: Buffers) -> Completion:
+    """SPC-4 6.36, from a fresh read of the groups (this runs in a worker: see classify)."""
+    config = lun.alua_config(fresh=True)
+    if not config.active:
+        raise _service_action_not_supported()
+    data_format = cdb[1] >> 5
+    if data_format not in (alua.RTPG_LENGTH_ONLY, alua.RTPG_EXTENDED):
+        raise invalid_field_in_cdb(1, 7, f"reserved PARAMETER DATA FORMAT {data_format}")
+    alloc = struct.unpack_from(">I", cdb, 6)[0]
+    data = alua.encode_rtpg(config, extended=data_format == alua.RTPG_EXTENDED)
+    return respond(data, alloc, data_in)
+
+
+def _service_action_not_supported() -> ScsiError:
+    # libiscsi (and SPC-4) read this pointer at the SERVICE ACTION as "not implemented";
+    # so do sg3_utils and scsi_dh_alua for REPORT TARGET PORT GROUPS (without ALUA).
+    return invalid_field_in_cdb(1, 4, "service action not supported")
+
+
+def maintenance_in(
+    lun: LunState, cdb: bytes, _o: Buffers, data_in: Buffers, _b: BlockBackend
+) -> Completion:
+    action = cdb[1] & 0x1F
+    if action == op.MI_REPORT_SUPPORTED_OPCODES:
+        return report_supported_opcodes(lun, cdb, data_in)
+    if action == op.MI_REPORT_TARGET_PGS:
+        return report_target_port_groups(lun, cdb, data_in)
+    raise _service_action_not_supported()

@@ -9,12 +9,28 @@ from typing import Any
 
 from targetvirt.agent import Agent, AgentVDisk
 from targetvirt.catalog import Catalog
-from targetvirt.clock import FakeClock
+from targetvirt.clock import Clock, FakeClock
 from targetvirt.controller import Controller
+from targetvirt.store.rados import RadosStore
 from targetvirt.transport.inprocess import InProcessLink
 from tests.targetvirt.engine_model import SEG, open_catalog
 
 CONTAINER_SEGMENTS = 48
+WALL_ORIGIN = 1.8e9  # the wall clock (seconds since the epoch) when the fake clock reads 0
+
+
+class ShiftedClock:
+    """Another process's view of a fake clock: the same time passing, read from another
+    origin (a monotonic clock starts anywhere in each process, or on each host)."""
+
+    def __init__(self, base: FakeClock, offset: float) -> None:
+        self.base, self.offset = base, offset
+
+    def now(self) -> float:
+        return self.base.now() + self.offset
+
+    def wait(self, cond: threading.Condition, deadline: float | None) -> None:
+        self.base.wait(cond, None if deadline is None else deadline - self.offset)
 
 
 class Cluster:
@@ -35,13 +51,17 @@ class Cluster:
         segments: int = CONTAINER_SEGMENTS,
         encode: bool = True,
         location: Callable[[int], str | None] | None = None,
+        metadata: str | None = None,
     ) -> None:
         """``location(i)``: where container ``i`` lives (e.g. a RADOS location); None,
-        or no function, for a preallocated file in ``directory``."""
+        or no function, for a preallocated file in ``directory``.  ``metadata``: the
+        RADOS location of the metadata store (None: SQLite in ``directory``)."""
+        self.metadata = metadata
         self.dir = directory
         self.clock = FakeClock()
         self.lease, self.ack_timeout, self.encode = lease, ack_timeout, encode
-        self.catalog = open_catalog(self.db)
+        self.restarts = 0
+        self.catalog = self._open_catalog()
         for i in range(containers):
             where = location(i) if location is not None else None
             size = segments * SEG  # segment space: a file adds its 1 MiB header
@@ -71,19 +91,34 @@ class Cluster:
     def _path(self, name: str) -> str:
         return os.path.join(self.dir, name)
 
+    def wallclock(self) -> float:
+        """The catalog's wall clock: it moves with the fake clock."""
+        return WALL_ORIGIN + self.clock.now()
+
+    def _open_catalog(self) -> Catalog:
+        if self.metadata is not None:
+            return Catalog.open(RadosStore(self.metadata, create=True), self.wallclock)
+        return open_catalog(self.db, self.wallclock)
+
     def _controller(self, catalog: Catalog) -> Controller:
+        # each controller "process" reads the time from an origin of its own: nothing
+        # of a predecessor's monotonic clock may mean anything to it
+        clock: Clock = ShiftedClock(self.clock, -1000.0 * self.restarts)
         return Controller(
-            catalog, clock=self.clock, lease_seconds=self.lease, ack_timeout=self.ack_timeout,
+            catalog, clock=clock, lease_seconds=self.lease, ack_timeout=self.ack_timeout,
             lease_margin=0.5,
         )  # fmt: skip
 
     def vd(self, agent: int, name: str = "v") -> AgentVDisk:
         return self.agents[agent].vdisk(name)
 
-    def restart_controller(self) -> Controller:
-        """Stop the controller and start a new one on the same store; links follow."""
+    def restart_controller(self, down: float = 0.0) -> Controller:
+        """Stop the controller and start a new one on the same store, ``down`` (fake)
+        seconds later; links follow."""
         self.controller.close()
-        self.catalog = open_catalog(self.db)
+        self.clock.advance(down)
+        self.restarts += 1
+        self.catalog = self._open_catalog()
         self.controller = self._controller(self.catalog)
         for link in self.links:
             link.retarget(self.controller)

@@ -7,6 +7,8 @@ first refused attempt of a standby, ``active`` once it serves, then answers one 
 command read from stdin:
 
 * ``snapshot SOURCE NAME`` -> ``window STARTED FROZEN THAWED`` (CLOCK_MONOTONIC);
+* ``freeze NAME SECONDS`` -> ``froze STARTED FROZEN`` (CLOCK_MONOTONIC around the call);
+* ``frozen NAME`` -> ``frozen yes`` or ``frozen no``;
 * ``commit KEY`` -> ``ok`` (a record ``note/KEY`` committed to the store);
 * ``agents`` -> ``agents ID...`` (live sessions);
 * ``await ID...`` -> ``agents ID...`` once those agents have registered (at most 60 s);
@@ -53,6 +55,12 @@ def main() -> int:
                 controller.snapshot(words[1], words[2])
                 w = controller.windows[-1]
                 print(f"window {w.started!r} {w.frozen!r} {w.thawed!r}", flush=True)
+            elif words[0] == "freeze":
+                started = time.monotonic()
+                controller.freeze([words[1]], timeout=float(words[2]))
+                print(f"froze {started!r} {time.monotonic()!r}", flush=True)
+            elif words[0] == "frozen":
+                print(f"frozen {'yes' if controller.frozen(words[1]) else 'no'}", flush=True)
             elif words[0] == "commit":
                 controller.catalog.put_record("note", int(words[1]), {"by": os.getpid()})
                 controller.catalog.commit()

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -40,8 +42,8 @@ class Model:
             d.extend(bytes(size - len(d)))
 
 
-def open_catalog(path: str) -> Catalog:
-    return Catalog.open(SqliteStore(path, create=True))
+def open_catalog(path: str, wallclock: Callable[[], float] = time.time) -> Catalog:
+    return Catalog.open(SqliteStore(path, create=True), wallclock)
 
 
 def check_refcounts(catalog: Catalog) -> None:

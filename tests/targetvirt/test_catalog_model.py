@@ -1,7 +1,9 @@
 """The engine against a plain reference model, under random sequences of operations.
 
 Every step is followed by a byte-for-byte comparison of every vdisk and snapshot with the
-model, and a recount of every refcount from the tables.
+model, a recount of every refcount from the tables, and a comparison of the vdisks' freezes
+(kept in their records: they survive every reopen, go with a deleted vdisk, are not copied
+to snapshots or clones).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from hypothesis.stateful import (
 from targetvirt import table as t
 from targetvirt.catalog import Catalog
 from targetvirt.errors import InUse, PoolFull
+from targetvirt.vdisk import Freeze
 from tests.targetvirt.engine_model import (
     SEG,
     Model,
@@ -37,6 +40,7 @@ CONTAINER_SEGMENTS = 20
 MAX_SIZE = 6 * SEG + 1000
 
 sizes = st.integers(min_value=1, max_value=MAX_SIZE)
+modes = st.sampled_from(["nowrite", "invalid"])
 
 
 class EngineMachine(RuleBasedStateMachine):
@@ -52,6 +56,7 @@ class EngineMachine(RuleBasedStateMachine):
         location, size = self.new_container()
         self.catalog.create_pool("p", location, size, segment_size=SEG, preallocate=True)
         self.model = Model()
+        self.freezes: dict[str, Freeze] = {}
 
     # --- what variants change (the RADOS run: tests/targetvirt/test_catalog_model_rados.py)
 
@@ -189,6 +194,7 @@ class EngineMachine(RuleBasedStateMachine):
         for n in [n for n in self.model.disks if n == name or n.startswith(name + "@")]:
             del self.model.disks[n]
             self.model.readonly.discard(n)
+            self.freezes.pop(n, None)
 
     @rule(name=consumes(snapshots))
     def delete_snapshot(self, name: str) -> None:
@@ -198,6 +204,7 @@ class EngineMachine(RuleBasedStateMachine):
         for n in [n for n in self.model.disks if n == name or n.startswith(name + "@")]:
             del self.model.disks[n]
             self.model.readonly.discard(n)
+            self.freezes.pop(n, None)
 
     @rule(name=writable)
     def flatten(self, name: str) -> None:
@@ -209,6 +216,22 @@ class EngineMachine(RuleBasedStateMachine):
             return
         v = self.catalog.vdisk(name)
         assert all(v.pool.refcount(e) == 1 for _, e in v.table.iter_mapped())
+
+    # --- freezes (the controller's, kept with the vdisks) ---------------------------------
+
+    @rule(a=writable, b=st.one_of(writable, snapshots), mode=modes,
+          until=st.sampled_from([None, 1.9e9, 1.9e9 + 0.25]), thaw_b=st.booleans())  # fmt: skip
+    def freeze(self, a: str, b: str, mode: str, until: float | None, thaw_b: bool) -> None:
+        """Freeze ``a`` and freeze or thaw ``b``, in one commit."""
+        if a == b or a not in self.model.disks or b not in self.model.disks:
+            return
+        changes = {a: Freeze(mode, until), b: None if thaw_b else Freeze(mode)}
+        self.catalog.set_freezes(changes)
+        for name, freeze in changes.items():
+            if freeze is None:
+                self.freezes.pop(name, None)
+            else:
+                self.freezes[name] = freeze
 
     # --- placement ----------------------------------------------------------------------
 
@@ -258,6 +281,11 @@ class EngineMachine(RuleBasedStateMachine):
     @invariant()
     def contents_match(self) -> None:
         check_contents(self.catalog, self.model)
+
+    @invariant()
+    def freezes_match(self) -> None:
+        frozen = {n: v.freeze for n, v in self.catalog.vdisks.items() if v.freeze is not None}
+        assert frozen == self.freezes
 
     @invariant()
     def refcounts_match(self) -> None:

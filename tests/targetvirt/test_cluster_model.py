@@ -4,14 +4,17 @@ Random I/O from three agents (each serving the same vdisks, as multipath gateway
 plus clones and snapshots they attach) interleaves with random controller operations:
 live snapshots, clones and consistency-group snapshots in both freeze modes, freezes
 and thaws, delays, live migration, rollback, resize, flatten, delete, controller restarts
-and agent re-registrations.  After every step, every agent's view of every vdisk it
-serves, and the controller's master copy, equal the model byte for byte; refcounts
-equal a recount.  One thread, a fake clock: a write to a frozen vdisk fails at once
-(``frozen_timeout=0``) and leaves the model unchanged.
+and agent re-registrations.  Freezes are durable: they survive a controller restart
+(the model keeps each one's deadline on the fake clock; a restart may come after some
+time down, and a freeze whose timeout ran out meanwhile is thawed).  After every step,
+every agent's view of every vdisk it serves, and the controller's master copy, equal
+the model byte for byte; refcounts equal a recount.  One thread, a fake clock: a write
+to a frozen vdisk fails at once (``frozen_timeout=0``) and leaves the model unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -20,6 +23,7 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from targetvirt import table as t
 from targetvirt.errors import FrozenTimeout, PoolFull
 from tests.targetvirt.cluster import Cluster, read
 from tests.targetvirt.engine_model import SEG, Model, check_contents, check_refcounts, data_for
@@ -38,14 +42,20 @@ class ClusterMachine(RuleBasedStateMachine):
         self.c = Cluster(
             self.dir, vdisks=dict(SIZES), agents=AGENTS, frozen_timeout=0.0, containers=2,
             cow={"a": "redirect", "b": "copy"}, location=self.container_location,
+            metadata=self.metadata_location(),
         )  # fmt: skip
         self.model = Model({n: bytearray(s) for n, s in SIZES.items()})
         self.serving = {i: {"a", "b"} for i in range(AGENTS)}
-        self.frozen: set[str] = set()
+        # frozen vdisk -> when its timeout thaws it (fake clock; None: only a thaw)
+        self.frozen: dict[str, float | None] = {}
         self.counter = 0
 
     def container_location(self, i: int) -> str | None:
         """Where container ``i`` lives (None: a file in the machine's folder)."""
+        return None
+
+    def metadata_location(self) -> str | None:
+        """Where the metadata store lives (None: SQLite in the machine's folder)."""
         return None
 
     def teardown(self) -> None:
@@ -135,7 +145,9 @@ class ClusterMachine(RuleBasedStateMachine):
                 offset, memoryview(verify), memoryview(data)
             )
         except FrozenTimeout:
-            assert name in self.frozen and match
+            # admitted as a write before it compares (the compare is under the write's
+            # hold), so a frozen vdisk fails it whether or not it would have matched
+            assert name in self.frozen
             return
         except PoolFull:
             return
@@ -144,6 +156,96 @@ class ClusterMachine(RuleBasedStateMachine):
             self.model.write(name, offset, data)
         else:
             assert got == seed % length
+
+    @rule(agent=agents, other=agents, pick=st.integers(0, 9), where=fractions,
+          length=st.integers(1, 4096), match=st.booleans(), seed=st.integers(0, 2**32),
+          wwhere=fractions, wlength=st.integers(1, 2 * SEG),
+          op=st.sampled_from(["none", "freeze", "snapshot", "migrate", "time"]))  # fmt: skip
+    def caw_races(
+        self, agent: int, other: int, pick: int, where: float, length: int, match: bool,
+        seed: int, wwhere: float, wlength: int, op: str,
+    ) -> None:  # fmt: skip
+        """Between the controller's Exclusive grant and the compare, a controller command
+        and then another agent's write: the write must wait (here: fail at once, with
+        ``frozen_timeout=0``) if it touches the CAW's segments, and the CAW compares
+        against the data after whatever did get through."""
+        name = self._served(agent, pick)
+        if name is None:
+            return
+        offset, length = self._span(name, where, length)
+        verify = bytearray(self.model.disks[name][offset : offset + length])
+        if not match:
+            verify[seed % length] ^= 0xFF
+        data = data_for(seed, length)
+        vd = self.c.vd(agent, name)
+        real = vd._caw_locally
+        held: list[bool] = []
+
+        def racing(o: int, v: memoryview, w: memoryview, until: float | None) -> int | None:
+            if until is not None:  # not alone: the others are held
+                self._race(
+                    name, op, (agent, other), (wwhere, wlength), vd.segment_size, (offset, length)
+                )
+                held.append(True)
+            return real(o, v, w, until)
+
+        vd._caw_locally = racing  # type: ignore[method-assign]
+        try:
+            got = vd.compare_and_write(offset, memoryview(verify), memoryview(data))
+        except FrozenTimeout:
+            assert name in self.frozen
+            return
+        except PoolFull:
+            return
+        finally:
+            del vd._caw_locally
+        assert held or not any(name in self.serving[i] for i in range(AGENTS) if i != agent)
+        current = self.model.disks[name][offset : offset + length]
+        if current == verify:
+            assert got is None
+            self.model.write(name, offset, data)
+        else:
+            assert got == next(i for i in range(length) if current[i] != verify[i])
+
+    def _race(
+        self, name: str, op: str, agents: tuple[int, int], write: tuple[float, int], seg: int,
+        span: tuple[int, int],
+    ) -> None:  # fmt: skip
+        """The controller command, then the other agent's write (see caw_races)."""
+        (agent, other), (wwhere, wlength), (offset, length) = agents, write, span
+        if op == "freeze" and name not in self.frozen:
+            self.c.controller.freeze([name])
+            self.c.controller.thaw([name])  # lifts everything but the CAW's hold
+        elif op == "snapshot":
+            snap = self._fresh("r")
+            with contextlib.suppress(PoolFull):
+                self.c.controller.snapshot(name, snap)
+                self.model.disks[f"{name}@{snap}"] = bytearray(self.model.disks[name])
+                self.model.readonly.add(f"{name}@{snap}")
+        elif op == "migrate":
+            index = offset // seg
+            v = self.c.catalog.vdisk(name)
+            if v.table[index] & t.MAPPED:
+                with contextlib.suppress(PoolFull):
+                    self.c.controller.migrate(name, index)
+        elif op == "time":
+            self.time_passes(3.0)  # (its hold lasts the lease: 10 s)
+        if name not in self.serving[other]:
+            return
+        woff, wlen = self._span(name, wwhere, wlength)
+        data = data_for(wlen, wlen)
+        overlaps = woff // seg <= (offset + length - 1) // seg
+        overlaps = overlaps and offset // seg <= (woff + wlen - 1) // seg
+        held = overlaps and other != agent  # its own writes go on until its local hold
+        try:
+            self.c.vd(other, name).write_from(woff, [memoryview(data)], False)
+        except FrozenTimeout:
+            assert name in self.frozen or held
+            return
+        except PoolFull:
+            return
+        assert name not in self.frozen and not held
+        self.model.write(name, woff, data)
 
     @rule(agent=agents)
     def flush(self, agent: int) -> None:
@@ -199,21 +301,28 @@ class ClusterMachine(RuleBasedStateMachine):
             self.model.disks[f"{src}@{snap}"] = bytearray(self.model.disks[src])
             self.model.readonly.add(f"{src}@{snap}")
 
-    @rule(pick=st.integers(0, 9), mode=modes, timeout=st.sampled_from([None, 5.0]))
+    @rule(pick=st.integers(0, 9), mode=modes, timeout=st.sampled_from([None, 5.0, 12.0]))
     def freeze(self, pick: int, mode: str, timeout: float | None) -> None:
         name = self._writable(pick)
         self.c.controller.freeze([name], mode=mode, timeout=timeout)
-        self.frozen.add(name)
-        if timeout is not None:
-            self._advance(6.0)
-            self.c.controller.tick()
-            self.frozen.discard(name)
+        self.frozen[name] = None if timeout is None else self.c.clock.now() + timeout
 
     @rule(pick=st.integers(0, 9))
     def thaw(self, pick: int) -> None:
         name = self._writable(pick)
         self.c.controller.thaw([name])
-        self.frozen.discard(name)
+        self.frozen.pop(name, None)
+
+    @rule(seconds=st.sampled_from([3.0, 6.0]))
+    def time_passes(self, seconds: float) -> None:
+        self._advance(seconds)
+        self.c.controller.tick()
+        self._expire()
+
+    def _expire(self) -> None:
+        now = self.c.clock.now()
+        for name in [n for n, until in self.frozen.items() if until is not None and until <= now]:
+            del self.frozen[name]
 
     @rule(pick=st.integers(0, 9), expire=st.booleans(), agent=agents)
     def delay(self, pick: int, expire: bool, agent: int) -> None:
@@ -278,17 +387,23 @@ class ClusterMachine(RuleBasedStateMachine):
         for n in [n for n in self.model.disks if n == name or n.startswith(name + "@")]:
             del self.model.disks[n]
             self.model.readonly.discard(n)
-            self.frozen.discard(n)
+            self.frozen.pop(n, None)
             for served in self.serving.values():
                 served.discard(n)
 
-    @rule()
-    def restart_controller(self) -> None:
-        self.c.restart_controller()
+    @rule(down=st.sampled_from([0.0, 6.0]))
+    def restart_controller(self, down: float) -> None:
+        # (down for less than an agent's lease: they re-register, no waiting it out)
+        self.c.restart_controller(down)
         for a in self.c.agents:
             a.renew_lease()  # session lost: registers again and rebuilds its tables
         assert self.c.controller.ready
-        self.frozen.clear()  # freezes are volatile: they do not survive a restart
+        self._expire()  # durable freezes stay, but for those whose timeout ran out
+
+    @invariant()
+    def controller_knows_the_freezes(self) -> None:
+        for name in self.model.disks:
+            assert self.c.controller.frozen(name) == (name in self.frozen), name
 
     @rule(agent=agents)
     def reregister(self, agent: int) -> None:

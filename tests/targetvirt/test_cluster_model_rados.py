@@ -2,7 +2,9 @@
 
 The machine is the one of :mod:`tests.targetvirt.test_cluster_model`; container 0 is in
 RADOS, container 1 a file, so the agents open both kinds from the controller's
-ContainerInfo, and copy-on-write copies and live migrations cross kinds.  Each example
+ContainerInfo, and copy-on-write copies and live migrations cross kinds.  The metadata
+store is in RADOS too: what a restarted controller finds there (freezes included) comes
+from the RADOS store.  Each example
 runs in a RADOS namespace of its own.
 """
 
@@ -30,6 +32,9 @@ class RadosClusterMachine(ClusterMachine):
 
     def container_location(self, i: int) -> str | None:
         return self.location if i % 2 == 0 else None
+
+    def metadata_location(self) -> str | None:
+        return self.location
 
 
 def test_cluster_model_on_rados(ceph: CephCluster) -> None:

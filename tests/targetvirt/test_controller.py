@@ -22,6 +22,7 @@ from targetvirt.errors import (
     LeaseExpired,
     NotFound,
     SessionLost,
+    StoreError,
 )
 from targetvirt.vdisk import VDisk
 from tests.conftest import Layout
@@ -355,6 +356,177 @@ def test_restarted_controller_waits_out_absent_agents_leases(cluster: Cluster) -
     drive(cluster.clock, fault, step=1.0)
     assert ctl.ready
     assert cluster.catalog.vdisk("v").read(6 * SEG, 4) == b"wait"
+
+
+# --- user freezes across a controller restart -------------------------------------------
+
+
+def rejoin(cluster: Cluster) -> None:
+    """Every agent finds its session gone and registers with the new controller."""
+    for agent in cluster.agents:
+        agent.renew_lease()
+
+
+def stored_freeze(cluster: Cluster, name: str) -> object:
+    """The freeze in the vdisk's record as the store holds it (None: not frozen)."""
+    vid = cluster.catalog.vdisk(name).vid
+    return cluster.catalog.store.load().records["vdisk"][vid].get("freeze")
+
+
+@pytest.mark.parametrize("mode", ["nowrite", "invalid"])
+def test_a_freeze_survives_a_controller_restart(cluster: Cluster, mode: str) -> None:
+    fill(cluster)
+    cluster.controller.freeze(["v"], mode=mode)
+    ctl = cluster.restart_controller(down=2.0)
+    assert ctl.frozen("v") and not ctl.frozen("w")
+    rejoin(cluster)
+    assert all(a.registrations == 2 for a in cluster.agents)
+    assert all(cluster.vd(i).entry(0) & t.NOWRITE_BIT for i in range(3))
+    assert read(cluster.vd(1), 0, 4) == b"AAAA"  # reads go on
+    held = Background(lambda: write(cluster.vd(0), 10, b"late"))
+    assert held.still_running()  # the re-registered agent still holds the write
+    assert cluster.catalog.vdisk("v").read(10, 4) == b"AAAA"
+    write(cluster.vd(2, "w"), 0, b"free")  # the other vdisk was never frozen
+    ctl.thaw(["v"])
+    held.result()
+    assert read(cluster.vd(1), 10, 4) == b"late"
+    assert stored_freeze(cluster, "v") is None
+
+
+def test_a_freeze_timeout_is_counted_across_a_restart(cluster: Cluster) -> None:
+    write(cluster.vd(0), 0, b"x")
+    cluster.controller.freeze(["v"], timeout=10.0)
+    assert stored_freeze(cluster, "v") == {"mode": "nowrite", "until": cluster.wallclock() + 10}
+    held = Background(lambda: write(cluster.vd(0), 0, b"y"))
+    cluster.clock.advance(4.0)
+    # 3 s down: 7 s of the 10 gone.  The new controller's clock reads from another
+    # origin (cluster.ShiftedClock): only the wall-clock deadline can carry over.
+    ctl = cluster.restart_controller(down=3.0)
+    rejoin(cluster)
+    cluster.clock.advance(2.5)
+    ctl.tick()
+    assert ctl.frozen("v") and held.still_running()
+    cluster.clock.advance(1.0)  # 10.5 s
+    ctl.tick()
+    assert not ctl.frozen("v")
+    held.result()
+    assert read(cluster.vd(2), 0, 1) == b"y"
+    assert stored_freeze(cluster, "v") is None  # the timeout's thaw is durable too
+
+
+def test_a_freeze_whose_timeout_passed_while_down_thaws_at_once(cluster: Cluster) -> None:
+    write(cluster.vd(0), 0, b"x")
+    cluster.controller.freeze(["v", "w"], timeout=5.0)
+    cluster.controller.freeze(["w"])  # frozen again, now until thawed
+    cluster.clock.advance(2.0)
+    ctl = cluster.restart_controller(down=4.0)
+    assert not ctl.frozen("v") and ctl.frozen("w")  # no tick needed
+    assert stored_freeze(cluster, "v") is None
+    assert stored_freeze(cluster, "w") == {"mode": "nowrite", "until": None}
+    rejoin(cluster)
+    write(cluster.vd(1), 0, b"z")
+    assert read(cluster.vd(2), 0, 1) == b"z"
+
+
+def test_a_thaw_is_durable(cluster: Cluster) -> None:
+    write(cluster.vd(0), 0, b"x")
+    cluster.controller.freeze(["v", "w"], mode="invalid")
+    cluster.controller.thaw(["v"])
+    ctl = cluster.restart_controller()
+    assert not ctl.frozen("v") and ctl.frozen("w")
+    rejoin(cluster)
+    write(cluster.vd(1), 0, b"z")  # thawed before the restart: stays thawed
+    assert read(cluster.vd(2), 0, 1) == b"z"
+    ctl.thaw(["w"])
+    assert not cluster.restart_controller().frozen("w")
+
+
+def test_a_deleted_frozen_vdisk_leaves_no_freeze_behind(cluster: Cluster) -> None:
+    ctl = cluster.controller
+    ctl.clone("v", "k")
+    ctl.snapshot("v", "s")
+    ctl.freeze(["k", "v"])
+    ctl.snapshot("v", "s2")  # a copy of a frozen vdisk is not frozen itself
+    ctl.delete("k")  # the freeze goes with the vdisk record, in the same commit
+    cluster.catalog.create_vdisk("k", "p", SEG)  # may even get the old id
+    ctl = cluster.restart_controller()
+    assert [n for n in cluster.catalog.vdisks if ctl.frozen(n)] == ["v"]
+
+
+def test_a_freeze_the_store_cannot_record_is_not_applied(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    write(cluster.vd(0), 0, b"x")
+
+    def broken(txn: object) -> None:
+        raise StoreError("the metadata store is unreachable")
+
+    with monkeypatch.context() as m:
+        m.setattr(cluster.catalog.store, "commit", broken)
+        with pytest.raises(StoreError):
+            cluster.controller.freeze(["v"])
+        assert not cluster.controller.frozen("v")
+        write(cluster.vd(1), 0, b"y")  # no agent heard of it
+    cluster.catalog.commit()  # nothing of the failed freeze was left staged
+    assert not cluster.restart_controller().frozen("v")
+
+
+def test_a_thaw_the_store_cannot_record_keeps_the_freeze(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster.controller.freeze(["v"])
+
+    def broken(txn: object) -> None:
+        raise StoreError("the metadata store is unreachable")
+
+    with monkeypatch.context() as m:
+        m.setattr(cluster.catalog.store, "commit", broken)
+        with pytest.raises(StoreError):
+            cluster.controller.thaw(["v"])
+    assert cluster.controller.frozen("v")
+    assert cluster.vd(0).entry(0) & t.NOWRITE_BIT
+    cluster.catalog.commit()
+    assert cluster.restart_controller().frozen("v")
+
+
+def test_a_timeout_thaws_even_if_the_store_cannot_record_it(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cluster.controller.freeze(["v"], timeout=5.0)
+
+    def broken(txn: object) -> None:
+        raise StoreError("the metadata store is unreachable")
+
+    with monkeypatch.context() as m:
+        m.setattr(cluster.catalog.store, "commit", broken)
+        cluster.clock.advance(6.0)
+        cluster.controller.tick()
+    assert not cluster.controller.frozen("v")
+    write(cluster.vd(0), 0, b"y")
+    # the store still holds the freeze, with a deadline that has passed: thawed at once
+    assert stored_freeze(cluster, "v") is not None
+    assert not cluster.restart_controller().frozen("v")
+
+
+def test_a_timeout_thaw_the_store_missed_is_recorded_later(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctl = cluster.controller
+    ctl.freeze(["v", "w"], timeout=5.0)
+
+    def broken(txn: object) -> None:
+        raise StoreError("the metadata store is unreachable")
+
+    with monkeypatch.context() as m:
+        m.setattr(cluster.catalog.store, "commit", broken)
+        cluster.clock.advance(6.0)
+        ctl.tick()
+        ctl.tick()  # still failing: still to be recorded
+    ctl.freeze(["w"])  # frozen again meanwhile: that freeze stands
+    assert stored_freeze(cluster, "v") is not None
+    ctl.tick()
+    assert stored_freeze(cluster, "v") is None
+    assert stored_freeze(cluster, "w") == {"mode": "nowrite", "until": None}
 
 
 # --- live snapshots and table operations -------------------------------------------------

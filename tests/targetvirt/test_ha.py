@@ -7,6 +7,9 @@ the active one published there.
   after a live snapshot taken through the new controller needs new segments -- and every
   acknowledged write reads back; the snapshot holds one cut per agent that respects its
   freeze window.
+* Freeze a vdisk with a timeout through the active controller, SIGKILL it: the standby
+  keeps it frozen (the agents that register with it still hold their writes) and thaws
+  it by itself once the timeout, counted from before the kill, has passed.
 * SIGSTOP the active controller: its lease lapses, the standby blocklists it and takes
   over; woken up with SIGCONT, the old controller cannot commit any more.
 """
@@ -33,7 +36,7 @@ from targetvirt.catalog import Catalog
 from targetvirt.controller import FreezeWindow
 from targetvirt.store.rados import RadosStore, active_endpoint, store_owner
 from targetvirt.transport.network import NetworkLink
-from tests.targetvirt.agent_child import REGION, VDISKS
+from tests.targetvirt.agent_child import REGION, VDISKS, target
 from tests.targetvirt.engine_model import SEG
 from tests.targetvirt.gateways import Gateway, check_window, cut_of, wait_for_writes
 
@@ -267,6 +270,51 @@ def test_a_stopped_controller_is_fenced_and_cannot_commit(
         1: active.proc.pid, 2: standby.proc.pid, 4: standby.proc.pid,
     }  # fmt: skip
     print(f"takeover after SIGSTOP: {took:.2f} s")
+
+
+def test_a_freeze_outlives_the_controller_that_set_it(
+    tmp_path: Path, rados_location: str, ctls: list[Ctl], gateways: list[Gateway]
+) -> None:
+    make_store(rados_location)
+    active = Ctl(tmp_path, rados_location, "ctl0")
+    ctls.append(active)
+    assert active.line() == "active"
+    standby = Ctl(tmp_path, rados_location, "ctl1", "--standby")
+    ctls.append(standby)
+    assert standby.line() == "waiting"
+    gateways.extend(Gateway(tmp_path, rados_location, i) for i in range(AGENTS))
+    wait_for_writes(gateways, 40)
+    # long enough to outlast the takeover (at most STORE_LEASE + MARGIN), short enough
+    # for the agents' writes to wait it out (their frozen_timeout: 30 s)
+    timeout = STORE_LEASE + MARGIN + 5.0
+    words = active.ask(f"freeze b {timeout}").split()
+    assert words[0] == "froze", words
+    started, frozen = map(float, words[1:])
+    active.kill()
+    assert standby.line(STORE_LEASE + MARGIN) == "active"
+    assert standby.ask("await gw0 gw1") == "agents gw0 gw1"
+    assert standby.ask("frozen b") == "frozen yes"  # the predecessor's freeze holds
+    while standby.ask("frozen b") == "frozen yes":  # until its timer thaws it
+        assert time.monotonic() < started + timeout + 60, "the freeze never thawed"
+        time.sleep(0.1)  # waiting for the other process's timer, not for time
+    wait_for_writes(gateways, 40)
+    (tmp_path / "stop").touch()
+    last = [g.finish() for g in gateways]
+    assert standby.ask("quit") == "bye"
+    reader = Catalog.open(RadosStore(rados_location, readonly=True))
+    try:
+        for i, g in enumerate(gateways):
+            writes = g.writes()
+            assert [w.seq for w in writes] == list(range(1, last[i] + 1))
+            held = [w for w in writes if target(i, w.seq)[0] == "b" and w.start > frozen]
+            assert held, f"gw{i} wrote nothing to b after the freeze"
+            # the thaw came at the deadline (wall clock) set before the freeze was in place
+            early = [w.seq for w in held if w.end < started + timeout]
+            assert not early, f"gw{i}'s writes {early} to b went through the freeze"
+            assert cut_of(reader, {v: v for v in VDISKS}, i) == last[i]
+            assert reader.vdisk("b").freeze is None
+    finally:
+        reader.close()
 
 
 class Cli(Child):

@@ -12,6 +12,8 @@ write is lost.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,8 +26,9 @@ from targetvirt.transport.network import ControllerServer
 from tests.conftest import Layout
 from tests.targetvirt.agent_child import REGION as CHILD_REGION
 from tests.targetvirt.agent_child import VDISKS
+from tests.targetvirt.ats_child import COUNTER as ATS_COUNTER
 from tests.targetvirt.engine_model import SEG, open_catalog
-from tests.targetvirt.gateways import Gateway, check_window, cut_of, wait_for_writes
+from tests.targetvirt.gateways import ROOT, Gateway, check_window, cut_of, wait_for_writes
 
 AGENTS = 3
 
@@ -96,3 +99,47 @@ def test_live_copies_under_three_agent_processes(
     print(
         f"freeze windows: median {held[len(held) // 2] * 1e3:.1f} ms, max {held[-1] * 1e3:.1f} ms"
     )
+
+
+def test_ats_locking_through_three_agent_processes(
+    tmp_path: Path, setup: tuple[Controller, ControllerServer, str]
+) -> None:
+    """VMFS's ATS through every gateway at once: each agent process swaps a free lock word
+    for its own with COMPARE AND WRITE, bumps a counter in another segment (a plain
+    read and write, protected by the lock alone) and frees the lock.  A CAW that was not
+    atomic across agents lets two hold the lock: an update is lost, or a release finds
+    the lock taken.  (Three processes: every CAW goes through the controller's hold.)"""
+    controller, _, sock = setup
+    rounds, go = 100, tmp_path / "go"
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.targetvirt.ats_child",
+                sock,
+                f"gw{i}",
+                str(i),
+                str(rounds),
+                str(go),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        for i in range(AGENTS)
+    ]
+    for proc in procs:
+        assert proc.stdout is not None and proc.stdout.readline() == "ready\n"
+    assert controller.servers("a") == ["gw0", "gw1", "gw2"]
+    go.touch()
+    misses = 0
+    for i, proc in enumerate(procs):
+        out, _ = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"gw{i}: {out}"
+        misses += int(out.split()[-1])
+    v = controller.catalog.vdisk("a")
+    assert v.read(0, 512) == bytes(512)  # free at the end
+    assert int.from_bytes(v.read(ATS_COUNTER, 8), "little") == AGENTS * rounds  # none lost
+    print(f"ATS: {AGENTS * rounds} acquisitions, {misses} miscompares")

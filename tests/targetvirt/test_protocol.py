@@ -70,6 +70,9 @@ messages = st.one_of(
     st.builds(p.DropVDisk, u64, names),
     st.builds(p.Resize, u64, names, u64),
     st.builds(p.SoftThreshold, u64, names),
+    st.builds(p.Exclusive, names, u64, names, u64, st.integers(1, p.MAX_ENTRIES)),
+    st.builds(p.EndExclusive, names, u64, names),
+    st.builds(p.Solo, u64, names, st.booleans()),
 )
 
 
@@ -163,6 +166,15 @@ def test_update_lengths_must_agree_both_ways() -> None:
     raw += (2).to_bytes(4, "little") + bytes(16) + (1).to_bytes(4, "little") + bytes(8)
     with pytest.raises(errors.ProtocolError, match="numbers of indexes"):
         p.decode(raw)
+
+
+def test_an_exclusive_hold_covers_at_least_one_entry_both_ways() -> None:
+    with pytest.raises(errors.ProtocolError, match="Exclusive of 0 entries"):
+        p.encode(p.Exclusive("a", 1, "v", 0, 0))
+    raw = bytes([p.VERSION, p.Exclusive.TYPE]) + b"\x01\0a" + bytes(8) + b"\x01\0v" + bytes(12)
+    with pytest.raises(errors.ProtocolError, match="Exclusive of 0 entries"):
+        p.decode(raw)
+    assert p.decode(raw[:-4] + (5).to_bytes(4, "little")) == p.Exclusive("a", 0, "v", 0, 5)
 
 
 def test_encode_refuses_values_that_do_not_fit() -> None:

@@ -8,9 +8,13 @@ from pathlib import Path
 
 import pytest
 
+from targetvirt.clock import FakeClock
 from targetvirt.errors import NotFound
 from tcmu_handler import netlink
-from tcmu_handler.service import TcmuService
+from tcmu_handler.scsi.backend import RamBackend
+from tcmu_handler.scsi.lun import LunState
+from tcmu_handler.service import RETRY_SECONDS, DeviceInfo, TcmuService
+from tests.tcmu_handler.kernel_emulator import KernelEmulator
 
 NAME = "tcm-user/1/lun0/targetvirt/db"
 
@@ -71,3 +75,58 @@ def test_other_subtypes_and_vanished_devices(tmp_path: Path) -> None:
     assert service._answer(event(netlink.TcmuCmd.ADDED_DEVICE)) == -errno.ENODEV
     assert service._answer(event(netlink.TcmuCmd.REMOVED_DEVICE)) == 0
     assert opened == []
+
+
+def servable(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """The trees plus what taking the device over needs: configfs action files and a
+    device node holding a kernel-laid-out mailbox (a file stands in for /dev/uio0)."""
+    sysfs, configfs = trees(tmp_path)
+    emu = KernelEmulator(data_blocks=2)
+    (sysfs / "uio0" / "maps" / "map0" / "size").write_text(f"{len(emu.buf):#x}\n")
+    action = configfs / "target" / "core" / "user_1" / "lun0" / "action"
+    action.mkdir()
+    for attr in ("block_dev", "reset_ring"):
+        (action / attr).write_text("")
+    dev = tmp_path / "dev"
+    dev.mkdir()
+    (dev / "uio0").write_bytes(emu.buf)
+    return sysfs, configfs, dev
+
+
+def test_a_refused_device_is_tried_again_and_its_reason_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A device refused at start (its vdisk not made yet, its node still held by a
+    predecessor that is exiting) is served once the cause is gone, without a restart."""
+    sysfs, configfs, dev = servable(tmp_path)
+    missing = True
+
+    def open_lun(cfg: object, info: DeviceInfo) -> tuple[object, object]:
+        if missing:
+            raise NotFound("no vdisk named 'db' in targetvirt")
+        lun = LunState(block_size=512, num_blocks=info.size // 512, serial="s",
+                       naa=bytes([0x60]) + bytes(15))  # fmt: skip
+        return RamBackend(info.size), lun
+
+    clock = FakeClock()
+    service = TcmuService(open_lun, sysfs_root=sysfs, configfs_root=configfs,  # type: ignore[arg-type]
+                          dev_root=dev, clock=clock, workers=1)  # fmt: skip
+    service.rescan()
+    assert service.refused == {"user_1/lun0": "no vdisk named 'db' in targetvirt"}
+    for _ in range(3):
+        clock.advance(RETRY_SECONDS)
+        service._retry_when_due()
+    assert sum("not serving" in r.message for r in caplog.records) == 1
+    assert service.devices == {}
+
+    missing = False
+    clock.advance(RETRY_SECONDS - 1)
+    service._retry_when_due()
+    assert service.devices == {}  # not due yet
+    clock.advance(1)
+    service._retry_when_due()
+    try:
+        assert list(service.devices) == ["user_1/lun0"] and service.refused == {}
+        assert (configfs / "target/core/user_1/lun0/action/reset_ring").read_text() == "1"
+    finally:
+        service.stop()

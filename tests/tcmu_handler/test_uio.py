@@ -3,6 +3,7 @@ a fake sysfs/configfs/dev tree in tmp_path (a regular file stands in for /dev/ui
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import threading
@@ -252,8 +253,8 @@ def test_attach_blocks_resets_maps_then_unblocks(tmp_path: Path) -> None:
     device = UioDevice(9, name, len(emu.buf))
     handle, ring = attach(device, dev_root=dev_root, clock=FakeClock(), actions=actions)
     assert actions.log == [
-        ("action/block_dev", "1", False),
-        ("action/reset_ring", "1", False),
+        ("action/block_dev", "1", True),  # the node claimed before the ring is touched
+        ("action/reset_ring", "1", True),
         ("action/block_dev", "0", True),  # unblocked only once mapped
     ]
     assert (action / "block_dev").read_text() == "0"
@@ -273,3 +274,30 @@ def test_attach_leaves_device_blocked_and_closed_on_a_bad_mailbox(tmp_path: Path
         attach(device, configfs_root=tmp_path, dev_root=dev_root, clock=FakeClock())
     assert (action / "block_dev").read_text() == "1"
     assert set(os.listdir("/proc/self/fd")) <= before
+
+
+def test_attach_leaves_a_device_held_by_another_process_untouched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The kernel lets one process have the node open: a device a second daemon (or a
+    predecessor still exiting) holds fails with EBUSY before its ring is blocked or reset."""
+    dev_root = tmp_path / "dev"
+    dev_root.mkdir()
+    node = dev_root / "uio9"
+    node.write_bytes(KernelEmulator(data_blocks=1).buf)
+    name = UioName(1, "disk0", "targetvirt/vd1")
+    action = make_configfs(tmp_path, 1, "disk0")
+    actions = RecordingActions(name, tmp_path, node)
+    real_open = os.open
+
+    def held(path: object, flags: int, *args: int) -> int:
+        if str(path) == str(node):
+            raise OSError(errno.EBUSY, "Device or resource busy")
+        return real_open(path, flags, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", held)
+    with pytest.raises(OSError, match="already open by another process"):
+        attach(UioDevice(9, name, len(node.read_bytes())), dev_root=dev_root,
+               clock=FakeClock(), actions=actions)  # fmt: skip
+    assert actions.log == []
+    assert (action / "block_dev").read_text() == "" and (action / "reset_ring").read_text() == ""

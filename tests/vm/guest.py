@@ -208,6 +208,7 @@ class Guest:
         cpus = cpus or int(os.environ.get("TARGETVIRT_VM_CPUS", "2"))
         for d in (self.channel, self.results):
             d.mkdir(parents=True, exist_ok=True)
+        _precompile()
         bindir = Path(sys.prefix) / "bin"
         vng = shutil.which("vng", path=f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}")
         if vng is None:
@@ -513,6 +514,18 @@ class Guest:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _precompile() -> None:
+    """Write the checkout's bytecode on the host before the guest boots.  The guest sees
+    the tree read-only, so a module whose .pyc is missing or stale (just edited, just
+    merged) is compiled again by every guest process that imports it: ~3 s of each
+    handler start under TCG, where a stat over 9p costs ~4 ms."""
+    subprocess.run(
+        [sys.executable, "-m", "compileall", "-q", "-j", "0",
+         *(str(CHECKOUT / d) for d in ("targetvirt", "tcmu_handler", "tests", "bench"))],
+        check=False, stdout=subprocess.DEVNULL,
+    )  # fmt: skip
 
 
 def _disk_path(disk: Path) -> str:

@@ -20,10 +20,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from targetvirt.catalog import Catalog
-from targetvirt.store.sqlite import SqliteStore
 from tests.vm import lio
+
+if TYPE_CHECKING:
+    from targetvirt.catalog import Catalog
 
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = str(ROOT / ".venv" / "bin" / "python")
@@ -56,6 +58,11 @@ class Handler:
 
     def catalog(self) -> Catalog:
         """The catalog, opened directly: only while the daemon is not running."""
+        # Imported here: ``restart``/``stop`` need no catalog, and importing it (numpy...)
+        # costs seconds under TCG on every one of the kill test's restarts.
+        from targetvirt.catalog import Catalog  # noqa: PLC0415 - see above
+        from targetvirt.store.sqlite import SqliteStore  # noqa: PLC0415
+
         self.state.mkdir(parents=True, exist_ok=True)
         return Catalog.open(SqliteStore(str(self.state / "targetvirt.db"), create=True))
 

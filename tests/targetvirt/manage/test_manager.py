@@ -427,6 +427,37 @@ def test_freeze_thaw_delay_resume_through_the_controller(
         m.catalog.close()
 
 
+def test_a_freeze_shows_after_a_daemon_restart(state: Path, lio: FakeLio, tmp_path: Path) -> None:
+    """What the user sees: a vdisk frozen before a restart is still frozen after it (and
+    refuses what a frozen vdisk refuses), until thawed; a delay is not kept."""
+    m = open_manager(state, lio)
+    try:
+        m.create_pool("p1", path=str(tmp_path / "p.img"), size=16 * MIB)
+        m.create_vdisk("db", "p1", 4 * MIB)
+        m.create_vdisk("web", "p1", 4 * MIB)
+        m.freeze("db", mode="invalid")
+        m.delay("web", 600)
+    finally:
+        m.stop()
+        m.catalog.close()
+    m = open_manager(state, lio)
+    try:
+        assert m.info("vdisk", "db")["state"] == "frozen"
+        assert m.info("vdisk", "web")["state"] == "normal"
+        with pytest.raises(InUse, match=r"^db is frozen; thaw it before you resize it$"):
+            m.resize("db", 8 * MIB)
+        assert m.thaw("db")["message"] == "Thawed db"
+    finally:
+        m.stop()
+        m.catalog.close()
+    m = open_manager(state, lio)
+    try:
+        assert m.info("vdisk", "db")["state"] == "normal"
+    finally:
+        m.stop()
+        m.catalog.close()
+
+
 def test_pool_threshold_and_failed_containers(manager: Manager, tmp_path: Path) -> None:
     manager.create_pool("p1", path=str(tmp_path / "p.img"), size=11 * MIB, threshold=30)
     manager.add_container("p1", path=str(tmp_path / "q.img"), size=11 * MIB)

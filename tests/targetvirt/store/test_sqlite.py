@@ -16,10 +16,12 @@ from hypothesis import strategies as st
 
 from targetvirt.catalog import Catalog
 from targetvirt.check import check
+from targetvirt.check import main as check_main
 from targetvirt.container import HEADER_BYTES
 from targetvirt.errors import NotFound, StoreCorrupt, StoreError, StoreLocked, TargetvirtError
 from targetvirt.store.base import Transaction
 from targetvirt.store.sqlite import SqliteStore
+from targetvirt.vdisk import Freeze
 from tests.fuzzing import fuzz_settings, one_line
 from tests.targetvirt.engine_model import SEG
 
@@ -464,3 +466,83 @@ def test_a_store_from_before_the_journal_opens(tmp_path: Path) -> None:
     cat.vdisk("a").write(19 * SEG, b"x")
     assert cat.store.load().journal
     cat.close()
+
+
+# --- users' freezes, kept in vdisk records ------------------------------------------------
+
+
+def test_a_freeze_is_stored_with_its_vdisk(tmp_path: Path) -> None:
+    db, _ = make_store(tmp_path)
+    cat = reopen(db)
+    cat.set_freezes({"a": Freeze("invalid", 2e9), "b": Freeze("nowrite")})
+    cat.set_freezes({"b": None})
+    cat.close()
+    cat = reopen(db)
+    try:
+        assert {n: v.freeze for n, v in cat.vdisks.items()} == {
+            "a": Freeze("invalid", 2e9), "a@s": None, "b": None,
+        }  # fmt: skip
+        assert check(cat).frozen == ["a (invalid, until 2033-05-18 03:33:20 UTC)"]
+    finally:
+        cat.close()
+
+
+def test_a_freeze_the_store_refuses_is_not_left_staged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    db, _ = make_store(tmp_path)
+    cat = reopen(db)
+
+    def broken(txn: Transaction) -> None:
+        raise StoreError("the disk is gone")
+
+    with monkeypatch.context() as m:
+        m.setattr(cat.store, "commit", broken)
+        with pytest.raises(StoreError):
+            cat.set_freezes({"a": Freeze("nowrite"), "b": Freeze("nowrite")})
+    assert cat.vdisk("a").freeze is None and cat.vdisk("b").freeze is None
+    cat.close()  # commits what is pending: nothing of the failed freeze
+    cat = reopen(db)
+    assert all(v.freeze is None for v in cat.vdisks.values())
+    cat.close()
+
+
+def put_freeze(db: str, name: str, freeze: object) -> None:
+    """Store ``freeze`` in the vdisk's record as a (buggy) writer would: checksum valid."""
+    store = SqliteStore(db)
+    try:
+        vdisks = store.load().records["vdisk"]
+        vid, body = next((k, b) for k, b in vdisks.items() if b["name"] == name)
+        txn = Transaction()
+        txn.put("vdisk", vid, {**body, "freeze": freeze})
+        store.commit(txn)
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize(
+    "freeze",
+    [
+        None,
+        "nowrite",
+        {"mode": "nowrite"},
+        {"mode": "sideways", "until": None},
+        {"mode": "nowrite", "until": "soon"},
+        {"mode": "nowrite", "until": True},
+        {"mode": "nowrite", "until": 1e300},
+        {"mode": "nowrite", "until": -1.0},
+        {"mode": "nowrite", "until": None, "extra": 1},
+    ],
+)
+def test_a_damaged_freeze_is_named_not_thawed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], freeze: object
+) -> None:
+    db, _ = make_store(tmp_path)
+    put_freeze(db, "a", freeze)
+    with pytest.raises(StoreCorrupt, match="the freeze of vdisk a is damaged") as e:
+        reopen(db)
+    assert one_line(str(e.value))
+    os.rename(db, tmp_path / "targetvirt.db")
+    assert check_main(["--state-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("targetvirt-check: DAMAGE: the freeze of vdisk a is damaged"), err

@@ -17,6 +17,7 @@ from tcmu_handler.scsi import sense as sn
 from tests.fuzzing import fuzz_settings
 
 from .helpers import Device, parse_sense
+from .test_alua import StaticAlua, two_gateways
 
 GUARD = 64
 KNOWN = sorted({c.opcode for c in op.SUPPORTED} | {0x7F, 0x83, 0x84, 0x9C})
@@ -74,6 +75,8 @@ def make_device(block_size: int, gate: str | None) -> Device:
         dev.lun.begin_operation(sn.FORMAT_IN_PROGRESS)
     elif gate == "read_only":
         dev.lun.read_only = True
+    elif gate == "alua":  # INQUIRY, VPD 83h, RTPG and RSOC answer from target port groups
+        dev.lun.alua = StaticAlua(two_gateways())
     return dev
 
 
@@ -85,7 +88,7 @@ def make_device(block_size: int, gate: str | None) -> Device:
     cuts_in=st.lists(st.integers(0, 10000), max_size=3),
     cuts_out=st.lists(st.integers(0, 10000), max_size=3),
     block_size=st.sampled_from([512, 4096]),
-    gate=st.sampled_from([None, "ua", "d_sense", "formatting", "read_only"]),
+    gate=st.sampled_from([None, "ua", "d_sense", "formatting", "read_only", "alua"]),
     as_view=st.booleans(),
 )
 def test_handle_never_raises_and_stays_in_its_buffers(
