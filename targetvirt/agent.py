@@ -37,6 +37,13 @@ I/O with an earlier ticket, so releasing the queue never reorders writes against
 Lease: writes are admitted only before ``lease.until`` (agent clock, counted from when the
 renewal was *sent*, so it ends before the controller's view of it).  Reads of usable
 entries go on after expiry.
+
+Controller outage: an I/O that needs the controller (a lease, a fetch, a fault) and
+cannot reach it waits for it, at most ``controller_wait`` seconds, before it fails with
+the "no lease / unreachable" error (NOT READY, ASYMMETRIC ACCESS STATE TRANSITION).  A
+controller restart or a short partition then holds writes instead of failing them: a
+single-path Linux initiator does not retry that sense, the application would see EIO.
+The wait never admits a write without a lease; keep it below the LUN's command timeout.
 """
 
 from __future__ import annotations
@@ -91,6 +98,7 @@ _LOG_LENGTH = 64
 _SESSION_RETRIES = 3
 _SLICE = 1 << 16  # entries per slice of a bulk table pass
 FAILURE_REPORT_INTERVAL = 1.0  # seconds between two reports of one failing container
+RETRY_PAUSE = 0.5  # seconds between two attempts of an I/O waiting for the controller
 
 READ, WRITE, CAW_WRITE = 0, 1, 2  # admission modes: a CAW's own write passes its own hold
 _FETCH, _FAULT, _WAIT, _DESCRIBE = "fetch", "fault", "wait", "describe"
@@ -166,6 +174,7 @@ class AgentVDisk:
         self.size = 0
         self.readonly = True
         self._set_geometry(1 << 20)
+        self.uuid = ""  # the vdisk's identity, from the controller
         self._containers: dict[int, Container] = {}
         self._fds: list[int] = []
         self._synced: dict[int, int] = {}  # per container: failed flushes accounted for
@@ -368,22 +377,31 @@ class AgentVDisk:
         """Ask the controller to drop entries ``[lo, hi)``; waits out a freeze like a write."""
         grant = _Grant()
         since: float | None = None
+        first: float | None = None  # when it began to wait for the controller
         try:
             while True:
-                with self._cond:
-                    if not self._enter_gate(WRITE, grant):
-                        continue
-                    self._check_lease()
-                    frozen = np.flatnonzero(self._view(lo, hi) & np.uint64(t.NOWRITE_BIT))
-                    if frozen.size or self._frozen_all:
-                        since = self._wait_writable(
-                            lo + int(frozen[0]) if frozen.size else lo, since
-                        )
-                        continue
-                    epoch = self._epoch
-                reply = self._request(
-                    lambda s: p.Unmap(self.agent.agent_id, s, self.name, lo, hi - lo), p.TableRange
-                )
+                began = self._now()
+                try:
+                    with self._cond:
+                        if not self._enter_gate(WRITE, grant):
+                            continue
+                        self._check_lease()
+                        frozen = np.flatnonzero(self._view(lo, hi) & np.uint64(t.NOWRITE_BIT))
+                        if frozen.size or self._frozen_all:
+                            since = self._wait_writable(
+                                lo + int(frozen[0]) if frozen.size else lo, since
+                            )
+                            continue
+                        epoch = self._epoch
+                    reply = self._request(
+                        lambda s: p.Unmap(self.agent.agent_id, s, self.name, lo, hi - lo),
+                        p.TableRange,
+                    )
+                except LeaseExpired as e:
+                    first = began if first is None else first
+                    self.agent.await_controller(first, e)  # or raises
+                    self.agent.revive()
+                    continue
                 self._install(reply.start, reply.entries, epoch)
                 got = np.frombuffer(reply.entries, dtype=np.uint64)
                 if not np.any(got & np.uint64(t.NOWRITE_BIT)):
@@ -551,31 +569,38 @@ class AgentVDisk:
         grant = _Grant()
         since: float | None = None
         revived = False
+        first: float | None = None  # when it began to wait for the controller
         try:
             while True:
-                with self._cond:
-                    if not self._enter_gate(mode, grant):
-                        continue
-                    if mode != READ and not self._now() < self._lease.until and not revived:
-                        revived = True  # try once to get a lease back, outside the lock
-                        need = None
+                began = self._now()
+                try:
+                    with self._cond:
+                        if not self._enter_gate(mode, grant):
+                            continue
+                        if mode != READ and not self._now() < self._lease.until and not revived:
+                            revived = True  # try once to get a lease back, outside the lock
+                            need = None
+                        else:
+                            if mode != READ:
+                                self._check_lease()
+                            need = self._resolve(offset, length, mode)
+                        if isinstance(need, list):
+                            grant.parity = self._gen & 1
+                            self._active[grant.parity] += 1
+                            grant.extents = need
+                            return grant
+                        if need is not None and need.kind is _WAIT:
+                            since = self._wait_writable(need.index, since)
+                            continue
+                        epoch = self._epoch
+                    if need is None:
+                        self.agent.revive()
                     else:
-                        if mode != READ:
-                            self._check_lease()
-                        need = self._resolve(offset, length, mode)
-                    if isinstance(need, list):
-                        grant.parity = self._gen & 1
-                        self._active[grant.parity] += 1
-                        grant.extents = need
-                        return grant
-                    if need is not None and need.kind is _WAIT:
-                        since = self._wait_writable(need.index, since)
-                        continue
-                    epoch = self._epoch
-                if need is None:
-                    self.agent.revive()
-                else:
-                    self._satisfy(need, epoch)
+                        self._satisfy(need, epoch)
+                except LeaseExpired as e:  # no lease, or no controller: wait, within a bound
+                    first = began if first is None else first
+                    self.agent.await_controller(first, e)  # or raises
+                    revived = False
         except BaseException:
             self._finish(grant)
             raise
@@ -947,6 +972,7 @@ class AgentVDisk:
     def _configure(self, info: p.VDiskInfo) -> None:
         """Under the lock: geometry, containers and an all-invalid table of the right size."""
         self._set_geometry(info.segment_size)
+        self.uuid = info.uuid
         self.size = info.size
         self.readonly = info.readonly
         self._entries = array("Q", [t.INVALID_BIT]) * (-(-info.size // info.segment_size))
@@ -992,8 +1018,10 @@ class Agent:
     """The agent role of one process: its session with the controller and its vdisks.
 
     ``frozen_timeout``: how long a write waits for a NOWRITE entry before failing (0: at
-    once).  ``connect`` registers; ``serve`` adds a vdisk; ``start`` runs the lease
-    keeper (renews every third of the lease, re-registers when the session is lost).
+    once).  ``controller_wait``: how long an I/O that needs the controller (a lease, a
+    fetch, a fault) waits for it when it cannot reach it, before failing (0: at once).
+    ``connect`` registers; ``serve`` adds a vdisk; ``start`` runs the lease keeper (renews
+    every third of the lease, re-registers when the session is lost).
     """
 
     def __init__(
@@ -1004,8 +1032,10 @@ class Agent:
         host: str | None = None,
         clock: Clock | None = None,
         frozen_timeout: float = 30.0,
+        controller_wait: float = 0.0,
     ) -> None:
         self.agent_id = agent_id
+        self.controller_wait = controller_wait
         self.host = host if host is not None else socket.gethostname()
         self.link = link
         self.clock: Clock = clock if clock is not None else MonotonicClock()
@@ -1022,6 +1052,7 @@ class Agent:
         self._registry_lock = threading.Lock()
         self._keeper: threading.Thread | None = None
         self._keeper_cond = threading.Condition()
+        self._lease_cond = threading.Condition()  # notified when a lease is granted
         self._closed = False
 
     def __repr__(self) -> str:
@@ -1122,6 +1153,7 @@ class Agent:
             raise
         with self._keeper_cond:
             self._keeper_cond.notify_all()
+        self._lease_granted()
 
     def _load_or_drop(self, vdisk: AgentVDisk) -> None:
         try:
@@ -1222,6 +1254,22 @@ class Agent:
                 self.lease.until = max(self.lease.until, sent + grant.seconds)
                 if self._stream_down == session:
                     self._open_stream(session)
+        self._lease_granted()
+
+    def _lease_granted(self) -> None:
+        with self._lease_cond:
+            self._lease_cond.notify_all()
+
+    def await_controller(self, first: float, error: LeaseExpired) -> None:
+        """An I/O that has needed the controller since ``first`` found no lease or no
+        controller (``error``): wait a moment (or until a lease is granted) and let it try
+        again -- or raise ``error`` once ``controller_wait`` has passed since ``first``."""
+        now = self.clock.now()
+        end = first + self.controller_wait
+        if self._closed or now >= end:
+            raise error
+        with self._lease_cond:
+            self.clock.wait(self._lease_cond, min(end, now + RETRY_PAUSE))
 
     def start(self) -> None:
         """Run the lease keeper thread (renewal, and re-registration after a loss)."""
@@ -1287,7 +1335,17 @@ class Agent:
         for c in list(self._containers.values()):
             with contextlib.suppress(TargetvirtError):
                 c.sync()
-        self.request(lambda s: p.Flush(self.agent_id, s), p.Done)
+        first = self.clock.now()
+        while True:
+            try:
+                self.request(lambda s: p.Flush(self.agent_id, s), p.Done)
+                return
+            except LeaseExpired as e:  # the controller is unreachable: wait, within a bound
+                self.await_controller(first, e)
+
+    def describe(self, name: str) -> p.VDiskInfo:
+        """What the controller says of a vdisk, without serving it (NotFound if absent)."""
+        return self.request(lambda s: p.Describe(self.agent_id, s, name), p.VDiskInfo)
 
     def close(self) -> None:
         """Stop serving: drain every vdisk, tell the controller (best effort, so it need

@@ -274,6 +274,10 @@ class Controller:
             return self._register(r)
         if isinstance(r, p.Attach):
             return self._attach(r)
+        if isinstance(r, p.Describe):
+            self._session(r.agent_id, r.session)
+            with self.catalog.lock:
+                return self._info(self.catalog.vdisk(r.vdisk))
         if isinstance(r, p.Detach):
             return self._detach(r)
         if isinstance(r, p.ContainerFailure):
@@ -411,7 +415,7 @@ class Controller:
             )
             for c in v.pool.containers.values()
         )
-        return p.VDiskInfo(v.name, v.size, v.segment_size, v.readonly, containers)
+        return p.VDiskInfo(v.name, v.size, v.segment_size, v.readonly, containers, v.uuid)
 
     def _renew(self, r: p.LeaseRenew) -> p.LeaseGrant:
         with self._state:

@@ -14,9 +14,9 @@ long buffer, an unknown version or type, bad UTF-8, an out-of-range value -- rai
 Three families of messages:
 
 * requests, agent -> controller (unary): :class:`Register` then, with the session it
-  returns, :class:`Attach`, :class:`Fetch`, :class:`Fault`, :class:`Unmap`,
-  :class:`Flush`, :class:`LeaseRenew`, :class:`ContainerFailure`, :class:`Exclusive`,
-  :class:`EndExclusive`; on the command stream
+  returns, :class:`Attach`, :class:`Describe`, :class:`Fetch`, :class:`Fault`,
+  :class:`Unmap`, :class:`Flush`, :class:`LeaseRenew`, :class:`ContainerFailure`,
+  :class:`Exclusive`, :class:`EndExclusive`; on the command stream
   :class:`Hello` then :class:`Ack` for each command;
 * replies, controller -> agent: one per request, or :class:`Refused` carrying an error;
 * commands, controller -> agent, pushed down the stream, each with a sequence number
@@ -40,7 +40,7 @@ from targetvirt import errors
 from targetvirt import table as t
 from targetvirt.errors import ProtocolError, TargetvirtError
 
-VERSION = 1
+VERSION = 2  # 2: VDiskInfo.uuid, Describe
 MAX_ENTRIES = 1 << 21  # one message carries at most 16 MiB of entries (2 TiB of 1 MiB segments)
 MAX_STR = 4096
 MAX_LIST = 4096
@@ -420,6 +420,17 @@ class ContainerFailure(Request):
     error: str
 
 
+@message(12, STR, U64, STR)
+@dataclass(frozen=True, slots=True)
+class Describe(Request):
+    """Whether a vdisk exists and what it is, without serving it (a handler checking a LUN
+    configuration); answered by :class:`VDiskInfo`."""
+
+    agent_id: str
+    session: int
+    vdisk: str
+
+
 # COMPARE AND WRITE across gateways (type codes from 13: 12 is taken by Describe on the
 # agentmode branch).  Additive: an old controller refuses them as unknown types, and an old
 # agent never sends them (it never hears Solo either).
@@ -482,7 +493,7 @@ class ContainerInfo:
     preallocated: bool
 
 
-@message(33, STR, U64, U32, BOOL, _List(_Struct(ContainerInfo)))
+@message(33, STR, U64, U32, BOOL, _List(_Struct(ContainerInfo)), STR)
 @dataclass(frozen=True, slots=True)
 class VDiskInfo(Reply):
     vdisk: str
@@ -490,6 +501,7 @@ class VDiskInfo(Reply):
     segment_size: int
     readonly: bool
     containers: tuple[ContainerInfo, ...]
+    uuid: str = ""  # the vdisk's identity (a LUN's NAA designator is made of it)
 
     def check(self) -> None:
         s = self.segment_size

@@ -14,6 +14,7 @@ IFACE = "org.targetvirt.Manager1"
 ERROR_PREFIX = "org.targetvirt.Error."
 BUS_ENV = "TARGETVIRT_BUS_ADDRESS"
 BUS_FILE = "bus-address"  # in the run folder: the bus a daemon not on the system bus uses
+AGENT_FILE = "agent-of"  # in the run folder: the controller an agent-only daemon serves
 
 
 class NotAvailable(TargetvirtError):
@@ -35,3 +36,14 @@ def bus_address(explicit: str | None, run_dir: str | Path | None) -> str | None:
             return None
         return text or None
     return None
+
+
+def agent_of(run_dir: str | Path | None) -> str | None:
+    """The controller endpoint an agent-only daemon recorded in ``<run-dir>/agent-of``
+    (None: no such daemon here)."""
+    if run_dir is None:
+        return None
+    try:
+        return (Path(run_dir) / AGENT_FILE).read_text().strip() or None
+    except OSError:
+        return None

@@ -1,5 +1,11 @@
 """``targetvirt-controller``: a controller serving agents of other processes or hosts,
-on a RADOS metadata store, active or standby.
+on a RADOS metadata store (active or standby) or on a state folder of this host.
+
+With ``--store file:DIR`` (or ``--state-dir DIR``) it serves the SQLite store that
+``targetvirt-handler`` keeps in its state folder (the same layout): the handlers of this
+host run as its agents (``targetvirt-handler --controller unix:PATH``).  One host, one
+writer (the store's lock file), no standby; mapping changes are journaled before they are
+answered, so a controller killed and restarted finds every segment an agent was given.
 
 The controller holds the store as its only writer (RADOS lock with a lease) and serves
 agent requests on a Unix socket and/or TCP with mutual TLS; its endpoint is published
@@ -26,10 +32,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from targetvirt.catalog import Catalog
-from targetvirt.ceph import Cluster, RadosLocation
+from targetvirt.ceph import Cluster, RadosLocation, is_rados
 from targetvirt.clock import Clock, MonotonicClock
 from targetvirt.controller import Controller
 from targetvirt.errors import Cancelled, InvalidArgument, StoreError, TargetvirtError
+from targetvirt.manage.state import open_catalog
 from targetvirt.standby import Standby
 from targetvirt.store.rados import DEFAULT_LEASE, DEFAULT_NAME, RadosStore
 from targetvirt.transport.network import ControllerServer
@@ -38,11 +45,12 @@ from targetvirt.transport.tls import Credentials
 log = logging.getLogger("targetvirt.controller")
 
 FLUSH_INTERVAL = 5.0
+FILE = "file:"  # a store in a state folder of this host
 
 
 @dataclass
 class Settings:
-    store: str  # RADOS location of the metadata store
+    store: str  # RADOS location of the metadata store, or file:DIR (a state folder)
     store_name: str = DEFAULT_NAME
     unix: str | None = None  # Unix socket path to serve on
     tcp: str | None = None  # host:port to serve on (mutual TLS)
@@ -67,6 +75,31 @@ class Settings:
             return self.tcp
         raise InvalidArgument("--endpoint is needed: agents cannot connect to a wildcard address")
 
+    @property
+    def state_dir(self) -> str | None:
+        """The state folder of a file store (None: RADOS)."""
+        return self.store[len(FILE) :] if self.store.startswith(FILE) else None
+
+    def check(self) -> None:
+        """Refuse what cannot work, before anything is opened."""
+        if self.unix is None and self.tcp is None:
+            raise InvalidArgument("the controller needs --unix PATH or --tcp HOST:PORT")
+        if self.tcp is not None and not self.tls_dir:
+            raise InvalidArgument("--tcp needs --tls-dir: agents and controller prove who they are")
+        if self.state_dir is None and not is_rados(self.store):
+            raise InvalidArgument(
+                f"--store {self.store!r}: give file:DIR (a state folder) or rados:POOL[/NS]"
+            )
+        if self.state_dir is not None:
+            if not self.state_dir:
+                raise InvalidArgument("--store file: needs a folder (file:/var/lib/targetvirt)")
+            if self.standby:
+                raise InvalidArgument(
+                    "--standby needs a RADOS store: a state folder has one host, one writer"
+                )
+            if self.commands is not None:
+                raise InvalidArgument("--commands needs a RADOS store")
+
 
 class ControllerService:
     """The controller of one RADOS store: waits for it (standby), serves, flushes."""
@@ -78,8 +111,7 @@ class ControllerService:
         clock: Clock | None = None,
         on_wait: Callable[[StoreError], None] | None = None,
     ) -> None:
-        if settings.unix is None and settings.tcp is None:
-            raise InvalidArgument("the controller needs --unix PATH or --tcp HOST:PORT")
+        settings.check()
         self.settings = settings
         self.endpoint = settings.agent_endpoint()
         self.clock: Clock = clock if clock is not None else MonotonicClock()
@@ -88,7 +120,7 @@ class ControllerService:
             self.standby = Standby(
                 self._open_store, poll=settings.poll, clock=self.clock, on_wait=on_wait
             )
-        self.store: RadosStore | None = None
+        self.store: RadosStore | None = None  # None with a file store
         self.catalog: Catalog | None = None
         self.controller: Controller | None = None
         self.server: ControllerServer | None = None
@@ -106,6 +138,34 @@ class ControllerService:
     def start(self) -> Controller:
         """Become the active controller (as a standby: wait for it), then serve."""
         s = self.settings
+        if s.state_dir is not None:
+            # journaled mapping changes survive this process (the same boot replays them)
+            self.catalog = open_catalog(s.state_dir)
+            self.controller = Controller(
+                self.catalog, clock=self.clock, lease_seconds=s.lease, ack_timeout=s.ack_timeout
+            )
+            where = f"file:{s.state_dir}"
+        else:
+            self.controller = self._start_rados()
+            assert self.store is not None
+            where = self.store.path
+        tls = Credentials.load(s.tls_dir, s.tls_name) if s.tcp and s.tls_dir else None
+        try:
+            self.server = ControllerServer(self.controller, unix_path=s.unix, tcp=s.tcp, tls=tls)
+        except (OSError, RuntimeError) as e:  # a folder missing, an address in use
+            raise InvalidArgument(f"cannot serve agents at {self.endpoint}: {e}") from None
+        if s.commands is not None:
+            from targetvirt.transport.rados_notify import RadosCommandBus  # noqa: PLC0415
+
+            self.bus = RadosCommandBus(self.controller, s.commands)
+        self.controller.start()
+        self._flusher = threading.Thread(target=self._flush_loop, name="flusher", daemon=True)
+        self._flusher.start()
+        log.info("active: serving agents at %s (store %s)", self.endpoint, where)
+        return self.controller
+
+    def _start_rados(self) -> Controller:
+        s = self.settings
         if self.standby is not None:
             # one librados handle for every attempt (each opens and drops a store)
             keep = Cluster.get(RadosLocation.parse(s.store), StoreError)
@@ -118,21 +178,10 @@ class ControllerService:
         self.catalog = Catalog.open(self.store)
         self.catalog.durable_mappings = True
         store = self.store
-        self.controller = Controller(
+        return Controller(
             self.catalog, clock=self.clock, lease_seconds=s.lease, ack_timeout=s.ack_timeout,
             authority=lambda: store.holds_lease,
         )  # fmt: skip
-        tls = Credentials.load(s.tls_dir, s.tls_name) if s.tcp and s.tls_dir else None
-        self.server = ControllerServer(self.controller, unix_path=s.unix, tcp=s.tcp, tls=tls)
-        if s.commands is not None:
-            from targetvirt.transport.rados_notify import RadosCommandBus  # noqa: PLC0415
-
-            self.bus = RadosCommandBus(self.controller, s.commands)
-        self.controller.start()
-        self._flusher = threading.Thread(target=self._flush_loop, name="flusher", daemon=True)
-        self._flusher.start()
-        log.info("active: serving agents at %s (store %s)", self.endpoint, self.store.path)
-        return self.controller
 
     @property
     def lease_lost(self) -> str:
@@ -158,6 +207,8 @@ class ControllerService:
             self.bus.close()  # type: ignore[attr-defined]
         if self.controller is not None:
             self.controller.close()  # and the catalog, committed, and the store
+        elif self.catalog is not None:
+            self.catalog.close()
         elif self.store is not None:
             self.store.close()
 
@@ -166,7 +217,12 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser = argparse.ArgumentParser(
         prog="targetvirt-controller", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("--store", required=True, help="rados:POOL[/NS][?conf=...] of the store")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--store", help="the metadata store: rados:POOL[/NS][?conf=...], or file:DIR (the "
+        "state folder of targetvirt-handler, this host only)",
+    )  # fmt: skip
+    where.add_argument("--state-dir", metavar="DIR", help="the same as --store file:DIR")
     parser.add_argument("--store-name", default=DEFAULT_NAME)
     parser.add_argument("--unix", metavar="PATH", help="serve agents on this Unix socket")
     parser.add_argument("--tcp", metavar="HOST:PORT", help="serve agents on TCP (mutual TLS)")
@@ -194,8 +250,9 @@ def parse_args(argv: list[str] | None) -> Settings:
     parser.add_argument("--log-level", default="info")
     a = parser.parse_args(argv)
     logging.basicConfig(level=a.log_level.upper(), stream=sys.stderr)
+    store = a.store if a.store is not None else FILE + a.state_dir
     return Settings(
-        store=a.store, store_name=a.store_name, unix=a.unix, tcp=a.tcp, tls_dir=a.tls_dir,
+        store=store, store_name=a.store_name, unix=a.unix, tcp=a.tcp, tls_dir=a.tls_dir,
         tls_name=a.tls_name, endpoint=a.endpoint, standby=a.standby, store_lease=a.store_lease,
         poll=a.poll, lease=a.lease, ack_timeout=a.ack_timeout, commands=a.commands,
         create=a.create, flush_interval=a.flush_interval,
@@ -229,7 +286,7 @@ def _start(service: ControllerService, stop: threading.Event, failed: list[str])
         service.start()
     except Cancelled:
         pass  # stopped while a standby: nothing failed
-    except TargetvirtError as e:
+    except (TargetvirtError, OSError) as e:  # a state folder that cannot be made, say
         print(f"targetvirt-controller: {e}", file=sys.stderr)
         failed.append(str(e))
         stop.set()

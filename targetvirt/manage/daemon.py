@@ -10,6 +10,13 @@ threshold (a pool reaching it makes every LUN of its vdisks report THIN PROVISIO
 THRESHOLD REACHED to its initiators), systemd readiness and
 watchdog, and a clean shutdown on SIGTERM: devices finish or fail back their in-flight
 commands, then the metadata is committed.
+
+With ``--controller ENDPOINT`` it is an agent only: the controller is another process
+(``targetvirt-controller``, on this host's state folder or on RADOS) reached over a Unix
+socket, TCP with mutual TLS, or whichever controller owns a RADOS store.  No catalog, no
+controller, no management API here: the TCMU service serves every device from the agent's
+copies of the tables, and the LUN identity (NAA) comes from the controller's description
+of the vdisk.  Management (pools, vdisks, exports) is done where the controller runs.
 """
 
 from __future__ import annotations
@@ -30,15 +37,18 @@ from typing import Any
 import dbus
 
 from targetvirt.agent import Agent, AgentVDisk
-from targetvirt.catalog import Catalog
+from targetvirt.ceph import is_rados
 from targetvirt.controller import Controller
-from targetvirt.errors import InvalidArgument, NotFound, TargetvirtError
+from targetvirt.errors import ControllerUnreachable, InvalidArgument, NotFound, TargetvirtError
 from targetvirt.manage.api import ManagerBusService
-from targetvirt.manage.common import BUS_ENV, BUS_FILE
+from targetvirt.manage.common import AGENT_FILE, BUS_ENV, BUS_FILE
 from targetvirt.manage.lio import LioExporter
 from targetvirt.manage.manager import Manager
-from targetvirt.store.sqlite import SqliteStore
+from targetvirt.manage.state import open_catalog
+from targetvirt.transport import ControllerLink
 from targetvirt.transport.inprocess import InProcessLink
+from targetvirt.transport.network import NetworkLink
+from targetvirt.transport.tls import Credentials
 from tcmu_handler import uio
 from tcmu_handler.modestate import ModeStore
 from tcmu_handler.scsi.lun import LunState
@@ -125,37 +135,88 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--log-level", default="info", choices=["debug", "info", "warning", "error"]
     )
-    return parser.parse_args(argv)  # fmt: skip
+    agent = parser.add_argument_group(
+        "agent only", "serve LUNs as an agent of a controller in another process or host"
+    )
+    agent.add_argument(
+        "--controller",
+        metavar="ENDPOINT",
+        help="the controller: unix:PATH, HOST:PORT (mutual TLS, --tls-dir), or the RADOS "
+        "store whose active controller to follow (rados:POOL[/NS][?conf=...])",
+    )
+    agent.add_argument(
+        "--agent-id",
+        default=None,
+        help="this agent's id (default: the host name; with TLS, its certificate's name)",
+    )
+    agent.add_argument(
+        "--tls-dir", metavar="DIR", help="CA certificate and this agent's <agent-id>.pem/.key (TCP)"
+    )
+    agent.add_argument(
+        "--controller-wait",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="how long an I/O that needs the controller (a lease, a mapping) waits for an "
+        "unreachable one before it fails; keep it below the LUNs' command timeout",
+    )
+    agent.add_argument(
+        "--call-timeout",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="deadline of each request to the controller",
+    )
+    args = parser.parse_args(argv)
+    _check_agent_args(parser, args)
+    return args  # fmt: skip
 
 
-def open_catalog(state_dir: str) -> Catalog:
-    os.makedirs(state_dir, mode=0o700, exist_ok=True)
-    return Catalog.open(SqliteStore(os.path.join(state_dir, "targetvirt.db"), create=True))
+def _check_agent_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Agent-only options need --controller; an endpoint must be one we can reach."""
+    if args.controller is None:
+        if args.tls_dir or args.agent_id:
+            parser.error("--tls-dir and --agent-id need --controller")
+        return
+    if args.controller_wait < 0 or args.call_timeout <= 0:
+        parser.error("--controller-wait must be >= 0 and --call-timeout > 0")
+    target = args.controller
+    if target.startswith("unix:"):
+        if len(target) == len("unix:"):
+            parser.error("--controller unix: needs a socket path")
+    elif not is_rados(target):
+        host, sep, port = target.rpartition(":")
+        if not (sep and host and port.isdigit()):
+            parser.error(f"--controller {target!r}: give unix:PATH, HOST:PORT or rados:POOL[/NS]")
+        if not args.tls_dir:
+            parser.error("--controller HOST:PORT needs --tls-dir (mutual TLS)")
 
 
-class Handler:
-    """The running daemon: controller, agent, TCMU service, D-Bus, flusher."""
+def _vdisk_name(cfg: Any) -> str:
+    return str(cfg.vdisk) + (f"@{cfg.snapshot}" if cfg.snapshot else "")
 
-    def __init__(self, args: argparse.Namespace) -> None:
+
+class Serving:
+    """What both modes share: the agent and the TCMU service that serves devices from it
+    (and the ``org.kernel.TCMUService1`` registration)."""
+
+    def __init__(self, args: argparse.Namespace, agent: Agent) -> None:
         self.args = args
-        self.catalog = open_catalog(args.state_dir)
-        self.controller = Controller(self.catalog, lease_seconds=args.lease)
-        # The agent id is the host name: stable across restarts, so a restarted
-        # controller sees its agent back at once instead of waiting out the old lease.
-        self.agent = Agent(
-            socket.gethostname(), InProcessLink(self.controller),
-            frozen_timeout=args.frozen_timeout,
-        )  # fmt: skip
+        self.agent = agent
         self._stop = threading.Event()
         self.tcmu: Any = None
         self.bus: Any = None
-        self.manager: Manager | None = None
-        self.api: ManagerBusService | None = None
+
+    def _known(self, name: str) -> None:
+        """Raise NotFound now if ``name`` is surely no vdisk (before serving it)."""
+
+    def check_vdisk(self, cfg: Any) -> None:
+        raise NotImplementedError
 
     def open_lun(self, cfg: Any, info: Any) -> tuple[AgentVDisk, LunState]:
         """A new device: the agent serves its vdisk; the LUN's identity is the vdisk's."""
-        name = cfg.vdisk + (f"@{cfg.snapshot}" if cfg.snapshot else "")
-        uuid = self.catalog.vdisk(name).uuid
+        name = _vdisk_name(cfg)
+        self._known(name)
         if info.block_size <= 0:
             info = dataclasses.replace(info, block_size=self._hw_block_size(info))
         served = self.agent.serve(name)
@@ -166,7 +227,7 @@ class Handler:
                 f"LUN size {info.size} is larger than {name} ({served.size} bytes)"
             )
         lun = LunState.for_vdisk(
-            uuid, info.size // info.block_size, block_size=info.block_size,
+            served.uuid, info.size // info.block_size, block_size=info.block_size,
             segment_size=served.segment_size, read_only=served.readonly or cfg.read_only,
         )  # fmt: skip
         # the controller tells the agent when the pool reaches its soft threshold
@@ -191,11 +252,6 @@ class Handler:
             raise InvalidArgument(f"{info.name} has no block size yet")
         return size
 
-    def check_vdisk(self, cfg: Any) -> None:
-        name = cfg.vdisk + (f"@{cfg.snapshot}" if cfg.snapshot else "")
-        if name not in self.catalog.vdisks:
-            raise NotFound(f"no vdisk named {name!r} in targetvirt")
-
     def device_state(self, vdisk: str) -> str:
         """What the TCMU service does with the device of ``vdisk`` (for the manager)."""
         if self.tcmu is None:
@@ -207,15 +263,76 @@ class Handler:
                 return f"refused: {why}"
         return "absent"
 
-    def start(self) -> None:
-        self.controller.start()  # timers: freeze timeouts, leases
-        self.agent.connect()
-        self.agent.start()  # lease keeper
+    def _start_tcmu(self) -> None:
         self.tcmu = TcmuService(
             self.open_lun, close_lun=self.close_lun, workers=self.args.workers,
             modes=ModeStore(Path(self.args.run_dir) / "modes"),
         )  # fmt: skip
         self.tcmu.start()
+
+    def _start_dbus(self) -> None:
+        try:
+            self.bus = TcmuBusService(self.check_vdisk, address=self.args.bus_address)
+            self.bus.start()
+        except Exception as e:  # noqa: BLE001 - the data path runs without D-Bus
+            log.warning("not registered on the system bus: %s", e)
+            self.bus = None
+            return
+        if self.bus.mode == "registered":
+            self.tcmu.set_reply_mode(False)
+            log.info("tcmu-runner runs: the kernel no longer waits for answers to device "
+                     "events (tcmu-runner would refuse ours first)")  # fmt: skip
+
+    def _stop_serving(self) -> None:
+        if self.tcmu is not None:
+            self.tcmu.stop()
+        if self.bus is not None:
+            self.bus.stop()
+        self.agent.close()
+
+    def start(self) -> None:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
+
+    def ready_line(self) -> str:
+        raise NotImplementedError
+
+
+class Handler(Serving):
+    """The single-host daemon: controller, agent, TCMU service, D-Bus, flusher."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.catalog = open_catalog(args.state_dir)
+        self.controller = Controller(self.catalog, lease_seconds=args.lease)
+        # The agent id is the host name: stable across restarts, so a restarted
+        # controller sees its agent back at once instead of waiting out the old lease.
+        super().__init__(args, Agent(
+            socket.gethostname(), InProcessLink(self.controller),
+            frozen_timeout=args.frozen_timeout,
+        ))  # fmt: skip
+        self.manager: Manager | None = None
+        self.api: ManagerBusService | None = None
+
+    def _known(self, name: str) -> None:
+        self.catalog.vdisk(name)
+
+    def check_vdisk(self, cfg: Any) -> None:
+        name = _vdisk_name(cfg)
+        if name not in self.catalog.vdisks:
+            raise NotFound(f"no vdisk named {name!r} in targetvirt")
+
+    def ready_line(self) -> str:
+        return f"state={self.args.state_dir}"
+
+    def start(self) -> None:
+        self.controller.start()  # timers: freeze timeouts, leases
+        self.agent.connect()
+        self.agent.start()  # lease keeper
+        self._start_tcmu()
+        # no longer an agent-only daemon here (the shell would look elsewhere)
+        (Path(self.args.run_dir) / AGENT_FILE).unlink(missing_ok=True)
         # The handler serves devices from here on: exports may be (re)created.
         self.manager = Manager(
             self.catalog, self.args.state_dir,
@@ -254,19 +371,6 @@ class Handler:
         else:
             bus_file.unlink(missing_ok=True)
 
-    def _start_dbus(self) -> None:
-        try:
-            self.bus = TcmuBusService(self.check_vdisk, address=self.args.bus_address)
-            self.bus.start()
-        except Exception as e:  # noqa: BLE001 - the data path runs without D-Bus
-            log.warning("not registered on the system bus: %s", e)
-            self.bus = None
-            return
-        if self.bus.mode == "registered":
-            self.tcmu.set_reply_mode(False)
-            log.info("tcmu-runner runs: the kernel no longer waits for answers to device "
-                     "events (tcmu-runner would refuse ours first)")  # fmt: skip
-
     def _flusher(self) -> None:
         while not self._stop.wait(FLUSH_INTERVAL):
             try:
@@ -281,12 +385,79 @@ class Handler:
             (Path(self.args.run_dir) / BUS_FILE).unlink(missing_ok=True)
         if self.manager is not None:
             self.manager.stop()
-        if self.tcmu is not None:
-            self.tcmu.stop()
-        if self.bus is not None:
-            self.bus.stop()
-        self.agent.close()
+        self._stop_serving()
         self.controller.close()  # and the catalog, committed
+
+
+class AgentHandler(Serving):
+    """``--controller``: the agent and the TCMU service only; the controller is elsewhere."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        agent_id = args.agent_id or socket.gethostname()
+        super().__init__(args, Agent(
+            agent_id, controller_link(args, agent_id), frozen_timeout=args.frozen_timeout,
+            controller_wait=args.controller_wait,
+        ))  # fmt: skip
+
+    def check_vdisk(self, cfg: Any) -> None:
+        self.agent.describe(_vdisk_name(cfg))  # NotFound from the controller
+
+    def ready_line(self) -> str:
+        return f"controller={self.args.controller} agent={self.agent.agent_id}"
+
+    def start(self) -> None:
+        self._connect()
+        self.agent.start()  # lease keeper: renews, re-registers after a controller restart
+        self._start_tcmu()
+        self.mark_agent()
+        if not self.args.no_dbus:
+            self._start_dbus()
+
+    def mark_agent(self) -> None:
+        """Say where management is: once in the log, and to the shell (run folder)."""
+        # the shell's API belongs with the catalog, in the controller's process
+        log.info("management API not served: this handler is an agent of the controller "
+                 "at %s; manage targetvirt where the controller runs",
+                 self.args.controller)  # fmt: skip
+        (Path(self.args.run_dir) / AGENT_FILE).write_text(self.args.controller + "\n")
+        (Path(self.args.run_dir) / BUS_FILE).unlink(missing_ok=True)
+
+    def _connect(self) -> None:
+        """Register with the controller, waiting for it at most --controller-wait."""
+        first, said = self.agent.clock.now(), False
+        while True:
+            try:
+                self.agent.connect()
+                return
+            except ControllerUnreachable as e:
+                if not said:  # once: it retries every half second
+                    log.warning("waiting for the controller: %s", e)
+                    said = True
+                self.agent.await_controller(first, e)
+
+    def stop(self) -> None:
+        self._stop.set()
+        (Path(self.args.run_dir) / AGENT_FILE).unlink(missing_ok=True)
+        self._stop_serving()
+
+
+def controller_link(args: argparse.Namespace, agent_id: str) -> ControllerLink:
+    """The agent's link to ``--controller`` (parse_args checked its form)."""
+    tls = Credentials.load(args.tls_dir, agent_id) if args.tls_dir else None
+    timeout = args.call_timeout
+
+    def connect(endpoint: str) -> ControllerLink:
+        return NetworkLink(endpoint, tls=tls, call_timeout=timeout)
+
+    if is_rados(args.controller):
+        from targetvirt.transport.follow import FollowingLink  # noqa: PLC0415 - librados
+
+        return FollowingLink(args.controller, connect=connect, call_timeout=timeout)
+    return connect(args.controller)
+
+
+def make_handler(args: argparse.Namespace) -> Serving:
+    return Handler(args) if args.controller is None else AgentHandler(args)
 
 
 def _notify(state: str) -> None:
@@ -312,7 +483,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     try:
         Path(args.run_dir).mkdir(mode=0o700, parents=True, exist_ok=True)
-        handler = Handler(args)
+        handler = make_handler(args)
     except (TargetvirtError, OSError) as e:
         print(f"targetvirt-handler: {e}", file=sys.stderr)
         return 1
@@ -324,7 +495,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     (Path(args.run_dir) / "handler.pid").write_text(f"{os.getpid()}\n")
     _notify("READY=1")
-    log.info("ready: state=%s devices=%d", args.state_dir, len(handler.tcmu.devices))
+    log.info("ready: %s devices=%d", handler.ready_line(), len(handler.tcmu.devices))
     threading.Thread(target=_watchdog, args=(stop,), daemon=True).start()
     while not stop.wait(1.0):
         pass

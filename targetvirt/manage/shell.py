@@ -34,7 +34,7 @@ from pyparsing import ParseBaseException
 from targetvirt import __version__
 from targetvirt.errors import InvalidArgument, TargetvirtError
 from targetvirt.manage import values as val
-from targetvirt.manage.common import bus_address
+from targetvirt.manage.common import NotAvailable, agent_of, bus_address
 
 PROG = "targetvirt"
 DEFAULT_STATE = "/var/lib/targetvirt"
@@ -941,7 +941,7 @@ def main(
             from targetvirt.manage.client import ManagerClient  # noqa: PLC0415
 
             client_factory = ManagerClient
-        client = client_factory(bus_address(args.bus_address, args.run_dir))
+        client = _connect(client_factory, args)
         stack.callback(getattr(client, "close", lambda: None))
         _check_state_dir(client, args.state_dir)
         interactive = not args.command
@@ -955,6 +955,20 @@ def main(
             return code[0]
         _interactive(shell, out, err)
     return code[0]
+
+
+def _connect(factory: Callable[[str | None], Any], args: argparse.Namespace) -> Any:
+    try:
+        return factory(bus_address(args.bus_address, args.run_dir))
+    except TargetvirtError:
+        endpoint = agent_of(args.run_dir)
+        if endpoint is None:
+            raise
+        # the daemon here serves LUNs only: the catalog is with the controller
+        raise NotAvailable(
+            f"targetvirt-handler on this host is an agent of the controller at {endpoint}: "
+            "manage targetvirt where the controller runs"
+        ) from None
 
 
 def _interactive(shell: Any, out: IO[str], err: IO[str]) -> None:

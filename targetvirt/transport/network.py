@@ -66,12 +66,19 @@ _OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 _SERVER_OPTIONS = [*_OPTIONS, ("grpc.http2.min_ping_interval_without_data_ms", 5_000)]
+# an agent reconnects to a restarted controller within a second or two (gRPC's default
+# backoff grows to minutes, holding I/O that waits for the controller that long)
+_CLIENT_OPTIONS = [
+    *_OPTIONS,
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
+]
 _REPLIES = (
     p.Registered, p.VDiskInfo, p.TableRange, p.FaultReply, p.LeaseGrant, p.Done, p.Refused,
 )  # fmt: skip
 _REQUESTS: tuple[type[p.Request], ...] = (
-    p.Register, p.Attach, p.Detach, p.Fetch, p.Fault, p.Unmap, p.Flush, p.LeaseRenew,
-    p.Exclusive, p.EndExclusive,
+    p.Register, p.Attach, p.Describe, p.Detach, p.Fetch, p.Fault, p.Unmap, p.Flush,
+    p.LeaseRenew, p.ContainerFailure, p.Exclusive, p.EndExclusive,
 )  # fmt: skip
 
 
@@ -245,7 +252,7 @@ class NetworkLink:
     ) -> None:
         self.target = target
         self.call_timeout = call_timeout
-        options: list[tuple[str, int | str]] = list(_OPTIONS)
+        options: list[tuple[str, int | str]] = list(_CLIENT_OPTIONS)
         if target.startswith("unix:"):
             self._channel = grpc.insecure_channel(target, options=options)
         else:

@@ -20,6 +20,7 @@ from targetvirt.errors import (
     FrozenTimeout,
     InvalidArgument,
     LeaseExpired,
+    NotFound,
     SessionLost,
     StoreError,
 )
@@ -211,6 +212,57 @@ def test_lease_expiry_stops_a_partitioned_agents_writes(cluster: Cluster) -> Non
     cluster.links[0].partition(False)
     write(vd, 0, b"r")  # the lease comes back with the link
     assert read(cluster.vd(1), 0, 2) == b"rp"
+
+
+def test_a_partitioned_agent_holds_writes_until_the_controller_is_back(
+    cluster: Cluster,
+) -> None:
+    """With a controller wait, a write past the lease waits (unacknowledged, unapplied)
+    instead of failing; it goes through once the controller answers again."""
+    vd = cluster.vd(0)
+    cluster.agents[0].controller_wait = 20.0
+    write(vd, 0, b"p" * 4096)
+    cluster.links[0].partition()
+    cluster.clock.advance(cluster.lease + 0.1)
+    held = Background(lambda: write(vd, 0, b"q"))
+    fault = Background(lambda: write(vd, 3 * SEG, b"f"))  # needs the controller itself
+    assert held.still_running() and fault.still_running()
+    assert read(vd, 0, 4) == b"pppp"  # reads of mapped entries go on; nothing written
+    cluster.clock.advance(15.0)  # within the wait
+    assert held.still_running() and fault.still_running()
+    assert read(cluster.vd(1), 0, 2) == b"pp"
+    cluster.links[0].partition(False)
+    held.result()
+    fault.result()
+    assert read(cluster.vd(1), 0, 2) == b"qp"
+    assert read(cluster.vd(2), 3 * SEG, 1) == b"f"
+
+
+def test_a_write_held_for_the_controller_fails_at_the_bound(cluster: Cluster) -> None:
+    vd = cluster.vd(0)
+    cluster.agents[0].controller_wait = 20.0
+    write(vd, 0, b"p" * 4096)
+    cluster.links[0].partition()
+    cluster.clock.advance(cluster.lease + 0.1)
+    held = Background(lambda: write(vd, 0, b"q"))
+    flush = Background(vd.flush)
+    assert held.still_running() and flush.still_running()
+    cluster.clock.advance(20.1)
+    with pytest.raises(LeaseExpired):
+        held.result()
+    with pytest.raises(LeaseExpired):  # ControllerUnreachable: NOT READY as well
+        flush.result()
+    assert read(vd, 0, 4) == b"pppp"
+
+
+def test_describe_tells_the_uuid_without_serving(cluster: Cluster) -> None:
+    cluster.catalog.create_vdisk("fresh", "p", SEG)
+    info = cluster.agents[0].describe("fresh")
+    assert info.uuid == cluster.catalog.vdisk("fresh").uuid != ""
+    assert cluster.controller.servers("fresh") == []
+    assert cluster.vd(1).uuid == cluster.catalog.vdisk("v").uuid
+    with pytest.raises(NotFound):
+        cluster.agents[0].describe("nothing")
 
 
 def test_a_crashed_agent_is_fenced_and_the_controller_goes_on(cluster: Cluster) -> None:

@@ -35,6 +35,7 @@ def _update(seq: int, vdisk: str, pairs: list[tuple[int, int]]) -> p.Update:
 messages = st.one_of(
     st.builds(p.Register, names, names, st.lists(names, max_size=5).map(tuple)),
     st.builds(p.Attach, names, u64, names),
+    st.builds(p.Describe, names, u64, names),
     st.builds(p.Detach, names, u64, names),
     st.builds(p.Fetch, names, u64, names, u64, st.integers(0, p.MAX_ENTRIES)),
     st.builds(p.Fault, names, u64, names, u64, st.booleans()),
@@ -52,6 +53,7 @@ messages = st.one_of(
         st.sampled_from([4096, 1 << 16, 1 << 20]),
         st.booleans(),
         st.lists(containers, max_size=3).map(tuple),
+        names,
     ),
     st.builds(p.TableRange, names, u64, entries),
     st.builds(p.FaultReply, names, u64, u64),

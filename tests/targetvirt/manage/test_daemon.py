@@ -15,8 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from targetvirt.manage import daemon
-from targetvirt.manage.daemon import Handler, parse_args
+from targetvirt.errors import NotFound
+from targetvirt.manage import controld, daemon
+from targetvirt.manage.common import agent_of
+from targetvirt.manage.controld import ControllerService
+from targetvirt.manage.daemon import AgentHandler, Handler, Serving, make_handler, parse_args
+from targetvirt.transport.inprocess import InProcessLink
 from tcmu_handler import config
 from tcmu_handler.scsi.backend import BlockBackend
 from tcmu_handler.scsi.lun import LunState
@@ -168,3 +172,115 @@ def test_run_dir_is_private(tmp_path: Path) -> None:
             signal.signal(s, h)
     assert rc == 1
     assert mode(run) == 0o700
+
+
+# --- agent only: --controller ------------------------------------------------------------
+
+
+@pytest.fixture
+def controller(tmp_path: Path) -> Iterator[tuple[ControllerService, str]]:
+    """targetvirt-controller on the handler's state folder, serving a Unix socket; pool p
+    and vdisk a made beforehand (as an operator would, where the controller runs)."""
+    state = tmp_path / "state"
+    catalog = daemon.open_catalog(str(state))
+    catalog.create_pool("p", str(tmp_path / "p.img"), 11 * MIB)
+    catalog.create_vdisk("a", "p", 8 * MIB)
+    catalog.close()
+    sock = str(tmp_path / "ctl.sock")
+    service = ControllerService(controld.parse_args(["--state-dir", str(state), "--unix", sock]))
+    service.start()
+    yield service, sock
+    service.stop()
+
+
+@pytest.fixture
+def agent_handler(tmp_path: Path, controller: tuple[ControllerService, str]) -> Iterator[Serving]:
+    args = parse_args(["--controller", f"unix:{controller[1]}", "--run-dir",
+                       str(tmp_path / "run"), "--no-dbus", "--agent-id", "gw1"])  # fmt: skip
+    (tmp_path / "run").mkdir()  # main() makes it
+    h = make_handler(args)
+    h.tcmu = FakeTcmu()
+    h._connect()  # what start() does before the (kernel) TCMU service
+    yield h
+    h.stop()
+
+
+def test_agent_mode_has_no_catalog_nor_controller(agent_handler: Serving) -> None:
+    assert isinstance(agent_handler, AgentHandler)
+    assert not hasattr(agent_handler, "catalog") and not hasattr(agent_handler, "controller")
+    assert not isinstance(agent_handler.agent.link, InProcessLink)
+
+
+def test_agent_mode_serves_luns_with_the_vdisks_identity(
+    agent_handler: Serving, controller: tuple[ControllerService, str]
+) -> None:
+    service, _ = controller
+    assert service.catalog is not None
+    uuid = service.catalog.vdisk("a").uuid
+    cfg = config.parse("targetvirt/a")
+    backend, lun = agent_handler.open_lun(cfg, DeviceInfo(1, "a", 512, 8 * MIB, "targetvirt/a"))
+    expected = LunState.for_vdisk(uuid, 8 * MIB // 512, segment_size=MIB)
+    assert (lun.naa, lun.serial) == (expected.naa, expected.serial)
+    a = ScsiLun(backend, "", MIB, lun=lun)
+    assert outcome(a.write(MIB, b"x" * 4096)) is GOOD
+    assert outcome(a.read(MIB, 4096)) is GOOD
+    assert service.controller is not None and service.controller.servers("a") == ["gw1"]
+    assert service.catalog.vdisk("a").read(MIB, 4) == b"xxxx"  # the controller's table
+    agent_handler.check_vdisk(cfg)  # CheckConfig: asks the controller
+    with pytest.raises(NotFound, match="nosuch"):
+        agent_handler.check_vdisk(config.parse("targetvirt/nosuch"))
+    with pytest.raises(NotFound):
+        agent_handler.open_lun(config.parse("targetvirt/nosuch"),
+                               DeviceInfo(1, "n", 512, MIB, "targetvirt/nosuch"))  # fmt: skip
+
+
+def test_an_agent_handler_tells_the_shell_where_management_is(
+    agent_handler: Serving, tmp_path: Path
+) -> None:
+    assert isinstance(agent_handler, AgentHandler)
+    agent_handler.mark_agent()  # what start() does once it serves
+    assert agent_of(tmp_path / "run") == f"unix:{tmp_path}/ctl.sock"
+    agent_handler.stop()
+    assert agent_of(tmp_path / "run") is None
+
+
+def test_the_default_mode_is_unchanged(handler: Handler) -> None:
+    assert isinstance(handler.agent.link, InProcessLink)
+    assert handler.agent.controller_wait == 0  # in process the controller is always there
+
+
+@pytest.mark.parametrize(
+    ("argv", "why"),
+    [
+        (["--controller", "ctl.example"], "give unix:PATH, HOST:PORT or rados:POOL"),
+        (["--controller", "ctl.example:7443"], "needs --tls-dir"),
+        (["--controller", "unix:"], "needs a socket path"),
+        (["--tls-dir", "/x"], "need --controller"),
+        (["--controller", "unix:/s", "--controller-wait", "-1"], "--controller-wait must be"),
+    ],
+)
+def test_bad_agent_arguments_are_refused_in_one_line(
+    argv: list[str], why: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse_args(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert why in err and "Traceback" not in err
+
+
+def test_an_unreachable_controller_fails_the_start_cleanly(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        sock, run = f"unix:{tmp_path}/none.sock", str(tmp_path / "run")
+        rc = daemon.main(
+            ["--controller", sock, "--no-dbus", "--run-dir", run, "--controller-wait", "0"]
+        )
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert err.startswith("targetvirt-handler: controller at unix:") and "Traceback" not in err

@@ -17,7 +17,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from targetvirt.manage.api import _dump
-from targetvirt.manage.common import BUS_FILE
+from targetvirt.manage.common import AGENT_FILE, BUS_FILE
 from targetvirt.manage.manager import Manager
 from targetvirt.manage.shell import ProgressBar, main, render, wait_job
 from tests.fuzzing import fuzz_settings
@@ -567,3 +567,26 @@ def test_arbitrary_command_lines_one_line_errors(still_world: Manager, argv: lis
         assert rc == 1, (rc, text)
         assert text.startswith("targetvirt: ") and text.count("\n") == 1, text
         assert "internal error" not in text, text
+
+
+def test_on_an_agent_host_the_shell_says_where_management_is(tmp_path: Path) -> None:
+    """An agent-only handler serves no management API; it records its controller in the
+    run folder, and the shell names it instead of 'not running'."""
+    from targetvirt.manage.client import DaemonUnreachable  # noqa: PLC0415
+
+    def unreachable(_address: str | None) -> Any:
+        raise DaemonUnreachable("targetvirt-handler is not running: nobody serves ...")
+
+    run = tmp_path / "run"
+    run.mkdir()
+    out, err = io.StringIO(), io.StringIO()
+    argv = ["--run-dir", str(run), "/vdisks", "ls"]
+    assert main(argv, out=out, err=err, client_factory=unreachable) == 1
+    assert "is not running" in err.getvalue()  # no agent here: the usual message
+    (run / AGENT_FILE).write_text("unix:/run/targetvirt/ctl.sock\n")
+    err = io.StringIO()
+    assert main(argv, out=out, err=err, client_factory=unreachable) == 1
+    assert err.getvalue() == (
+        "targetvirt: targetvirt-handler on this host is an agent of the controller at "
+        "unix:/run/targetvirt/ctl.sock: manage targetvirt where the controller runs\n"
+    )
