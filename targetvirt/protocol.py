@@ -40,7 +40,7 @@ from targetvirt import errors
 from targetvirt import table as t
 from targetvirt.errors import ProtocolError, TargetvirtError
 
-VERSION = 2  # 2: VDiskInfo.uuid, Describe
+VERSION = 2  # 2: VDiskInfo.uuid, Describe; Exclusive, EndExclusive, Solo (CAW across agents)
 MAX_ENTRIES = 1 << 21  # one message carries at most 16 MiB of entries (2 TiB of 1 MiB segments)
 MAX_STR = 4096
 MAX_LIST = 4096
@@ -431,9 +431,8 @@ class Describe(Request):
     vdisk: str
 
 
-# COMPARE AND WRITE across gateways (type codes from 13: 12 is taken by Describe on the
-# agentmode branch).  Additive: an old controller refuses them as unknown types, and an old
-# agent never sends them (it never hears Solo either).
+# COMPARE AND WRITE across gateways (protocol version 2).  An old controller refuses
+# them as unknown types, and an old agent never sends them (it never hears Solo either).
 
 
 @message(13, STR, U64, STR, U64, U32)
