@@ -47,8 +47,6 @@ from targetvirt.manage.manager import Manager
 from targetvirt.manage.state import open_catalog
 from targetvirt.transport import ControllerLink
 from targetvirt.transport.inprocess import InProcessLink
-from targetvirt.transport.network import NetworkLink
-from targetvirt.transport.tls import Credentials
 from tcmu_handler import uio
 from tcmu_handler.modestate import ModeStore
 from tcmu_handler.scsi.lun import LunState
@@ -443,6 +441,11 @@ class AgentHandler(Serving):
 
 def controller_link(args: argparse.Namespace, agent_id: str) -> ControllerLink:
     """The agent's link to ``--controller`` (parse_args checked its form)."""
+    # Imported here: gRPC and cryptography serve only agent-only handlers, and the
+    # package leaves them optional (Suggests) for the default single-host daemon.
+    from targetvirt.transport.network import NetworkLink  # noqa: PLC0415
+    from targetvirt.transport.tls import Credentials  # noqa: PLC0415
+
     tls = Credentials.load(args.tls_dir, agent_id) if args.tls_dir else None
     timeout = args.call_timeout
 
