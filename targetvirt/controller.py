@@ -437,14 +437,20 @@ class Controller:
                 raise InvalidArgument(f"{r.vdisk} has {n} entries; cannot fetch from {r.start}")
             return p.TableRange(r.vdisk, r.start, self._annotate(v, r.start, r.count, s.sid))
 
+    def _writer(self, agent_id: str, session: int, vdisk: str) -> tuple[Session, VDisk]:
+        """Under ``_op``: the session of an agent that serves ``vdisk``, and the vdisk,
+        which must be writable (faults, unmaps and CAW holds all write)."""
+        s = self._session(agent_id, session)
+        self._serving(s, vdisk)
+        v = self.catalog.vdisk(vdisk)
+        if v.readonly:
+            raise ReadOnly(f"{v.name} is a snapshot and cannot be written")
+        return s, v
+
     def _fault(self, r: p.Fault) -> p.FaultReply:
         self._wait_ready()
         with self._op:
-            s = self._session(r.agent_id, r.session)
-            self._serving(s, r.vdisk)
-            v = self.catalog.vdisk(r.vdisk)
-            if v.readonly:
-                raise ReadOnly(f"{v.name} is a snapshot and cannot be written")
+            s, v = self._writer(r.agent_id, r.session, r.vdisk)
             if not 0 <= r.index < len(v.table):
                 raise InvalidArgument(f"{v.name} has no entry {r.index}")
             if not self._writable(v.name, r.index, s.sid):
@@ -458,11 +464,7 @@ class Controller:
     def _unmap(self, r: p.Unmap) -> p.TableRange:
         self._wait_ready()
         with self._op:
-            s = self._session(r.agent_id, r.session)
-            self._serving(s, r.vdisk)
-            v = self.catalog.vdisk(r.vdisk)
-            if v.readonly:
-                raise ReadOnly(f"{v.name} is a snapshot and cannot be written")
+            s, v = self._writer(r.agent_id, r.session, r.vdisk)
             end = r.start + r.count
             if end > len(v.table):
                 raise InvalidArgument(f"{v.name} has {len(v.table)} entries; cannot unmap to {end}")
@@ -523,11 +525,7 @@ class Controller:
         lo, hi = r.start, r.start + r.count
         while True:
             with self._op:
-                s = self._session(r.agent_id, r.session)
-                self._serving(s, r.vdisk)
-                v = self.catalog.vdisk(r.vdisk)
-                if v.readonly:
-                    raise ReadOnly(f"{v.name} is a snapshot and cannot be written")
+                s, v = self._writer(r.agent_id, r.session, r.vdisk)
                 if hi > len(v.table):
                     raise InvalidArgument(f"{v.name} has {len(v.table)} entries; not {hi}")
                 self._expire_exclusions()
