@@ -18,6 +18,7 @@ the device cannot be served.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import logging
 import re
 import select
@@ -89,8 +90,10 @@ class TcmuService:
         workers: int = 4,
         modes: ModeStore | None = None,
         clock: Clock | None = None,
+        devices: str = "*",
     ) -> None:
         self.open_lun = open_lun
+        self.pattern = devices
         self.clock = clock or MonotonicClock()
         self._next_retry = self.clock.now() + RETRY_SECONDS
         self.modes = modes
@@ -142,7 +145,7 @@ class TcmuService:
     def rescan(self) -> None:
         """Take over every targetvirt device that exists and is not served yet."""
         for dev in uio.scan(self.sysfs_root):
-            if key_of(dev.name) not in self.devices:
+            if self.ours(dev.name) and key_of(dev.name) not in self.devices:
                 self._add(dev, reset=ResetMode.BUSY)
 
     def retry_refused(self) -> None:
@@ -160,6 +163,12 @@ class TcmuService:
                 self.retry_refused()
 
     # --- devices ---------------------------------------------------------------------
+
+    def ours(self, name: uio.UioName) -> bool:
+        """A targetvirt device whose storage-object name matches ``--devices``: several
+        daemons on one kernel (one per failure domain, or the gateways of a test) each
+        serve their own devices and leave the others alone."""
+        return name.subtype == config.SUBTYPE and fnmatch.fnmatchcase(name.dev_name, self.pattern)
 
     def _add(self, dev: uio.UioDevice, reset: ResetMode | None) -> int:
         """Serve a device; returns 0 or a negative errno for the netlink reply."""
@@ -250,7 +259,7 @@ class TcmuService:
 
     def _on_event(self, ev: netlink.DeviceEvent) -> int:
         name = uio.parse_uio_name(ev.device)
-        if name is None or name.subtype != config.SUBTYPE:
+        if name is None or not self.ours(name):
             return 0  # not ours: a neutral answer (a waiting kernel gets unblocked)
         if ev.cmd == netlink.TcmuCmd.ADDED_DEVICE:
             dev = uio.read_device(ev.minor, self.sysfs_root)

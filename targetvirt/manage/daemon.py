@@ -96,6 +96,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="runtime folder: sockets, pid (env TARGETVIRT_RUN_DIR)",
     )
     parser.add_argument("--workers", type=int, default=4, help="I/O threads per device")
+    parser.add_argument(
+        "--devices",
+        default="*",
+        metavar="GLOB",
+        help="serve only the targetvirt devices whose LIO storage-object name matches (shell "
+        "pattern; default all): several daemons on one host each serve their own",
+    )
     parser.add_argument("--no-dbus", action="store_true", help="do not register on the system bus")
     parser.add_argument(
         "--bus-address",
@@ -172,6 +179,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def _check_agent_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Agent-only options need --controller; an endpoint must be one we can reach."""
+    if not args.devices.strip():
+        parser.error("--devices needs a pattern (e.g. 'gw1_*'; '*' serves every device)")
     if args.controller is None:
         if args.tls_dir or args.agent_id:
             parser.error("--tls-dir and --agent-id need --controller")
@@ -264,7 +273,7 @@ class Serving:
     def _start_tcmu(self) -> None:
         self.tcmu = TcmuService(
             self.open_lun, close_lun=self.close_lun, workers=self.args.workers,
-            modes=ModeStore(Path(self.args.run_dir) / "modes"),
+            modes=ModeStore(Path(self.args.run_dir) / "modes"), devices=self.args.devices,
         )  # fmt: skip
         self.tcmu.start()
 

@@ -77,6 +77,28 @@ def test_other_subtypes_and_vanished_devices(tmp_path: Path) -> None:
     assert opened == []
 
 
+@pytest.mark.parametrize(("pattern", "served"), [("*", True), ("lun*", True), ("gw2_*", False)])
+def test_only_devices_matching_the_pattern_are_served(
+    tmp_path: Path, pattern: str, served: bool
+) -> None:
+    """``--devices``: a daemon beside another on the same kernel leaves the other's devices
+    alone, both those found at start and those added later."""
+    sysfs, configfs = trees(tmp_path)
+    opened: list[str] = []
+
+    def open_lun(cfg: object, info: object) -> tuple[object, object]:
+        opened.append(str(cfg))
+        raise NotFound("stop here: asked to open")
+
+    service = TcmuService(open_lun, sysfs_root=sysfs, configfs_root=configfs,  # type: ignore[arg-type]
+                          devices=pattern)  # fmt: skip
+    service.rescan()
+    answer = service._answer(event(netlink.TcmuCmd.ADDED_DEVICE))
+    assert len(opened) == (2 if served else 0)
+    assert answer == (-errno.ENOENT if served else 0)
+    assert list(service.refused) == (["user_1/lun0"] if served else [])
+
+
 def servable(tmp_path: Path) -> tuple[Path, Path, Path]:
     """The trees plus what taking the device over needs: configfs action files and a
     device node holding a kernel-laid-out mailbox (a file stands in for /dev/uio0)."""

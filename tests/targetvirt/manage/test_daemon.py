@@ -257,6 +257,7 @@ def test_the_default_mode_is_unchanged(handler: Handler) -> None:
         (["--controller", "unix:"], "needs a socket path"),
         (["--tls-dir", "/x"], "need --controller"),
         (["--controller", "unix:/s", "--controller-wait", "-1"], "--controller-wait must be"),
+        (["--devices", " "], "--devices needs a pattern"),
     ],
 )
 def test_bad_agent_arguments_are_refused_in_one_line(
