@@ -21,6 +21,10 @@ By default the benchmark starts its own throwaway single-node cluster (bluestore
 sparse file; ``--objectstore memstore`` for a RAM-only one), or uses an existing one
 with ``--conf FILE --pool POOL [--id CLIENT]``.
 
+``--lun`` measures the same rows through a LUN instead (bench/ceph_lun.py: fio on a
+tcm_loop LUN served by targetvirt-handler; in the test guest, which has LIO).  ``--agents
+0`` leaves out the round trips.
+
 ``python -m bench.ceph [--qd N] [--size MiB] [--ops N] [--agents N] [--rounds N] [--json]``
 """
 
@@ -38,6 +42,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from bench.ceph_lun import bench_lun
 from bench.notify import p99, round_trips
 from bench.report import Row, print_json, print_table
 from targetvirt.catalog import Catalog
@@ -66,7 +71,11 @@ def cluster_location(args: argparse.Namespace) -> Iterator[tuple[str, Any]]:
         return
     from tests.ceph_cluster import CephCluster  # noqa: PLC0415 - a throwaway cluster
 
-    with CephCluster(objectstore=args.objectstore) as cluster:
+    root = None
+    if args.lun:  # the guest: its tmpfs, not the host's folder mounted read-only
+        Path(args.dir).mkdir(parents=True, exist_ok=True)
+        root = tempfile.mkdtemp(prefix="ceph-", dir=args.dir)
+    with CephCluster(root, objectstore=args.objectstore) as cluster:
         client = cluster.connect()
         try:
             yield f"rados:{cluster.pool}/{ns}?conf={cluster.client_conf}", client
@@ -129,26 +138,38 @@ def main() -> None:
     parser.add_argument("--conf", help="an existing cluster's ceph.conf")
     parser.add_argument("--pool", default="tv")
     parser.add_argument("--id", help="cephx user (without client.)")
+    parser.add_argument(
+        "--lun", action="store_true",
+        help="measure through a targetvirt LUN (tcm_loop, fio) instead of the vdisk API; "
+        "needs LIO: run it in the test guest (bench/ceph_lun.py)",
+    )  # fmt: skip
+    parser.add_argument("--runtime", type=int, default=10, help="seconds per fio job (--lun)")
+    parser.add_argument("--io-rounds", type=int, default=3, help="interleaved rounds (--lun)")
+    parser.add_argument("--dir", default="/run/ram/bench-ceph", help="scratch folder (--lun)")
+    parser.add_argument("--workers", type=int, default=4, help="the handler's --workers (--lun)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with cluster_location(args) as (location, client):
-        rows = bench(location, client, args)
-        rows += bench_commands(location, args.agents, args.rounds)
+        rows = (bench_lun if args.lun else bench)(location, client, args)
+        if args.agents > 0:
+            rows += bench_commands(location, args.agents, args.rounds)
     if args.json:
         by = {r.name: r for r in rows}
+        rtt = by.get("command round trip, median"), by.get("command round trip, p99")
         seq = min(by["1 MiB sequential write"].ratio or 0, by["1 MiB sequential read"].ratio or 0)
         rand = min(by["4 KiB random write"].ratio or 0, by["4 KiB random read"].ratio or 0)
         print_json({
             "seq_vs_librados": seq,
             "rand_vs_librados": rand,
-            "notify_rtt_median_ms": by["command round trip, median"].value,
-            "notify_rtt_p99_ms": by["command round trip, p99"].value,
+            "notify_rtt_median_ms": rtt[0].value if rtt[0] else None,
+            "notify_rtt_p99_ms": rtt[1].value if rtt[1] else None,
+            "through": "LUN (tcm_loop, fio)" if args.lun else "vdisk API",
             "rows": [r.__dict__ for r in rows],
         })  # fmt: skip
     else:
         print_table(
-            f"targetvirt on Ceph: vdisk vs direct librados (qd {args.qd}, 1 MiB objects, "
-            "same run, same cluster)",
+            f"targetvirt on Ceph: {'LUN' if args.lun else 'vdisk'} vs direct librados "
+            f"(qd {args.qd}, 1 MiB objects, same run, same cluster)",
             rows,
         )
 

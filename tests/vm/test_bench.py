@@ -33,3 +33,24 @@ def test_bench_lun_smoke(guest: Guest, results_dir: Path) -> None:
         raw = data["raw"][contender]
         assert raw is not None
         assert all(raw[job]["iops"] > 0 for job in ("randread", "randwrite", "seqread", "seqwrite"))
+
+
+@pytest.mark.vm
+@pytest.mark.ceph
+def test_bench_ceph_lun_smoke(guest: Guest, results_dir: Path) -> None:
+    """bench.ceph --lun keeps working: a Ceph cluster in the guest, a LUN on it, every row."""
+    res = guest.module(
+        "bench.ceph", "--lun", "--size", "16", "--ops", "200", "--runtime", "2",
+        "--io-rounds", "1", "--agents", "0", "--objectstore", "memstore", "--json",
+        timeout=900,
+    )  # fmt: skip
+    (results_dir / "bench-ceph.json").write_text(res.stdout)
+    (results_dir / "bench-ceph.log").write_text(res.stderr)
+    data = json.loads(res.stdout)
+    assert data["through"] == "LUN (tcm_loop, fio)"
+    for key in ("seq_vs_librados", "rand_vs_librados"):
+        assert isinstance(data[key], float) and data[key] > 0, key
+    rows = {r["name"]: r for r in data["rows"]}
+    for name in ("1 MiB sequential write", "1 MiB sequential read", "4 KiB random write",
+                 "4 KiB random read"):  # fmt: skip
+        assert rows[name]["value"] > 0 and rows[name]["baseline_value"] > 0, rows[name]
