@@ -166,6 +166,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "unreachable one before it fails; keep it below the LUNs' command timeout",
     )
     agent.add_argument(
+        "--commands",
+        metavar="RADOS",
+        help="take the controller's commands as RADOS notifies on the headers of the vdisks "
+        "served, at rados:POOL[/NS][?conf=...] (the controller's --commands); an agent that "
+        "does not answer is blocklisted by the controller. Requests still go to --controller",
+    )
+    agent.add_argument(
         "--call-timeout",
         type=float,
         default=5.0,
@@ -182,9 +189,11 @@ def _check_agent_args(parser: argparse.ArgumentParser, args: argparse.Namespace)
     if not args.devices.strip():
         parser.error("--devices needs a pattern (e.g. 'gw1_*'; '*' serves every device)")
     if args.controller is None:
-        if args.tls_dir or args.agent_id:
-            parser.error("--tls-dir and --agent-id need --controller")
+        if args.tls_dir or args.agent_id or args.commands:
+            parser.error("--tls-dir, --agent-id and --commands need --controller")
         return
+    if args.commands is not None and not is_rados(args.commands):
+        parser.error(f"--commands {args.commands!r}: give rados:POOL[/NS][?conf=...]")
     if args.controller_wait < 0 or args.call_timeout <= 0:
         parser.error("--controller-wait must be >= 0 and --call-timeout > 0")
     target = args.controller
@@ -461,11 +470,18 @@ def controller_link(args: argparse.Namespace, agent_id: str) -> ControllerLink:
     def connect(endpoint: str) -> ControllerLink:
         return NetworkLink(endpoint, tls=tls, call_timeout=timeout)
 
+    link: ControllerLink
     if is_rados(args.controller):
         from targetvirt.transport.follow import FollowingLink  # noqa: PLC0415 - librados
 
-        return FollowingLink(args.controller, connect=connect, call_timeout=timeout)
-    return connect(args.controller)
+        link = FollowingLink(args.controller, connect=connect, call_timeout=timeout)
+    else:
+        link = connect(args.controller)
+    if args.commands is not None:
+        from targetvirt.transport.rados_notify import RadosNotifyLink  # noqa: PLC0415
+
+        link = RadosNotifyLink(link, args.commands)
+    return link
 
 
 def make_handler(args: argparse.Namespace) -> Serving:

@@ -6,8 +6,9 @@ Everything a two-host deployment has, on one guest kernel:
   metadata store and the segments (one RADOS container);
 * an active and a standby controller (``tests.targetvirt.controller_child``: the real
   ControllerService, driven through stdin for snapshots);
-* two gateways: ``targetvirt-handler --controller rados:... --devices gwN_*``, each its own
-  agent serving its own LIO user backstore (``gw1_mp``, ``gw2_mp``) of the same vdisk;
+* two gateways: ``targetvirt-handler --controller rados:... --commands rados:...
+  --devices gwN_*``, each its own agent (commands by RADOS watch/notify) serving its own
+  LIO user backstore (``gw1_mp``, ``gw2_mp``) of the same vdisk;
 * one iSCSI target with a TPG per gateway (portals 127.0.0.1 and 127.0.0.2), each device
   with a user ALUA group holding its gateway's LUN: gw1 active/optimized, gw2
   active/non-optimized (as ceph-iscsi lays them out);
@@ -156,6 +157,17 @@ class Controller:
         self.proc.wait()
 
 
+def sinks(ctl: Controller, timeout: float = 60.0) -> str:
+    """How each gateway's session gets its commands, once both say hello by notify (a
+    session's command channel opens just after it registers)."""
+    deadline = time.monotonic() + timeout
+    while (said := ctl.ask("sinks", "sinks")).count("NotifySink") < len(GATEWAYS):
+        if time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    return said
+
+
 def provision(location: str) -> None:
     from targetvirt.catalog import Catalog  # noqa: PLC0415
     from targetvirt.store.rados import RadosStore  # noqa: PLC0415
@@ -177,7 +189,7 @@ class Gateway:
         self.handler = Handler(d / name)
         self.argv = (
             "--controller", location, "--agent-id", name, "--devices", f"{name}_*",
-            "--no-dbus", "--controller-wait", str(CONTROLLER_WAIT),
+            "--no-dbus", "--controller-wait", str(CONTROLLER_WAIT), "--commands", location,
         )  # fmt: skip
 
     def start(self) -> None:
@@ -327,15 +339,16 @@ def run(d: Path) -> dict[str, Any]:
         location = f"rados:{ceph.pool}/tv?conf={ceph.client_conf}"
         provision(location)
         out["ceph_up"] = time.monotonic()
-        ctls.append(Controller(d, "ctl0", location))
+        ctls.append(Controller(d, "ctl0", location, "--commands", location))
         ctls[0].wait_for("active", 300)
-        ctls.append(Controller(d, "ctl1", location, "--standby"))
+        ctls.append(Controller(d, "ctl1", location, "--standby", "--commands", location))
         gws = {gw: Gateway(d, gw, location) for gw in GATEWAYS}
         starts = {gw: g.handler.launch(*g.argv) for gw, g in gws.items()}
         for gw, g in gws.items():
             g.handler.wait_ready(starts[gw], 300)
         ctls[1].wait_for("waiting", 300)
         out["daemons_up"] = time.monotonic()
+        out["sinks"] = sinks(ctls[0])
         export(SIZE)
         login()
         disks = disks_of_gateways()
@@ -395,6 +408,7 @@ def phases(d: Path, dev: str, disks: dict[str, str], ctls: list[Controller],
     ctls[1].wait_for("active", 120)
     out["c_standby_active"] = time.monotonic()
     out["c_agents"] = ctls[1].ask(f"await {' '.join(GATEWAYS)}", "agents")
+    out["c_sinks"] = sinks(ctls[1])
     out["c"] = finish(f, d, "fio-2.log")
     out["c_writes"] = delta(writes(disks), before)  # failback: gateway 1 again, alone
     out["c_snapshot"] = ctls[1].ask(f"snapshot {VDISK} snap2", "window")

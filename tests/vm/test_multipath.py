@@ -45,6 +45,10 @@ def test_two_gateways_through_multipath(guest: Guest, results_dir: Path) -> None
     assert "active/optimized" in out["rtpg"]["gw1"], out["rtpg"]
     assert "active/non optimized" in out["rtpg"]["gw2"], out["rtpg"]
 
+    # the gateways hear the controllers' commands by RADOS watch/notify
+    assert out["sinks"] == "sinks NotifySink NotifySink", out["sinks"]
+    assert out["c_sinks"] == "sinks NotifySink NotifySink", out["c_sinks"]
+
     # (a) live snapshot under fio: verify passes; the I/O went through gateway 1 only
     assert _clean(out["a"]), out["a"]
     assert out["snapshot"].startswith("window"), out["snapshot"]

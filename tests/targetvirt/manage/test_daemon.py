@@ -256,6 +256,8 @@ def test_the_default_mode_is_unchanged(handler: Handler) -> None:
         (["--controller", "ctl.example:7443"], "needs --tls-dir"),
         (["--controller", "unix:"], "needs a socket path"),
         (["--tls-dir", "/x"], "need --controller"),
+        (["--commands", "rados:p"], "need --controller"),
+        (["--controller", "unix:/s", "--commands", "/tmp/x"], "--commands '/tmp/x': give rados:"),
         (["--controller", "unix:/s", "--controller-wait", "-1"], "--controller-wait must be"),
         (["--devices", " "], "--devices needs a pattern"),
     ],
@@ -285,3 +287,44 @@ def test_an_unreachable_controller_fails_the_start_cleanly(
     assert rc == 1
     err = capsys.readouterr().err
     assert err.startswith("targetvirt-handler: controller at unix:") and "Traceback" not in err
+
+
+@pytest.mark.ceph
+def test_an_agent_handler_takes_commands_by_notify(tmp_path: Path, rados_location: str) -> None:
+    """``--controller rados:... --commands rados:...``: the gateway's agent hears the
+    controller's commands as notifies on the headers of what it serves, and acks them;
+    a live snapshot (freeze, drain, thaw by notify) and the copy-on-write after it work."""
+    from targetvirt.catalog import Catalog  # noqa: PLC0415
+    from targetvirt.store.rados import RadosStore  # noqa: PLC0415
+
+    catalog = Catalog.open(RadosStore(rados_location, create=True))
+    catalog.create_pool("p", rados_location, 16 * MIB)
+    catalog.create_vdisk("a", "p", 8 * MIB)
+    catalog.close()
+    sock = str(tmp_path / "ctl.sock")
+    service = ControllerService(controld.parse_args(
+        ["--store", rados_location, "--unix", sock, "--commands", rados_location]))  # fmt: skip
+    service.start()
+    (tmp_path / "run").mkdir()
+    h = make_handler(parse_args(["--controller", rados_location, "--commands", rados_location,
+                                 "--run-dir", str(tmp_path / "run"), "--no-dbus",
+                                 "--agent-id", "gw1"]))  # fmt: skip
+    try:
+        h.tcmu = FakeTcmu()
+        h._connect()
+        cfg = config.parse("targetvirt/a")
+        backend, lun = h.open_lun(cfg, DeviceInfo(1, "a", 512, 8 * MIB, "targetvirt/a"))
+        a = ScsiLun(backend, "", MIB, lun=lun)
+        assert outcome(a.write(MIB, b"x" * 4096)) is GOOD
+        ctl = service.controller
+        assert ctl is not None
+        assert [type(s.sink).__name__ for s in ctl.sessions()] == ["NotifySink"]
+        ctl.snapshot("a", "s1")  # freeze and thaw reach the agent by notify
+        assert outcome(a.write(MIB, b"y" * 4096)) is GOOD  # copy-on-write after it
+        assert outcome(a.read(MIB, 4096)) is GOOD
+        assert service.catalog is not None
+        assert service.catalog.vdisk("a").read(MIB, 4) == b"yyyy"
+        assert service.catalog.vdisk("a@s1").read(MIB, 4) == b"xxxx"
+    finally:
+        h.stop()
+        service.stop()
