@@ -61,6 +61,7 @@ from targetvirt.errors import (
     ControllerUnreachable,
     InUse,
     InvalidArgument,
+    NotFound,
     ProtocolError,
     ReadOnly,
     SessionLost,
@@ -198,6 +199,13 @@ class Controller:
         # a predecessor's agents may still write through their tables until their leases end
         grace = max(prior, lease_seconds) + lease_margin
         self._grace_until = self.clock.now() + grace if self._awaiting else -math.inf
+        # The restart hold: until the predecessor's agents are all back (each drains before
+        # it registers) or their leases ran out, every entry handed out is NOWRITE.  One of
+        # them may be in the middle of a COMPARE AND WRITE that its controller's volatile
+        # Solo or Exclusive allowed; nobody else may write those blocks meanwhile, and which
+        # blocks they are died with that controller.  Reads go on; writes wait (at most the
+        # grace, below the agents' frozen timeout).
+        self._restart_hold = bool(self._awaiting)
         self._restore_freezes()
 
     def _restore_freezes(self) -> None:
@@ -327,6 +335,7 @@ class Controller:
                 self._state.notify_all()
             if r.agent_id not in self._agent_keys:
                 self._remember(r.agent_id)
+            self._end_restart_hold(joining=s)
         log.info("agent %s registered (session %#x, %d vdisks)", r.agent_id, s.sid, len(vdisks))
         return p.Registered(s.sid, self.lease_seconds)
 
@@ -348,6 +357,7 @@ class Controller:
             with self._state:
                 self._awaiting.discard(agent_id)
                 self._state.notify_all()
+            self._end_restart_hold()
 
     def _attach(self, r: p.Attach) -> p.VDiskInfo:
         """Describe a vdisk to an agent, which serves it from now on.
@@ -449,6 +459,7 @@ class Controller:
 
     def _fault(self, r: p.Fault) -> p.FaultReply:
         self._wait_ready()
+        self._end_restart_hold()
         with self._op:
             s, v = self._writer(r.agent_id, r.session, r.vdisk)
             if not 0 <= r.index < len(v.table):
@@ -611,7 +622,7 @@ class Controller:
         """SetState(NORMAL) on ``[lo, hi)`` for the servers of ``name`` (those in ``sids``
         if given), leaving out what must stay NOWRITE for each: a freeze (everything), a
         migration's hold, another agent's COMPARE AND WRITE hold."""
-        if name in self._frozen or lo >= hi:
+        if name in self._frozen or self._restart_hold or lo >= hi:
             return []
         pairs: list[tuple[Session, p.Command]] = []
         for s in self._servers(name):
@@ -735,6 +746,30 @@ class Controller:
                 self.clock.wait(self._state, self._grace_until)
             self._awaiting.clear()
 
+    def _end_restart_hold(self, joining: Session | None = None) -> None:
+        """Once ready, lift the restart hold in every agent (``joining`` has fetched
+        nothing yet: its fetches come without it)."""
+        if not self._restart_hold:  # (it only ever goes from True to False)
+            return
+        with self._op:
+            with self._state:
+                if not self._restart_hold or (
+                    self._awaiting and self.clock.now() < self._grace_until
+                ):
+                    return
+                self._restart_hold = False
+                names = sorted({n for s in self._sessions.values() if s.live for n in s.vdisks})
+            pairs: list[tuple[Session, p.Command]] = []
+            for name in names:
+                try:
+                    entries = len(self.catalog.vdisk(name).table)
+                except NotFound:  # deleted meanwhile: nothing to lift
+                    continue
+                others = {s.sid for s in self._servers(name) if s is not joining}
+                pairs += self._lift(name, 0, entries, others)
+            self._push(pairs)
+        log.info("restart hold lifted: writes go on")
+
     @property
     def ready(self) -> bool:
         with self._state:
@@ -749,7 +784,7 @@ class Controller:
     def _writable(self, name: str, index: int, sid: int | None = None) -> bool:
         """Whether session ``sid`` may write entry ``index`` (None: any session; a
         COMPARE AND WRITE hold leaves its holder writable, nobody else)."""
-        if name in self._frozen or index in self._holds.get(name, ()):
+        if self._restart_hold or name in self._frozen or index in self._holds.get(name, ()):
             return False
         return not any(a <= index < b for a, b in self._excluded(name, sid))
 
@@ -778,7 +813,7 @@ class Controller:
                 shared[sel] = v.pool.refs_view(int(cid))[psegs[sel]] > 1
             out[mapped[shared]] |= np.uint64(t.SHARED)
         with self._state:
-            frozen = v.name in self._frozen
+            frozen = v.name in self._frozen or self._restart_hold
             holds = sorted(self._holds.get(v.name, ()))
         if self._copying(v.name):
             out[mapped] |= np.uint64(t.SHARED)
@@ -1188,6 +1223,8 @@ class Controller:
                 del self._delays[name]
         if self._unrecorded:
             self._record_thaws()
+        if self._restart_hold and now >= self._grace_until:
+            self._end_restart_hold()
         if self._exclusions_due(now):
             with self._op:
                 self._expire_exclusions()
@@ -1206,6 +1243,8 @@ class Controller:
         times = [f.until for f in self._frozen.values() if f.until is not None]
         times += [s.lease_until + self.lease_margin for s in self._sessions.values() if s.live]
         times += [x.until for held in self._exclusions.values() for x in held.values()]
+        if self._restart_hold:
+            times.append(self._grace_until)
         return min(times, default=self.clock.now() + 1.0)
 
     def start(self) -> None:

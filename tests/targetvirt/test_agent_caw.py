@@ -200,3 +200,48 @@ def test_a_thaw_or_a_migration_during_a_caw_keeps_its_hold(cluster: Cluster) -> 
     seen[0].result()
     assert read(cluster.vd(2), 0, 16) == b"W" * 8 + b"late" + b"W" * 4
     assert read(cluster.vd(1), 2 * SEG, 6) == b"thawed"
+
+
+def test_a_controller_restart_mid_caw_holds_the_others_until_the_holder_is_back(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The old controller's Exclusive died with it: an agent that registers with the new
+    one gets every entry NOWRITE (the restart hold) until the predecessor's agents are all
+    back -- the holder drains its COMPARE AND WRITE before it registers -- so nobody
+    writes the CAW's blocks between its compare and its write."""
+    pause = Pause(monkeypatch)
+    swap = Background(lambda: caw(cluster.vd(0), 100, b"0" * 512, MARK + b"a" * 508))
+    assert pause.reached.wait(10)  # compared under the old controller's hold
+    cluster.restart_controller()
+    cluster.agents[1].renew_lease()  # session lost: registers again, tables rebuilt
+    assert not cluster.controller.ready
+    assert all(cluster.vd(1).entry(i) & t.NOWRITE_BIT for i in range(4))
+    same = Background(lambda: write(cluster.vd(1), 300, b"late"))
+    other = Background(lambda: write(cluster.vd(1), 2 * SEG, b"other"))
+    assert same.still_running() and other.still_running()  # held, whatever the block
+    assert read(cluster.vd(1), SEG, 4) == b"1111"  # reads go on
+    pause.release.set()
+    swap.result()  # its EndExclusive may be lost: the new controller never granted it
+    cluster.agents[0].renew_lease()  # the holder comes back (drained)
+    assert same.still_running()  # gw2 may still be writing through its old tables
+    cluster.agents[2].renew_lease()
+    assert cluster.controller.ready
+    same.result()
+    other.result()
+    assert read(cluster.vd(2), 100, 512) == MARK + b"a" * 196 + b"late" + b"a" * 308
+    assert read(cluster.vd(0), 2 * SEG, 5) == b"other"
+    for i in range(3):
+        assert not any(cluster.vd(i).entry(j) & t.NOWRITE_BIT for j in range(4))
+
+
+def test_a_restart_hold_ends_with_the_grace_when_an_agent_never_comes_back(
+    cluster: Cluster,
+) -> None:
+    cluster.restart_controller()
+    cluster.agents[1].renew_lease()
+    held = Background(lambda: write(cluster.vd(1), 0, b"after"))
+    assert held.still_running()
+    cluster.controller.start()  # its timer ends the hold at the end of the grace
+    drive(cluster.clock, held, step=0.5)
+    assert cluster.clock.now() >= 1000.0 + cluster.lease  # not before gw0/gw2's leases
+    assert read(cluster.vd(1), 0, 5) == b"after"
