@@ -767,7 +767,11 @@ class Controller:
                     continue
                 others = {s.sid for s in self._servers(name) if s is not joining}
                 pairs += self._lift(name, 0, entries, others)
-            self._push(pairs)
+            # A session whose command stream is not open yet gets the lift from its backlog
+            # when it opens; waiting for that ack here would fence an agent still saying
+            # hello (and hold up the registration that ended the hold).
+            sent = self._send(pairs)
+            self._settle([(s, seq) for s, seq in sent if s.sink is not None])
         log.info("restart hold lifted: writes go on")
 
     @property

@@ -149,15 +149,17 @@ class ControllerService:
             self.controller = self._start_rados()
             assert self.store is not None
             where = self.store.path
+        if s.commands is not None:
+            from targetvirt.transport.rados_notify import RadosCommandBus  # noqa: PLC0415
+
+            # before agents can register: the hello an agent sends right after its
+            # registration must find the bus watching, or its command channel stays shut
+            self.bus = RadosCommandBus(self.controller, s.commands)
         tls = Credentials.load(s.tls_dir, s.tls_name) if s.tcp and s.tls_dir else None
         try:
             self.server = ControllerServer(self.controller, unix_path=s.unix, tcp=s.tcp, tls=tls)
         except (OSError, RuntimeError) as e:  # a folder missing, an address in use
             raise InvalidArgument(f"cannot serve agents at {self.endpoint}: {e}") from None
-        if s.commands is not None:
-            from targetvirt.transport.rados_notify import RadosCommandBus  # noqa: PLC0415
-
-            self.bus = RadosCommandBus(self.controller, s.commands)
         self.controller.start()
         self._flusher = threading.Thread(target=self._flush_loop, name="flusher", daemon=True)
         self._flusher.start()

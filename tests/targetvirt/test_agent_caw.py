@@ -245,3 +245,21 @@ def test_a_restart_hold_ends_with_the_grace_when_an_agent_never_comes_back(
     drive(cluster.clock, held, step=0.5)
     assert cluster.clock.now() >= 1000.0 + cluster.lease  # not before gw0/gw2's leases
     assert read(cluster.vd(1), 0, 5) == b"after"
+
+
+def test_lifting_the_restart_hold_does_not_wait_for_a_session_still_saying_hello(
+    cluster: Cluster,
+) -> None:
+    """A session registered but with its command stream not open yet gets the lift when
+    the stream opens (its backlog): the registration that ends the hold does not wait for
+    its ack (which would fence it, and hold up that registration for the ack timeout)."""
+    cluster.restart_controller()
+    ghost = cluster.controller.handle(p.Register("gw0", "test", ("v",)))
+    assert isinstance(ghost, p.Registered)  # no stream opened for it
+    cluster.agents[1].renew_lease()
+    last = Background(cluster.agents[2].renew_lease)  # the last one back
+    last.result()  # (the fake clock stands still: waiting for an ack would never end)
+    assert cluster.controller.ready and cluster.controller.fenced == []
+    write(cluster.vd(1), 0, b"after")
+    assert read(cluster.vd(2), 0, 5) == b"after"
+    cluster.agents[0].renew_lease()  # gw0's next registration ends that session
