@@ -180,14 +180,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="deadline of each request to the controller",
     )
     args = parser.parse_args(argv)
+    if not args.devices.strip():
+        parser.error("--devices needs a pattern (e.g. 'gw1_*'; '*' serves every device)")
     _check_agent_args(parser, args)
     return args  # fmt: skip
 
 
 def _check_agent_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Agent-only options need --controller; an endpoint must be one we can reach."""
-    if not args.devices.strip():
-        parser.error("--devices needs a pattern (e.g. 'gw1_*'; '*' serves every device)")
     if args.controller is None:
         if args.tls_dir or args.agent_id or args.commands:
             parser.error("--tls-dir, --agent-id and --commands need --controller")

@@ -232,25 +232,20 @@ def sh(*argv: str, timeout: float = 120.0) -> str:
     return res.stdout
 
 
-def login() -> list[str]:
-    """Log in through both portals; waits for the LUN's two /dev/sdX."""
+def login() -> dict[str, str]:
+    """Log in through both portals; each gateway's path (sdX), once both are there."""
     for portal in PORTALS.values():
         sh("iscsiadm", "-m", "discovery", "-t", "st", "-p", portal)
     sh("iscsiadm", "-m", "node", "-T", TARGET, "-o", "update",
        "-n", "node.session.timeo.replacement_timeout", "-v", "10")  # fmt: skip
     sh("iscsiadm", "-m", "node", "-T", TARGET, "--login")
-    deadline, disks = time.monotonic() + 60, []
+    deadline, disks = time.monotonic() + 60, {}
     while time.monotonic() < deadline:
-        disks = sorted(
-            f"/dev/{blk.name}"
-            for blk in Path("/sys/class/iscsi_session").glob(
-                "session*/device/target*/*:*:*:*/block/*"
-            )
-        )
+        disks = disks_of_gateways()
         if len(disks) == len(GATEWAYS):
             return disks
         time.sleep(0.5)
-    raise RuntimeError(f"expected {len(GATEWAYS)} disks, found {disks}")
+    raise RuntimeError(f"expected a path per gateway, found {disks}")
 
 
 def start_multipath(disks: list[str]) -> str:
@@ -272,8 +267,8 @@ def start_multipath(disks: list[str]) -> str:
 
 
 def paths() -> list[dict[str, str]]:
-    """multipathd's view of each path: device, priority, state, checker, group state."""
-    out = sh("multipathd", "show", "paths", "raw", "format", "%d %p %t %T %s", timeout=30)
+    """multipathd's view of each path: device, priority, dm state, checker state."""
+    out = sh("multipathd", "show", "paths", "raw", "format", "%d %p %t %T", timeout=30)
     rows = []
     for line in out.splitlines():
         f = line.split()
@@ -282,7 +277,11 @@ def paths() -> list[dict[str, str]]:
     return rows
 
 
-def fio(d: Path, dev: str, phase: int, *, verify_only: bool = False) -> subprocess.Popen[bytes]:
+Fio = tuple[subprocess.Popen[bytes], Path]
+
+
+def fio(d: Path, dev: str, phase: int, *, verify_only: bool = False) -> Fio:
+    """One phase's fio job (its own 6 MiB region, its own seed), started; and its log."""
     log = d / f"fio-{phase}{'-reverify' if verify_only else ''}.log"
     argv = [
         "fio", f"--name=phase{phase}", f"--filename={dev}", "--ioengine=libaio", "--direct=1",
@@ -292,28 +291,28 @@ def fio(d: Path, dev: str, phase: int, *, verify_only: bool = False) -> subproce
     ]  # fmt: skip
     argv += ["--verify_only"] if verify_only else [f"--rate=,{RATE}", "--do_verify=1"]
     with open(log, "ab") as out:
-        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=d)
+        return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=d), log
 
 
-def finish(
-    proc: subprocess.Popen[bytes], d: Path, name: str, timeout: float = 900
-) -> dict[str, Any]:
+def finish(job: Fio, timeout: float = 900) -> dict[str, Any]:
+    """Wait for a fio job; its exit code and whether its log says every verify passed."""
+    proc, log = job
     rc = proc.wait(timeout)
-    text = Path(d / name).read_text(errors="replace")
+    text = log.read_text(errors="replace")
     return {"rc": rc, "err0": "err= 0" in text, "bad": "verify: bad" in text.lower()
             or "bad magic" in text.lower(), "tail": text[-1500:] if rc else ""}  # fmt: skip
 
 
 def disks_of_gateways() -> dict[str, str]:
     """Each gateway's path (sdX), from the portal address of its iSCSI session."""
+    gateway_at = {portal: gw for gw, portal in PORTALS.items()}
     found = {}
     for sess in Path("/sys/class/iscsi_session").glob("session*"):
         conns = list(sess.glob("device/connection*/iscsi_connection/connection*"))
         address = (conns[0] / "persistent_address").read_text().strip() if conns else ""
-        for gw, portal in PORTALS.items():
-            for blk in sess.glob("device/target*/*:*:*:*/block/*"):
-                if address == portal:
-                    found[gw] = blk.name
+        for blk in sess.glob("device/target*/*:*:*:*/block/*"):
+            if address in gateway_at:
+                found[gateway_at[address]] = blk.name
     return found
 
 
@@ -350,8 +349,7 @@ def run(d: Path) -> dict[str, Any]:
         out["daemons_up"] = time.monotonic()
         out["sinks"] = sinks(ctls[0])
         export(SIZE)
-        login()
-        disks = disks_of_gateways()
+        disks = login()
         dev = start_multipath(list(disks.values()))
         out["disks"] = disks
         out["paths"] = paths()
@@ -373,7 +371,7 @@ def phases(d: Path, dev: str, disks: dict[str, str], ctls: list[Controller],
     time.sleep(4)
     before = writes(disks)
     out["snapshot"] = ctls[0].ask(f"snapshot {VDISK} snap1", "window")
-    out["a"] = finish(f, d, "fio-0.log")
+    out["a"] = finish(f)
     out["a_writes"] = delta(writes(disks), before)
 
     # (b) gateway 1 killed under I/O (LIO fails what waits in its ring after cmd_time_out,
@@ -392,7 +390,7 @@ def phases(d: Path, dev: str, disks: dict[str, str], ctls: list[Controller],
     gws["gw1"].start()
     out["b_restarted"] = time.monotonic()
     before = writes(disks)
-    out["b"] = finish(f, d, "fio-1.log")
+    out["b"] = finish(f)
     out["b_writes_after_restart"] = delta(writes(disks), before)
     deadline = time.monotonic() + 120  # the path checker reinstates gateway 1's path
     while time.monotonic() < deadline and any(p["dm_state"] != "active" for p in paths()):
@@ -409,13 +407,12 @@ def phases(d: Path, dev: str, disks: dict[str, str], ctls: list[Controller],
     out["c_standby_active"] = time.monotonic()
     out["c_agents"] = ctls[1].ask(f"await {' '.join(GATEWAYS)}", "agents")
     out["c_sinks"] = sinks(ctls[1])
-    out["c"] = finish(f, d, "fio-2.log")
+    out["c"] = finish(f)
     out["c_writes"] = delta(writes(disks), before)  # failback: gateway 1 again, alone
     out["c_snapshot"] = ctls[1].ask(f"snapshot {VDISK} snap2", "window")
 
     # everything acknowledged in every phase is still there
-    out["reverify"] = [finish(fio(d, dev, n, verify_only=True), d, f"fio-{n}-reverify.log")
-                       for n in range(3)]  # fmt: skip
+    out["reverify"] = [finish(fio(d, dev, n, verify_only=True)) for n in range(3)]
     out["paths_end"] = paths()
     out["done"] = time.monotonic()
 
