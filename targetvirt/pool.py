@@ -64,9 +64,9 @@ def _tally(
     ``nsegments``.  A few drops (copy-on-write faults) are sorted, not counted in an array
     the size of the container: that costs milliseconds per TiB at every commit."""
     if psegs.size * 16 < nsegments:
-        touched, counts = np.unique(psegs, return_counts=True)
-        keep = touched < nsegments
-        return touched[keep].astype(np.intp), counts[keep].astype(np.uint32)
+        segs, times = np.unique(psegs, return_counts=True)
+        keep = segs < nsegments
+        return segs[keep].astype(np.intp), times[keep].astype(np.uint32)
     counts = np.bincount(psegs, minlength=nsegments)[:nsegments].astype(np.uint32)
     touched = np.flatnonzero(counts)
     return touched, counts[touched]
