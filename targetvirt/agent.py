@@ -27,8 +27,9 @@ In-flight I/O is counted in two counters selected by the parity of a generation 
 a drain bumps the generation and waits for the old counter to reach zero, so a steady
 stream of new I/O cannot starve it.
 
-A live snapshot's freeze and MarkShared over a whole table are flags (O(1) in the freeze
-window); they are spelled out into entry bits at the first install that follows.
+A live snapshot's freeze and MarkShared over a whole table (one FreezeShared command) are
+flags (O(1) in the freeze window); they are spelled out into entry bits at the first
+install that follows.
 
 Gate: while the vdisk is blocked, delayed, suspended (re-registering) or, for writes,
 inside a COMPARE AND WRITE, new I/O queues with a ticket; a flush waits for every queued
@@ -788,6 +789,8 @@ class AgentVDisk:
             self._update(cmd.indexes, cmd.entries)
         elif isinstance(cmd, p.MarkShared):
             self._change(0, _ALL, functools.partial(setattr, self, "_shared_all", True), drain=True)
+        elif isinstance(cmd, p.FreezeShared):
+            self._set_state(0, _ALL, cmd.state, shared=True)
         elif isinstance(cmd, p.Block):
             self._change(0, 0, functools.partial(setattr, self, "_blocked", True), drain=True)
         elif isinstance(cmd, p.Unblock):
@@ -839,11 +842,15 @@ class AgentVDisk:
         self._write_open = self._read_open and not self._caw and not self.readonly
         self._write_fast = self._write_open and not self._frozen_all and not self._shared_all
 
-    def _set_state(self, start: int, count: int, state: int) -> None:
+    def _set_state(self, start: int, count: int, state: int, *, shared: bool = False) -> None:
+        """``shared``: and mark every mapped entry SHARED, in the same change and drain
+        (a live copy's freeze, :class:`~targetvirt.protocol.FreezeShared`)."""
         lo, hi = min(start, len(self._entries)), min(start + count, len(self._entries))
         whole = lo == 0 and hi == len(self._entries)
 
         def change() -> None:
+            if shared:
+                self._shared_all = True
             if whole and state == t.NOWRITE:
                 # A freeze of the whole table is one flag, not a pass over every entry:
                 # it is what a live snapshot does, inside its freeze window.
@@ -866,7 +873,7 @@ class AgentVDisk:
                     view &= np.uint64(~t.NOWRITE_BIT & (2**64 - 1))
                     self._nowrite_marks = not whole
 
-        self._change(lo, hi, change, drain=state != t.NORMAL)
+        self._change(lo, _ALL if shared else hi, change, drain=state != t.NORMAL)
 
     def _update(self, indexes: array[int], entries: array[int]) -> None:
         if not indexes:

@@ -19,8 +19,8 @@ master tables) and keeps the agents' volatile copies coherent with it:
   acknowledgements are in: nothing can allocate a freed segment while an agent may still
   map it;
 * live snapshot / clone / consistency group: freeze (NOWRITE or INVALID, the caller's
-  choice) in every agent serving a source and wait for the drain, copy the tables
-  durably, push ``MarkShared`` and the thaw together, and record the freeze window;
+  choice) and mark shared (``FreezeShared``) in every agent serving a source and wait
+  for the drain, copy the tables durably, thaw, and record the freeze window;
 * user freeze/thaw (with an optional timeout, run by :meth:`Controller.tick`), durable:
   a restarted controller (or a standby taking over) keeps them in force; delay and
   cancel, block and unblock (volatile), and rollback / resize / delete / flatten / migrate /
@@ -915,13 +915,17 @@ class Controller:
             with self._state:
                 for name in sources:
                     self._frozen.setdefault(name, _Freeze(state)).copying = True
-            # Agents mark every mapped entry SHARED right behind the freeze, while the
-            # catalog copies: the pass overlaps the copy instead of lengthening the window.
-            # Early marks are safe: nothing writes while frozen, fetches meanwhile come
-            # annotated SHARED (see _copying), and a failed copy leaves marks that only
-            # cost a fault that changes nothing.
-            freeze = self._send(self._state_all(fresh, state))
-            marks = self._send(self._to_servers(sources, lambda n: p.MarkShared(0, n)))
+            # Agents mark every mapped entry SHARED with the freeze (one FreezeShared
+            # command each: one message and one ack, not two, in the window), a source a
+            # user already froze by a MarkShared alone.  Early marks are safe: nothing
+            # writes while frozen, fetches meanwhile come annotated SHARED (see _copying),
+            # and a failed copy leaves marks that only cost a fault that changes nothing.
+            freeze = self._send(
+                self._to_servers(fresh, lambda n: p.FreezeShared(0, n, state))
+                + self._to_servers(
+                    [n for n in sources if n not in fresh], lambda n: p.MarkShared(0, n)
+                )
+            )
             self._settle(freeze)  # drained: the copy sees everything acknowledged, no more
             frozen = self.clock.now()
             made: list[VDisk] = []
@@ -933,7 +937,7 @@ class Controller:
                         self._frozen[name].copying = False
                         if name in fresh:
                             del self._frozen[name]
-                self._settle(marks + self._send(self._state_all(fresh, t.NORMAL)))
+                self._settle(self._send(self._state_all(fresh, t.NORMAL)))
             window = FreezeWindow(tuple(sources), mode, started, frozen, self.clock.now())
             self.windows.append(window)
             return made

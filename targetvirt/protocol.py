@@ -40,7 +40,9 @@ from targetvirt import errors
 from targetvirt import table as t
 from targetvirt.errors import ProtocolError, TargetvirtError
 
-VERSION = 2  # 2: VDiskInfo.uuid, Describe; Exclusive, EndExclusive, Solo (CAW across agents)
+# 2: VDiskInfo.uuid, Describe; Exclusive, EndExclusive, Solo (CAW across agents)
+# 3: FreezeShared (a live copy's freeze and MarkShared in one command)
+VERSION = 3
 MAX_ENTRIES = 1 << 21  # one message carries at most 16 MiB of entries (2 TiB of 1 MiB segments)
 MAX_STR = 4096
 MAX_LIST = 4096
@@ -642,9 +644,23 @@ class Solo(Command):
     alone: bool
 
 
+@message(75, U64, STR, STATE)
+@dataclass(frozen=True, slots=True)
+class FreezeShared(Command):
+    """``SetState(state)`` over the whole table then :class:`MarkShared`, with one drain
+    and one ack: a live copy's freeze.  One message instead of two keeps the agent's and
+    the controller's threads (and the transport's) out of the freeze window's way."""
+
+    state: int
+
+    def check(self) -> None:
+        if self.state == t.NORMAL:
+            raise ProtocolError("FreezeShared must freeze: NOWRITE or INVALID, not NORMAL")
+
+
 COMMANDS = (
     SetState, Block, Unblock, Update, MarkShared, Delay, CancelDelay, DropVDisk, Resize,
-    SoftThreshold, Solo,
+    SoftThreshold, Solo, FreezeShared,
 )  # fmt: skip
 
 

@@ -641,3 +641,32 @@ def test_a_reply_overtaken_by_a_command_is_not_installed(cluster: Cluster) -> No
         epoch = vd._epoch
     write(cluster.vd(1), 7 * SEG, b"y")  # an update about another entry does not conflict
     assert vd._install(0, array("Q", [vd.entry(0)]), epoch)
+
+
+def test_a_live_copy_freezes_and_marks_shared_in_one_command_per_agent(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fill(cluster)
+    seen: list[tuple[str, str]] = []
+    real = agent_mod.AgentVDisk.apply
+
+    def apply(self: agent_mod.AgentVDisk, cmd: p.Command) -> None:
+        seen.append((cmd.vdisk, type(cmd).__name__))
+        real(self, cmd)
+
+    monkeypatch.setattr(agent_mod.AgentVDisk, "apply", apply)
+    ctl = cluster.controller
+    ctl.freeze(["w"])  # a user freeze stays: that source only gets the marks
+    seen.clear()
+    ctl.group_snapshot(["v", "w"], "g")
+    assert sorted(seen) == sorted(
+        [("v", "FreezeShared")] * 3 + [("w", "MarkShared")] * 3 + [("v", "SetState")] * 3
+    )
+    for i in range(3):
+        assert cluster.vd(i).entry(0) & t.SHARED and not cluster.vd(i).entry(0) & t.NOWRITE_BIT
+        assert cluster.vd(i, "w").entry(0) & t.NOWRITE_BIT  # still frozen by the user
+    write(cluster.vd(1), 0, b"new")  # a copy-on-write: the snapshot keeps its data
+    assert cluster.catalog.vdisk("v@g").read(0, 4) == b"AAAA"
+    assert read(cluster.vd(2), 0, 4) == b"newA"
+    ctl.thaw(["w"])
+    check_refcounts(cluster.catalog)

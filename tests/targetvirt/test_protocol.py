@@ -20,6 +20,7 @@ names = st.text(max_size=40)
 seconds = st.floats(0, 1e9, allow_nan=False, allow_infinity=False)
 entries = st.lists(u64, max_size=50).map(lambda xs: array("Q", xs))
 states = st.sampled_from([t.NORMAL, t.NOWRITE, t.INVALID])
+freezes = st.sampled_from([t.NOWRITE, t.INVALID])
 containers = st.builds(
     p.ContainerInfo, st.integers(0, 2**16 - 1), names, names, names, names, u32, u64,
     st.booleans(),
@@ -73,6 +74,7 @@ messages = st.one_of(
     st.builds(p.Exclusive, names, u64, names, u64, st.integers(1, p.MAX_ENTRIES)),
     st.builds(p.EndExclusive, names, u64, names),
     st.builds(p.Solo, u64, names, st.booleans()),
+    st.builds(p.FreezeShared, u64, names, freezes),
 )
 
 
@@ -175,6 +177,15 @@ def test_an_exclusive_hold_covers_at_least_one_entry_both_ways() -> None:
     with pytest.raises(errors.ProtocolError, match="Exclusive of 0 entries"):
         p.decode(raw)
     assert p.decode(raw[:-4] + (5).to_bytes(4, "little")) == p.Exclusive("a", 0, "v", 0, 5)
+
+
+def test_a_live_copy_freeze_freezes_both_ways() -> None:
+    with pytest.raises(errors.ProtocolError, match="not NORMAL"):
+        p.encode(p.FreezeShared(1, "v", t.NORMAL))
+    raw = bytes([p.VERSION, p.FreezeShared.TYPE]) + bytes(8) + b"\x01\0v" + bytes([t.NORMAL])
+    with pytest.raises(errors.ProtocolError, match="not NORMAL"):
+        p.decode(raw)
+    assert p.decode(raw[:-1] + bytes([t.INVALID])) == p.FreezeShared(0, "v", t.INVALID)
 
 
 def test_encode_refuses_values_that_do_not_fit() -> None:
