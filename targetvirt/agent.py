@@ -239,18 +239,19 @@ class AgentVDisk:
             lock.release()
             return False
         e = self._entries[offset >> self._shift]
-        if e & _READ_STOP != _MAPPED:
+        fds, cid = self._fds, (e >> _CID_SHIFT) & _CID_MASK
+        # a container without a file descriptor (RADOS) has no fast path: say so before
+        # paying for a failing syscall and its exception on every command
+        if e & _READ_STOP != _MAPPED or cid >= len(fds) or fds[cid] < 0:
             lock.release()
             return False
+        fd = fds[cid]
         active, g = self._active, self._gen & 1
         active[g] += 1  # in flight: a drain waits for it
         lock.release()
         try:
-            done = _preadv(
-                self._fds[(e >> _CID_SHIFT) & _CID_MASK], bufs,
-                DATA_OFFSET + (e & _PSEG_MASK) * self._segment_size + intra,
-            )  # fmt: skip
-        except (OSError, IndexError):
+            done = _preadv(fd, bufs, DATA_OFFSET + (e & _PSEG_MASK) * self._segment_size + intra)
+        except OSError:
             done = -1  # the slow path names the error
         finally:
             lock.acquire()
@@ -296,18 +297,19 @@ class AgentVDisk:
             lock.release()
             return False
         e = self._entries[offset >> self._shift]
-        if e & _WRITE_STOP != _MAPPED:
+        fds, cid = self._fds, (e >> _CID_SHIFT) & _CID_MASK
+        # a container without a file descriptor (RADOS) has no fast path: say so before
+        # paying for a failing syscall and its exception on every command
+        if e & _WRITE_STOP != _MAPPED or cid >= len(fds) or fds[cid] < 0:
             lock.release()
             return False
+        fd = fds[cid]
         active, g = self._active, self._gen & 1
         active[g] += 1
         lock.release()
         try:
-            done = _pwritev(
-                self._fds[(e >> _CID_SHIFT) & _CID_MASK], bufs,
-                DATA_OFFSET + (e & _PSEG_MASK) * self._segment_size + intra,
-            )  # fmt: skip
-        except (OSError, IndexError):
+            done = _pwritev(fd, bufs, DATA_OFFSET + (e & _PSEG_MASK) * self._segment_size + intra)
+        except OSError:
             done = -1
         finally:
             lock.acquire()

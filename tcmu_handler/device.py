@@ -101,6 +101,7 @@ class Device:
         self._submitted = 0  # to workers; both counters are touched by the loop thread only
         self._returned = 0
         self.completed = 0
+        self.notifies = 0  # completed / notifies = the mean batch the kernel reaps per call
         self.broken: str | None = None
         self.vdisk = ""  # the vdisk (or vdisk@snapshot) served, for lookups
         self.nowait = NoWait(backend) if hasattr(backend, "try_read_into") else None
@@ -130,6 +131,10 @@ class Device:
         self.ring.release()
         self.handle.close()
         os.close(self._wake)
+        log.info(
+            "%s: completed %d commands (%d inline) in %d notifies",
+            self.name, self.completed, self.inline_hits, self.notifies,
+        )  # fmt: skip
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -194,6 +199,7 @@ class Device:
             n += 1
         if n:
             self.completed += n
+            self.notifies += 1
             self.handle.notify()
 
     def _try_inline(self, cmd: Command) -> bool:

@@ -3,11 +3,13 @@ COMPARE AND WRITE, zeroing and unmapping, flush."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
+from targetvirt import agent as agent_module
 from targetvirt import protocol as p
 from targetvirt import table as t
 from targetvirt.errors import InvalidArgument, NotFound, ReadOnly, ScsiError
@@ -69,6 +71,39 @@ def test_io_on_private_entries_needs_no_round_trip(cluster: Cluster) -> None:
         assert read(vd, i * 4096, 4096) == bytes([i]) * 4096
     assert read(vd, 5 * SEG, 4096) == bytes(4096)  # unallocated reads zeros, locally
     assert calls.counts == {}
+
+
+def test_the_fast_path_tries_a_syscall_only_on_containers_with_a_file(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A RADOS entry is not tried with preadv/pwritev on fd -1 (a failing syscall and an
+    exception per command, paid twice when the worker retries): the fast path declines
+    at once, and the full path serves it."""
+    vd = cluster.vd(0)
+    write(vd, 0, b"a" * (3 * SEG))  # segments in both containers
+    calls: list[int] = []
+
+    def counted(real: Callable[..., int]) -> Callable[..., int]:
+        def call(fd: int, bufs: list[memoryview], offset: int) -> int:
+            calls.append(fd)
+            return real(fd, bufs, offset)
+
+        return call
+
+    monkeypatch.setattr(agent_module, "_preadv", counted(os.preadv))
+    monkeypatch.setattr(agent_module, "_pwritev", counted(os.pwritev))
+    for i in range(3):
+        fd = vd._containers[t.cid_of(vd.entry(i))].fd
+        buf = bytearray(4096)
+        calls.clear()
+        served = vd.try_read_into(i * SEG, [memoryview(buf)])
+        assert served == (fd >= 0) and calls == ([fd] if fd >= 0 else [])
+        calls.clear()
+        assert vd.try_write_from(i * SEG, [memoryview(b"b" * 4096)]) == (fd >= 0)
+        assert calls == ([fd] if fd >= 0 else [])
+        calls.clear()
+        write(vd, i * SEG, b"c" * 4096)
+        assert read(vd, i * SEG, 4096) == b"c" * 4096
 
 
 def test_a_write_faults_once_then_goes_straight_through(cluster: Cluster) -> None:
