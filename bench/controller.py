@@ -8,7 +8,8 @@ Every row is measured against a baseline in the same run, on the same filesystem
   agent writes 4 KiB blocks at random into its own working set (the load; every first
   write to a segment after a snapshot is a COW through the controller).  The window is
   what the controller measures from queueing the freeze to the last thaw ack -- it
-  contains the freeze round trip, the durable catalog snapshot, MarkShared and the thaw.
+  contains the freeze round trip (one FreezeShared per agent: freeze, mark every entry
+  shared, drain, ack), the durable catalog snapshot and the thaw round trip.
   Median and p99 over >= 20 snapshots.  Target p99 <= 20 ms.  Baseline: the durable
   catalog snapshot alone (no agents), the floor of any live snapshot.
 * a 4 KiB write that faults through the controller (redirect COW of a 1 MiB segment,
