@@ -737,14 +737,23 @@ class Controller:
         with self._state:
             until = s.lease_until + self.lease_margin
             while not s.gone and self.clock.now() < until:
+                self._raise_if_closed()
                 self.clock.wait(self._state, until)
 
     def _wait_ready(self) -> None:
         """After a restart: no mapping change while a predecessor's lease may still run."""
         with self._state:
             while self._awaiting and self.clock.now() < self._grace_until:
+                self._raise_if_closed()
                 self.clock.wait(self._state, self._grace_until)
             self._awaiting.clear()
+
+    def _raise_if_closed(self) -> None:
+        """A wait for a lease to run out ends when the controller stops: the operation
+        behind it is abandoned (refused to its requester), not carried out, and close()
+        does not hang behind it waiting for the operation lock."""
+        if self._closed:
+            raise ControllerUnreachable("the controller is stopped")
 
     def _end_restart_hold(self, joining: Session | None = None) -> None:
         """Once ready, lift the restart hold in every agent (``joining`` has fetched

@@ -17,6 +17,7 @@ from targetvirt import table as t
 from targetvirt.catalog import Catalog
 from targetvirt.container import FileContainer
 from targetvirt.errors import (
+    ControllerUnreachable,
     FrozenTimeout,
     InvalidArgument,
     LeaseExpired,
@@ -281,6 +282,28 @@ def test_a_crashed_agent_is_fenced_and_the_controller_goes_on(cluster: Cluster) 
     write(cluster.vd(1), 0, b"after")  # the others were thawed
     assert cluster.catalog.vdisk("v@s").read(0, 5) == b"zzzzz"
     assert read(cluster.vd(0), 0, 5) == b"after"
+
+
+def test_closing_the_controller_abandons_an_operation_waiting_for_a_lease(
+    cluster: Cluster,
+) -> None:
+    """A snapshot waiting for a fenced agent's lease to run out is refused when the
+    controller stops, and close() does not hang behind it (it did, on a fake clock that
+    nobody advanced: a test teardown after a controller restart stuck for good)."""
+    write(cluster.vd(0), 0, b"z" * 10)
+    cluster.links[2].crash()
+    snap = Background(lambda: cluster.controller.snapshot("v", "s"))
+    assert snap.still_running()  # waits for gw2's ack
+    cluster.clock.advance(cluster.controller.ack_timeout + 0.5)
+    for _ in range(200):
+        if cluster.controller.fenced:
+            break
+        snap.still_running(0.05)
+    assert cluster.controller.fenced == ["gw2"]
+    assert snap.still_running()  # now for gw2's lease, which the clock never reaches
+    Background(cluster.controller.close).result(timeout=10)
+    with pytest.raises(ControllerUnreachable, match="stopped"):
+        snap.result()
 
 
 def test_an_agent_that_crashes_while_draining_is_fenced(
