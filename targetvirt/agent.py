@@ -197,6 +197,11 @@ class AgentVDisk:
         self._frozen_all = False  # NOWRITE on every entry, held as one flag
         self._shared_all = False  # SHARED on every mapped entry, held as one flag
         self._nowrite_marks = False  # some entry may carry its own NOWRITE bit
+        # How long each freeze of the whole table held writes here, in seconds: from the
+        # change that stopped admitting writes to the one that admitted them again (a live
+        # copy's window as this gateway's initiators saw it, without the network legs).
+        self.freezes_held: deque[float] = deque(maxlen=1024)
+        self._frozen_at: float | None = None
         self._read_open = False
         self._write_open = False
         self._write_fast = False  # the fast path's flag: open and not wholly frozen
@@ -857,6 +862,8 @@ class AgentVDisk:
                 # A freeze of the whole table is one flag, not a pass over every entry:
                 # it is what a live snapshot does, inside its freeze window.
                 self._frozen_all = True
+                if self._frozen_at is None:
+                    self._frozen_at = self._now()
                 return
             view = self._view(lo, hi)
             if state == t.NOWRITE:
@@ -867,6 +874,9 @@ class AgentVDisk:
             else:
                 if whole:
                     self._frozen_all = False
+                    if self._frozen_at is not None:
+                        self.freezes_held.append(self._now() - self._frozen_at)
+                        self._frozen_at = None
                 elif self._frozen_all:
                     # a thaw in pieces (around a COMPARE AND WRITE hold): turn the
                     # flag into bits, so that each piece lifts its own range only

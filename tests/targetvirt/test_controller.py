@@ -578,6 +578,30 @@ def test_live_snapshot_clone_and_group_record_freeze_windows(cluster: Cluster) -
     check_refcounts(cluster.catalog)
 
 
+def test_agents_time_how_long_a_freeze_held_their_writes(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What bench.controller reports as a live snapshot's window: per agent, from the
+    freeze stopping writes to the thaw admitting them, the durable copy in between."""
+    fill(cluster)
+    ctl = cluster.controller
+    ctl.freeze(["v"])
+    cluster.clock.advance(3.0)
+    ctl.thaw(["v"])
+    real = Catalog.snapshot
+
+    def slow_snapshot(self: Catalog, *a: object, **k: object) -> VDisk:
+        cluster.clock.advance(0.5)  # the durable copy, inside the window
+        return real(self, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(Catalog, "snapshot", slow_snapshot)
+    ctl.snapshot("v", "s1")
+    ctl.freeze(["w"])  # another vdisk: its own record
+    ctl.thaw(["w"])
+    assert [list(cluster.vd(i).freezes_held) for i in range(3)] == [[3.0, 0.5]] * 3
+    assert [list(cluster.vd(i, "w").freezes_held) for i in range(3)] == [[0.0]] * 3
+
+
 def test_live_migration_holds_writes_to_the_segment(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: Layout
 ) -> None:
