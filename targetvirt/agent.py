@@ -69,6 +69,7 @@ from targetvirt import table as t
 from targetvirt.clock import Clock, MonotonicClock
 from targetvirt.container import DATA_OFFSET, Container, ContainerLabel
 from targetvirt.errors import (
+    ContainerIOError,
     ControllerUnreachable,
     FrozenTimeout,
     InvalidArgument,
@@ -226,7 +227,7 @@ class AgentVDisk:
 
     def read_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """Fill ``bufs`` with the bytes at ``offset`` (unallocated ranges read as zeros)."""
-        if not self.try_read_into(offset, bufs):
+        if not self.try_read_into(offset, bufs) and not self._try_object_io(offset, bufs, False):
             self._read_slow(offset, bufs)
 
     def try_read_into(self, offset: int, bufs: Sequence[memoryview]) -> bool:
@@ -284,7 +285,9 @@ class AgentVDisk:
 
     def write_from(self, offset: int, bufs: Sequence[memoryview], fua: bool) -> None:
         """Write the concatenation of ``bufs`` at ``offset``; with ``fua``, durably."""
-        if fua or not self.try_write_from(offset, bufs):
+        if fua or not (
+            self.try_write_from(offset, bufs) or self._try_object_io(offset, bufs, True)
+        ):
             self._write_slow(offset, bufs, fua, WRITE)
 
     def try_write_from(self, offset: int, bufs: Sequence[memoryview]) -> bool:
@@ -323,6 +326,48 @@ class AgentVDisk:
                 self._cond.notify_all()
             lock.release()
         return done == n
+
+    def _try_object_io(self, offset: int, bufs: Sequence[memoryview], write: bool) -> bool:
+        """The fast path on a container without a file (RADOS objects): the checks of
+        :meth:`try_read_into` / :meth:`try_write_from`, then the container's own call, with
+        no grant, ticket or extent list.  It waits on the network, so only a caller that
+        may wait (a worker, never the ring thread) comes here.  False (nothing done, or a
+        failure the slow path will name) when it does not apply."""
+        if len(bufs) != 1:
+            return False
+        n = bufs[0].nbytes
+        intra = offset & self._mask
+        if intra + n > self._segment_size or offset < 0:
+            return False
+        if write and self._now() >= self._lease.until:
+            return False
+        lock = self._lock
+        with lock:
+            if offset + n > self.size or not (self._write_fast if write else self._read_open):
+                return False
+            e = self._entries[offset >> self._shift]
+            if e & (_WRITE_STOP if write else _READ_STOP) != _MAPPED:
+                return False
+            c = self._containers.get((e >> _CID_SHIFT) & _CID_MASK)
+            if c is None or c.fd >= 0:  # a file's fast path is the other one
+                return False
+            active, g = self._active, self._gen & 1
+            active[g] += 1  # in flight: a drain waits for it
+        try:
+            coff = c.offset_of(e & _PSEG_MASK) + intra
+            if write:
+                c.writev(bufs, coff)
+            else:
+                c.readv(bufs, coff)
+            done = True
+        except ContainerIOError:
+            done = False  # the slow path does it again and names the error
+        finally:
+            with lock:
+                active[g] -= 1
+                if self._draining:
+                    self._cond.notify_all()
+        return done
 
     def _write_slow(self, offset: int, bufs: Sequence[memoryview], fua: bool, mode: int) -> None:
         if self.readonly:

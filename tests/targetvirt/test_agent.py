@@ -4,6 +4,7 @@ COMPARE AND WRITE, zeroing and unmapping, flush."""
 from __future__ import annotations
 
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -12,9 +13,9 @@ import pytest
 from targetvirt import agent as agent_module
 from targetvirt import protocol as p
 from targetvirt import table as t
-from targetvirt.errors import InvalidArgument, NotFound, ReadOnly, ScsiError
+from targetvirt.errors import ContainerIOError, InvalidArgument, NotFound, ReadOnly, ScsiError
 from tests.conftest import Layout
-from tests.targetvirt.cluster import Cluster, read, write
+from tests.targetvirt.cluster import Background, Cluster, read, write
 from tests.targetvirt.engine_model import SEG, data_for
 
 
@@ -104,6 +105,87 @@ def test_the_fast_path_tries_a_syscall_only_on_containers_with_a_file(
         calls.clear()
         write(vd, i * SEG, b"c" * 4096)
         assert read(vd, i * SEG, 4096) == b"c" * 4096
+
+
+def test_io_needing_nothing_from_the_controller_takes_no_grant(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On every container kind: a file's entries go by preadv/pwritev, a RADOS entry's
+    by the container's own call (the object path), neither through the grant machinery
+    (gate, tickets, extent list) once the segment is mapped and private."""
+    vd = cluster.vd(0)
+    write(vd, 0, b"a" * (3 * SEG))  # segments in both containers
+    admitted: list[int] = []
+    real = agent_module.AgentVDisk._admit
+
+    def admit(self: agent_module.AgentVDisk, offset: int, *a: object) -> object:
+        admitted.append(offset)
+        return real(self, offset, *a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(agent_module.AgentVDisk, "_admit", admit)
+    for i in range(3):
+        write(vd, i * SEG + 4096, bytes([i + 1]) * 4096)
+        assert read(vd, i * SEG + 4096, 4096) == bytes([i + 1]) * 4096
+    assert admitted == []
+    write(vd, 0, b"f", fua=True)  # FUA is not the fast path's
+    assert admitted == [0]
+
+
+@pytest.fixture
+def rados_cluster(tmp_path: Path, rados_location: str) -> Iterator[Cluster]:
+    c = Cluster(str(tmp_path), vdisks={"v": 4 * SEG}, location=lambda i: rados_location)
+    yield c
+    c.close()
+
+
+@pytest.mark.ceph
+def test_a_freeze_waits_for_object_io_in_flight(
+    rados_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The object path counts its I/O in flight: a freeze acks only once it is done."""
+    vd = rados_cluster.vd(0)
+    write(vd, 0, b"a" * 4096)
+    container = vd._containers[t.cid_of(vd.entry(0))]
+    entered, may_go = threading.Event(), threading.Event()
+    real = container.writev
+
+    def slow_writev(*a: object) -> None:
+        entered.set()
+        may_go.wait(30.0)
+        real(*a)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(container, "writev", slow_writev)
+    writing = Background(lambda: write(vd, 4096, b"b" * 4096))
+    assert entered.wait(10.0)
+    freezing = Background(lambda: rados_cluster.controller.freeze(["v"]))
+    assert freezing.still_running()  # the agent's drain waits for the write
+    may_go.set()
+    writing.result()
+    freezing.result()
+    assert rados_cluster.catalog.vdisk("v").read(4096, 4096) == b"b" * 4096
+    rados_cluster.controller.thaw(["v"])
+
+
+@pytest.mark.ceph
+def test_a_failed_object_io_is_done_again_and_named_by_the_slow_path(
+    rados_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vd = rados_cluster.vd(0)
+    write(vd, 0, b"a" * 4096)
+    container = vd._containers[t.cid_of(vd.entry(0))]
+    calls: list[int] = []
+
+    def failing_readv(bufs: object, offset: int) -> None:
+        calls.append(offset)
+        raise ContainerIOError("injected: the OSD is gone")
+
+    monkeypatch.setattr(container, "readv", failing_readv)
+    with pytest.raises(ContainerIOError, match="injected"):
+        read(vd, 0, 4096)
+    assert len(calls) == 2  # the object path, then the slow path that reports it
+    assert vd._active == [0, 0]  # nothing left counted in flight
+    monkeypatch.undo()
+    assert read(vd, 0, 4096) == b"a" * 4096
 
 
 def test_a_write_faults_once_then_goes_straight_through(cluster: Cluster) -> None:
