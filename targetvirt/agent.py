@@ -179,6 +179,7 @@ class AgentVDisk:
         self.uuid = ""  # the vdisk's identity, from the controller
         self._containers: dict[int, Container] = {}
         self._fds: list[int] = []
+        self._objects = False  # some container has no file (RADOS): the object path may apply
         self._synced: dict[int, int] = {}  # per container: failed flushes accounted for
         # in-flight accounting
         self._active = [0, 0]
@@ -227,7 +228,9 @@ class AgentVDisk:
 
     def read_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
         """Fill ``bufs`` with the bytes at ``offset`` (unallocated ranges read as zeros)."""
-        if not self.try_read_into(offset, bufs) and not self._try_object_io(offset, bufs, False):
+        if self.try_read_into(offset, bufs):
+            return
+        if not (self._objects and self._try_object_io(offset, bufs, False)):
             self._read_slow(offset, bufs)
 
     def try_read_into(self, offset: int, bufs: Sequence[memoryview]) -> bool:
@@ -285,9 +288,9 @@ class AgentVDisk:
 
     def write_from(self, offset: int, bufs: Sequence[memoryview], fua: bool) -> None:
         """Write the concatenation of ``bufs`` at ``offset``; with ``fua``, durably."""
-        if fua or not (
-            self.try_write_from(offset, bufs) or self._try_object_io(offset, bufs, True)
-        ):
+        if not fua and self.try_write_from(offset, bufs):
+            return
+        if fua or not (self._objects and self._try_object_io(offset, bufs, True)):
             self._write_slow(offset, bufs, fua, WRITE)
 
     def try_write_from(self, offset: int, bufs: Sequence[memoryview]) -> bool:
@@ -1055,6 +1058,7 @@ class AgentVDisk:
         for cid, c in self._containers.items():
             fds[cid] = c.fd
         self._fds = fds
+        self._objects = any(c.fd < 0 for c in self._containers.values())
 
     # --- inspection (tests, management) ------------------------------------------------
 

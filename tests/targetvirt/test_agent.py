@@ -13,6 +13,8 @@ import pytest
 from targetvirt import agent as agent_module
 from targetvirt import protocol as p
 from targetvirt import table as t
+from targetvirt.agent import AgentVDisk
+from targetvirt.container import Container
 from targetvirt.errors import ContainerIOError, InvalidArgument, NotFound, ReadOnly, ScsiError
 from tests.conftest import Layout
 from tests.targetvirt.cluster import Background, Cluster, read, write
@@ -138,14 +140,20 @@ def rados_cluster(tmp_path: Path, rados_location: str) -> Iterator[Cluster]:
     c.close()
 
 
+def written_segment(cluster: Cluster) -> tuple[AgentVDisk, Container]:
+    """Agent 0's copy of v with its first segment written (b"a"), and that segment's
+    container."""
+    vd = cluster.vd(0)
+    write(vd, 0, b"a" * 4096)
+    return vd, vd._containers[t.cid_of(vd.entry(0))]
+
+
 @pytest.mark.ceph
 def test_a_freeze_waits_for_object_io_in_flight(
     rados_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The object path counts its I/O in flight: a freeze acks only once it is done."""
-    vd = rados_cluster.vd(0)
-    write(vd, 0, b"a" * 4096)
-    container = vd._containers[t.cid_of(vd.entry(0))]
+    vd, container = written_segment(rados_cluster)
     entered, may_go = threading.Event(), threading.Event()
     real = container.writev
 
@@ -170,9 +178,7 @@ def test_a_freeze_waits_for_object_io_in_flight(
 def test_a_failed_object_io_is_done_again_and_named_by_the_slow_path(
     rados_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    vd = rados_cluster.vd(0)
-    write(vd, 0, b"a" * 4096)
-    container = vd._containers[t.cid_of(vd.entry(0))]
+    vd, container = written_segment(rados_cluster)
     calls: list[int] = []
 
     def failing_readv(bufs: object, offset: int) -> None:
