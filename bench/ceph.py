@@ -146,7 +146,9 @@ def main() -> None:
     parser.add_argument("--runtime", type=int, default=10, help="seconds per fio job (--lun)")
     parser.add_argument("--io-rounds", type=int, default=3, help="interleaved rounds (--lun)")
     parser.add_argument("--dir", default="/run/ram/bench-ceph", help="scratch folder (--lun)")
-    parser.add_argument("--workers", type=int, default=4, help="the handler's --workers (--lun)")
+    parser.add_argument(
+        "--workers", type=int, default=16, help="the handler's --network-workers (--lun)"
+    )
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
     with cluster_location(args) as (location, client):

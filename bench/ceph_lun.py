@@ -66,7 +66,7 @@ class Lun:
             cat.create_vdisk("v", "bench", size)
         finally:
             cat.close()
-        self.handler.start("--no-dbus", "--workers", str(workers), timeout=300)
+        self.handler.start("--no-dbus", "--network-workers", str(workers), timeout=300)
         create_lun(SO_NAME, "v", size)
         self.dev = str(lio.export_loopback(SO_NAME)["dev"])
 

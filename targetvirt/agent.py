@@ -1060,6 +1060,12 @@ class AgentVDisk:
         self._fds = fds
         self._objects = any(c.fd < 0 for c in self._containers.values())
 
+    @property
+    def waits_on_network(self) -> bool:
+        """Some of its I/O waits for a network round trip (a container without a file:
+        RADOS), so the handler gives it more workers than a file-backed vdisk needs."""
+        return self._objects
+
     # --- inspection (tests, management) ------------------------------------------------
 
     def entry(self, index: int) -> int:

@@ -88,6 +88,7 @@ class TcmuService:
         configfs_root: Path = uio.CONFIGFS_ROOT,
         dev_root: Path = uio.DEV_ROOT,
         workers: int = 4,
+        network_workers: int = 16,
         modes: ModeStore | None = None,
         clock: Clock | None = None,
         devices: str = "*",
@@ -102,6 +103,7 @@ class TcmuService:
         self.configfs_root = configfs_root
         self.dev_root = dev_root
         self.workers = workers
+        self.network_workers = network_workers
         self.devices: dict[str, Device] = {}  # by uio name
         self.refused: dict[str, str] = {}  # uio name -> why it is not served
         self._lock = threading.Lock()
@@ -187,7 +189,7 @@ class TcmuService:
             self.refused[key] = str(e)
             return -(e.errno or errno.EINVAL) if isinstance(e, OSError) else -errno.ENOENT
         self._keep_modes(key, lun, fresh=reset is None)
-        device = Device(key, handle, ring, lun, backend, workers=self.workers)
+        device = Device(key, handle, ring, lun, backend, workers=self._workers_for(backend))
         device.vdisk = cfg.vdisk + (f"@{cfg.snapshot}" if cfg.snapshot else "")
         with self._lock:
             self.devices[key] = device
@@ -196,6 +198,14 @@ class TcmuService:
         log.info("serving %s (%s, %d blocks of %d)", key, cfg.format(), lun.num_blocks,
                  lun.block_size)  # fmt: skip
         return 0
+
+    def _workers_for(self, backend: object) -> int:
+        """A worker holds one command for as long as its I/O takes.  On a file that is
+        microseconds; on RADOS a network round trip, during which a few workers would cap
+        the commands in flight below what the initiator queues (fio's iodepth 16)."""
+        if getattr(backend, "waits_on_network", False):  # optional: agent vdisks have it
+            return max(self.workers, self.network_workers)
+        return self.workers
 
     def _keep_modes(self, key: str, lun: LunState, *, fresh: bool) -> None:
         """A device taken over after a restart gets back its mode state; a new one starts

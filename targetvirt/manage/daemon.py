@@ -97,6 +97,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--workers", type=int, default=4, help="I/O threads per device")
     parser.add_argument(
+        "--network-workers", type=int, default=16,
+        help="I/O threads per device whose vdisk has RADOS containers (each waits a round "
+        "trip per command)",
+    )  # fmt: skip
+    parser.add_argument(
         "--devices",
         default="*",
         metavar="GLOB",
@@ -182,6 +187,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if not args.devices.strip():
         parser.error("--devices needs a pattern (e.g. 'gw1_*'; '*' serves every device)")
+    if args.workers < 1 or args.network_workers < 1:
+        parser.error("--workers and --network-workers must be at least 1")
     _check_agent_args(parser, args)
     return args  # fmt: skip
 
@@ -282,6 +289,7 @@ class Serving:
     def _start_tcmu(self) -> None:
         self.tcmu = TcmuService(
             self.open_lun, close_lun=self.close_lun, workers=self.args.workers,
+            network_workers=self.args.network_workers,
             modes=ModeStore(Path(self.args.run_dir) / "modes"), devices=self.args.devices,
         )  # fmt: skip
         self.tcmu.start()

@@ -131,6 +131,9 @@ def test_io_needing_nothing_from_the_controller_takes_no_grant(
     assert admitted == []
     write(vd, 0, b"f", fua=True)  # FUA is not the fast path's
     assert admitted == [0]
+    # the handler sizes its worker pool by this: RADOS I/O holds a worker a round trip
+    kinds = {c.kind for c in vd._containers.values()}
+    assert vd.waits_on_network == ("rados" in kinds), kinds
 
 
 @pytest.fixture

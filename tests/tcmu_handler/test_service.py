@@ -152,3 +152,33 @@ def test_a_refused_device_is_tried_again_and_its_reason_logged_once(
         assert (configfs / "target/core/user_1/lun0/action/reset_ring").read_text() == "1"
     finally:
         service.stop()
+
+
+class NetworkBackend(RamBackend):
+    """A backend whose I/O waits on the network, as an agent vdisk on RADOS says."""
+
+    waits_on_network = True
+
+
+@pytest.mark.parametrize(("backend", "workers"), [(RamBackend, 2), (NetworkBackend, 5)])
+def test_a_vdisk_that_waits_on_the_network_gets_more_workers(
+    tmp_path: Path, backend: type[RamBackend], workers: int
+) -> None:
+    """Each worker holds one command for its whole I/O: on RADOS a round trip, so the
+    device gets --network-workers of them, enough for what the initiator keeps queued."""
+    sysfs, configfs, dev = servable(tmp_path)
+
+    def open_lun(cfg: object, info: DeviceInfo) -> tuple[object, object]:
+        lun = LunState(block_size=512, num_blocks=info.size // 512, serial="s",
+                       naa=bytes([0x60]) + bytes(15))  # fmt: skip
+        return backend(info.size), lun
+
+    service = TcmuService(open_lun, sysfs_root=sysfs, configfs_root=configfs,  # type: ignore[arg-type]
+                          dev_root=dev, workers=2, network_workers=5)  # fmt: skip
+    service.rescan()
+    try:
+        (device,) = service.devices.values()
+        io = [t for t in device._threads if t.name.startswith("user_1/lun0-io")]
+        assert len(io) == workers and all(t.is_alive() for t in io)
+    finally:
+        service.stop()

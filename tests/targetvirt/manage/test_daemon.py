@@ -260,6 +260,8 @@ def test_the_default_mode_is_unchanged(handler: Handler) -> None:
         (["--controller", "unix:/s", "--commands", "/tmp/x"], "--commands '/tmp/x': give rados:"),
         (["--controller", "unix:/s", "--controller-wait", "-1"], "--controller-wait must be"),
         (["--devices", " "], "--devices needs a pattern"),
+        (["--workers", "0"], "--workers and --network-workers must be at least 1"),
+        (["--network-workers", "-2"], "--workers and --network-workers must be at least 1"),
     ],
 )
 def test_bad_agent_arguments_are_refused_in_one_line(
