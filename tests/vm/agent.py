@@ -8,7 +8,9 @@ are visible immediately).  Protocol, all inside ``CHANNEL``:
 - host writes ``<id>.cmd.json`` (atomically: temp file + rename), a JSON object with
   ``argv`` (list of str), ``timeout`` (seconds), optional ``cwd``, ``env`` (added to the
   agent's environment), ``stdin`` (path of a file to feed), ``background`` (start and
-  return at once; output goes to ``log``), or ``op: "shutdown"``;
+  return at once; output goes to ``log``), ``warm`` (``socket``, ``module``, ``args``:
+  a ``python -m`` command the warm interpreter, tests/vm/warm.py, may run instead of
+  ``argv``), or ``op: "shutdown"``;
 - agent renames it to ``<id>.taken.json``, runs the command in its own thread and
   session, then writes ``<id>.out`` and ``<id>.err`` (raw bytes) and last
   ``<id>.result.json`` (``rc``, ``timed_out``, ``duration``, ``error``...), again
@@ -29,6 +31,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -135,6 +138,11 @@ class Agent:
                 open(out_path, "wb") as fout,
                 open(err_path, "wb") as ferr,
             ):
+                warm = self._run_warm(spec, env, (fin, fout, ferr), timeout)
+                if warm is not None:
+                    warm["duration"] = time.monotonic() - start
+                    self._finish(cid, warm, out_path, err_path)
+                    return
                 proc = subprocess.Popen(
                     argv,
                     stdin=fin,
@@ -160,11 +168,58 @@ class Agent:
         except Exception as e:  # noqa: BLE001 - report any failure, never die silently
             res = {"rc": None, "error": f"{type(e).__name__}: {e}"}
             res["duration"] = time.monotonic() - start
+        self._finish(cid, res, out_path, err_path)
+
+    def _finish(self, cid: str, res: dict[str, Any], out_path: Path, err_path: Path) -> None:
         for p in (out_path, err_path):
             if p.exists():
                 shutil.copyfile(p, self.channel / p.name)
                 p.unlink()
         self._result(cid, res)
+
+    def _run_warm(
+        self,
+        spec: dict[str, Any],
+        env: dict[str, str],
+        files: tuple[Any, Any, Any],
+        timeout: float,
+    ) -> dict[str, Any] | None:
+        """A ``python -m`` command through the warm interpreter (tests/vm/warm.py) when the
+        spec asks for it and one is listening; None: run ``argv`` as usual."""
+        warm = spec.get("warm")
+        if not warm:
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(warm["socket"])
+        except OSError:
+            sock.close()
+            return None
+        with sock:
+            req = {"module": warm["module"], "args": warm["args"], "cwd": spec.get("cwd"),
+                   "env": env}  # fmt: skip
+            socket.send_fds(sock, [json.dumps(req).encode()], [f.fileno() for f in files])
+            sock.settimeout(timeout)
+            first = sock.recv(4096).decode()
+            if not first.startswith("pid "):
+                return {"rc": None, "error": f"warm interpreter: {first or 'no answer'}"}
+            res: dict[str, Any] = {"pid": int(first.split()[1]), "warm": True}
+            try:
+                last = sock.recv(64).decode()
+            except TimeoutError:
+                res["timed_out"] = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(res["pid"], signal.SIGKILL)
+                sock.settimeout(KILL_GRACE)
+                try:
+                    last = sock.recv(64).decode()
+                except TimeoutError:
+                    res.update(rc=None, stuck=True)
+                    return res
+            if not last.startswith("exit "):
+                return {**res, "rc": None, "error": "warm interpreter: lost the command"}
+            res["rc"] = int(last.split()[1])
+            return res
 
 
 def main() -> int:

@@ -46,6 +46,12 @@ CHECKOUT = HERE.parents[1]  # tests/vm/guest.py -> the checkout being tested
 AGENT = HERE / "agent.py"
 SETUP = HERE / "guest-setup.sh"
 
+#: What the warm interpreter (tests/vm/warm.py) imports once for every ``module()`` call:
+#: the shell's one-shot form and the harness's helpers, run a few hundred times a suite.
+WARM_MODULES = ("targetvirt.manage.shell", "targetvirt.manage.client", "targetvirt.catalog",
+                "tests.vm.lio", "tests.vm.tvlun", "rtslib_fb")  # fmt: skip
+WARM_SOCKET = "/run/warm.sock"
+
 #: Seconds added to a command's own timeout before the host gives up on the guest:
 #: the agent needs up to 10 s to kill a process group, plus polling and 9p latency.
 DEADLINE_GRACE = 45.0
@@ -279,7 +285,24 @@ class Guest:
             raise GuestError(f"guest setup failed: {res.describe()}")
         self.info["setup_seconds"] = round(time.monotonic() - t0, 2)
         self.info["uname"] = self.run(["uname", "-r"]).stdout.strip()
+        self.start_warm()
         self._save_info()
+
+    def start_warm(self, socket: str = WARM_SOCKET, timeout: float = 300.0) -> None:
+        """Start the warm interpreter: from now on ``module()`` commands fork from it
+        instead of starting Python (seconds under TCG).  If it is gone later, the agent
+        starts them as usual."""
+        t0 = time.monotonic()
+        self.spawn([self.python_path, "-m", "tests.vm.warm", socket, *WARM_MODULES],
+                   log=self.results / "warm.log", cwd=self.checkout,
+                   env={"PYTHONPATH": str(self.checkout), "OPENBLAS_NUM_THREADS": "1"})  # fmt: skip
+        while not self.run(["test", "-S", socket], check=False).ok:
+            if time.monotonic() - t0 > timeout:
+                log = (self.results / "warm.log").read_text(errors="replace")[-2000:]
+                raise GuestError(f"the warm interpreter did not start: {log}")
+            time.sleep(0.5)
+        self.info["warm_socket"] = socket
+        self.info["warm_seconds"] = round(time.monotonic() - t0, 2)
 
     def _save_info(self) -> None:
         self.info_path.write_text(json.dumps(self.info, indent=2) + "\n")
@@ -391,13 +414,18 @@ class Guest:
         cwd: str | Path | None = None,
         env: Mapping[str, str] | None = None,
         input: str | bytes | None = None,
+        warm: str | None = None,
     ) -> Result:
         """Run ``argv`` in the guest as root and wait for it (at most ``timeout`` s, then
         its process group is killed).  ``check`` raises CommandFailed unless it exited 0.
         The environment is the agent's (PATH with sbin, HOME=/run/home,
-        TARGETCLI_HOME) plus ``env``."""
+        TARGETCLI_HOME) plus ``env``.  ``warm``: ``argv`` is ``python -m`` of that module,
+        which the warm interpreter may run instead (see ``start_warm``)."""
         argv = [str(a) for a in argv]
         spec: dict[str, Any] = {"argv": argv, "timeout": timeout}
+        if warm is not None and self.info.get("warm_socket"):
+            i = argv.index("-m") + 2
+            spec["warm"] = {"socket": self.info["warm_socket"], "module": warm, "args": argv[i:]}
         if cwd is not None:
             spec["cwd"] = str(cwd)
         if env:
@@ -494,7 +522,8 @@ class Guest:
         env: Mapping[str, str] | None = None,
     ) -> Result:
         """``python -m module args...`` in the guest with the venv python and the
-        checkout on PYTHONPATH (e.g. ``module("bench.lun", "--json")``)."""
+        checkout on PYTHONPATH (e.g. ``module("bench.lun", "--json")``), forked from the
+        warm interpreter when the guest has one."""
         full_env = {"PYTHONPATH": str(self.checkout)}
         full_env.update(env or {})
         return self.run(
@@ -503,6 +532,7 @@ class Guest:
             check=check,
             cwd=self.checkout,
             env=full_env,
+            warm=module,
         )
 
     def lio(self, *args: str, timeout: float = 120.0) -> Any:

@@ -1,0 +1,204 @@
+"""A warm interpreter for the test guest: ``python -m MODULE`` without the start-up cost.
+
+    python -m tests.vm.warm SOCKET MODULE...
+
+Under TCG a Python start with our imports costs seconds (the shell's one-shot form about
+6 s before it does anything, tests/vm/lio.py about 3 s), and the real-stack suite runs
+such commands a few hundred times.  This server imports MODULEs once, then for each
+request forks a child that runs ``python -m``'s job: ``runpy.run_module(name,
+run_name="__main__")`` with the request's argv, environment, folder and standard streams,
+in a session of its own, and exits through the interpreter's normal shutdown.  Only the
+imports are shared; the program, its arguments and its exit code are the real ones.
+
+Protocol (a ``SOCK_SEQPACKET`` Unix socket, one connection per command, used by the
+guest agent, tests/vm/agent.py):
+
+- client -> server: one message, JSON ``{"module", "args", "cwd", "env"}``, carrying
+  three file descriptors (stdin, stdout, stderr) as SCM_RIGHTS;
+- server -> client: ``pid N`` once the child runs (its process group is N), then
+  ``exit RC`` when it ends (``RC`` as subprocess reports it: -SIGNAL when killed), or
+  ``error TEXT`` if the request could not be run.
+
+The server stays single-threaded (children are watched through pidfds) so that forking
+it is safe.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import runpy
+import selectors
+import signal
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+MAX_REQUEST = 1 << 20  # bytes of JSON: argv and environment
+
+
+@dataclass
+class Request:
+    module: str
+    args: list[str]
+    cwd: str | None
+    env: dict[str, str]
+    fds: list[int]
+
+    @classmethod
+    def parse(cls, data: bytes, fds: list[int]) -> Request:
+        """A client's message; ValueError when it is not one (the fds are closed then)."""
+        try:
+            req = json.loads(data)
+            if len(fds) != 3:
+                raise ValueError(f"{len(fds)} file descriptors, not 3 (stdin, stdout, stderr)")
+            module, args, env = req["module"], req.get("args", []), req.get("env", {})
+            cwd = req.get("cwd")
+            if not (isinstance(module, str) and module):
+                raise ValueError("no module")
+            if not (isinstance(args, list) and all(isinstance(a, str) for a in args)):
+                raise ValueError("args must be a list of strings")
+            if not (isinstance(env, dict) and all(isinstance(v, str) for v in env.values())):
+                raise ValueError("env must map names to strings")
+            if cwd is not None and not isinstance(cwd, str):
+                raise ValueError("cwd must be a string")
+        except (ValueError, KeyError, TypeError) as e:
+            for fd in fds:
+                os.close(fd)
+            raise ValueError(f"bad request: {e}") from None
+        return cls(module, list(args), cwd, dict(env), fds)
+
+
+class Server:
+    """Accepts requests and forks; ``serve`` returns only in a child, with its request."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.pid = os.getpid()
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        path.unlink(missing_ok=True)
+        self.listener.bind(str(path))
+        self.listener.listen(64)
+        self.selector = selectors.DefaultSelector()
+        self.selector.register(self.listener, selectors.EVENT_READ)
+        self.children: dict[int, tuple[int, socket.socket]] = {}  # pidfd -> (pid, client)
+
+    def serve(self) -> Request:
+        while True:
+            for key, _ in self.selector.select():
+                if key.fileobj is self.listener:
+                    req = self._accept()
+                    if req is not None:
+                        return req  # we are the child
+                else:
+                    self._reap(int(key.fd))
+
+    def _accept(self) -> Request | None:
+        conn, _ = self.listener.accept()
+        try:
+            data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 3)
+            req = Request.parse(data, fds)
+        except (OSError, ValueError) as e:
+            with contextlib.suppress(OSError):
+                conn.send(f"error {e}".encode())
+            conn.close()
+            return None
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            self._become_child(conn)
+            return req
+        for fd in req.fds:
+            os.close(fd)
+        pidfd = os.pidfd_open(pid)
+        self.children[pidfd] = (pid, conn)
+        self.selector.register(pidfd, selectors.EVENT_READ)
+        with contextlib.suppress(OSError):
+            conn.send(f"pid {pid}".encode())
+        return None
+
+    def _become_child(self, conn: socket.socket) -> None:
+        self.selector.close()
+        self.listener.close()
+        conn.close()
+        for pidfd, (_, other) in self.children.items():
+            os.close(pidfd)
+            other.close()
+        self.children.clear()
+
+    def _reap(self, pidfd: int) -> None:
+        pid, conn = self.children.pop(pidfd)
+        self.selector.unregister(pidfd)
+        os.close(pidfd)
+        _, status = os.waitpid(pid, 0)
+        with contextlib.suppress(OSError):
+            conn.send(f"exit {os.waitstatus_to_exitcode(status)}".encode())
+        conn.close()
+
+    def close(self) -> None:
+        if os.getpid() == self.pid:
+            self.path.unlink(missing_ok=True)
+
+
+def run_child(req: Request) -> int:
+    """What ``python -m MODULE ARGS`` does, in the forked child; returns the exit code."""
+    os.setsid()
+    for target, fd in enumerate(req.fds):
+        os.dup2(fd, target)
+    for fd in req.fds:
+        if fd > 2:
+            os.close(fd)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+    os.environ.clear()
+    os.environ.update(req.env)
+    if req.cwd is not None:
+        os.chdir(req.cwd)
+    sys.argv = [req.module, *req.args]
+    try:
+        runpy.run_module(req.module, run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        return _exit_code(e.code)
+    except BaseException:  # noqa: BLE001 - as python -m: the traceback, exit 1
+        traceback.print_exc()
+        return 1
+    return 0
+
+
+def _exit_code(code: Any) -> int:
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code
+    print(code, file=sys.stderr)  # sys.exit("message"), as the interpreter does
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if not args:
+        print("usage: python -m tests.vm.warm SOCKET MODULE...", file=sys.stderr)
+        return 2
+    for name in args[1:]:
+        try:
+            importlib.import_module(name)
+        except Exception as e:  # noqa: BLE001 - a child that needs it will say why
+            print(f"warm: not preloaded: {name}: {type(e).__name__}: {e}", flush=True)
+    server = Server(Path(args[0]))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    print(f"warm: {len(args) - 1} modules imported, serving on {args[0]}", flush=True)
+    try:
+        req = server.serve()
+    finally:
+        server.close()
+    return run_child(req)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
