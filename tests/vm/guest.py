@@ -293,7 +293,7 @@ class Guest:
         instead of starting Python (seconds under TCG).  If it is gone later, the agent
         starts them as usual."""
         t0 = time.monotonic()
-        self.spawn([self.python_path, "-m", "tests.vm.warm", socket, *WARM_MODULES],
+        pid = self.spawn([self.python_path, "-m", "tests.vm.warm", socket, *WARM_MODULES],
                    log=self.results / "warm.log", cwd=self.checkout,
                    env={"PYTHONPATH": str(self.checkout), "OPENBLAS_NUM_THREADS": "1"})  # fmt: skip
         while not self.run(["test", "-S", socket], check=False).ok:
@@ -302,6 +302,7 @@ class Guest:
                 raise GuestError(f"the warm interpreter did not start: {log}")
             time.sleep(0.5)
         self.info["warm_socket"] = socket
+        self.info["warm_pid"] = pid
         self.info["warm_seconds"] = round(time.monotonic() - t0, 2)
 
     def _save_info(self) -> None:

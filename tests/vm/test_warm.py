@@ -9,8 +9,10 @@ run: it reports what it was given and exits with the code in $PROBE_EXIT.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import sys
 from collections.abc import Iterator
@@ -31,6 +33,9 @@ def warm(tmp_path: Path) -> Iterator[Guest]:
         g.start_warm(str(tmp_path / "warm.sock"), timeout=60)
         yield g
     finally:
+        if "warm_pid" in g.info:  # on the host it outlives the agent (a guest ends it)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(g.info["warm_pid"], signal.SIGTERM)
         g.shutdown(timeout=10)
 
 
