@@ -288,22 +288,22 @@ class Guest:
         self.start_warm()
         self._save_info()
 
-    def start_warm(self, socket: str = WARM_SOCKET, timeout: float = 300.0) -> None:
-        """Start the warm interpreter: from now on ``module()`` commands fork from it
-        instead of starting Python (seconds under TCG).  If it is gone later, the agent
-        starts them as usual."""
-        t0 = time.monotonic()
-        pid = self.spawn([self.python_path, "-m", "tests.vm.warm", socket, *WARM_MODULES],
-                   log=self.results / "warm.log", cwd=self.checkout,
-                   env={"PYTHONPATH": str(self.checkout), "OPENBLAS_NUM_THREADS": "1"})  # fmt: skip
-        while not self.run(["test", "-S", socket], check=False).ok:
-            if time.monotonic() - t0 > timeout:
-                log = (self.results / "warm.log").read_text(errors="replace")[-2000:]
-                raise GuestError(f"the warm interpreter did not start: {log}")
-            time.sleep(0.5)
+    def start_warm(self, socket: str = WARM_SOCKET, *, wait: float = 0.0) -> None:
+        """Start the warm interpreter: once it has imported (half a minute under TCG),
+        ``module()`` commands fork from it instead of starting Python (seconds each);
+        until then, or if it is gone, the agent starts them as usual.  ``wait``: seconds
+        to wait until it serves (its log, read on the host, says so)."""
+        log = self.results / "warm.log"
+        env = {"PYTHONPATH": str(self.checkout), "OPENBLAS_NUM_THREADS": "1"}
+        argv = [self.python_path, "-m", "tests.vm.warm", socket, *WARM_MODULES]
+        pid = self.spawn(argv, log=log, cwd=self.checkout, env=env)
         self.info["warm_socket"] = socket
         self.info["warm_pid"] = pid
-        self.info["warm_seconds"] = round(time.monotonic() - t0, 2)
+        deadline = time.monotonic() + wait
+        while wait and "serving on" not in (text := log.read_text(errors="replace")):
+            if time.monotonic() > deadline:
+                raise GuestError(f"the warm interpreter did not start: {text[-2000:]}")
+            time.sleep(0.1)
 
     def _save_info(self) -> None:
         self.info_path.write_text(json.dumps(self.info, indent=2) + "\n")

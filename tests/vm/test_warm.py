@@ -30,7 +30,7 @@ PROBE = "tests.vm.test_warm"
 def warm(tmp_path: Path) -> Iterator[Guest]:
     g = _agent_guest(tmp_path)
     try:
-        g.start_warm(str(tmp_path / "warm.sock"), timeout=60)
+        g.start_warm(str(tmp_path / "warm.sock"), wait=60)
         yield g
     finally:
         if "warm_pid" in g.info:  # on the host it outlives the agent (a guest ends it)
