@@ -77,6 +77,19 @@ def test_exit_codes_and_tracebacks_are_python_ms(warm: Guest) -> None:
     assert res.rc == 1 and res.stderr.startswith("timing: /nonexistent: no channel/")
 
 
+def test_a_preloaded_module_runs_as_python_m_runs_it(warm: Guest) -> None:
+    """The shell and the harness's helpers are imported by the server: run as __main__,
+    they must print exactly what a cold start prints (no runpy warning on stderr)."""
+    argv = [str(warm.python_path), "-m", "tests.vm.lio", "no-such-command"]
+    env = {"PYTHONPATH": str(warm.checkout)}
+    hot = warm.run(argv, check=False, cwd=warm.checkout, env=env, warm="tests.vm.lio")
+    socket = warm.info.pop("warm_socket")
+    cold = warm.run(argv, check=False, cwd=warm.checkout, env=env)
+    warm.info["warm_socket"] = socket
+    assert cold.rc == 2 and "invalid choice" in cold.stderr, cold.describe()
+    assert (hot.rc, hot.stdout, hot.stderr) == (cold.rc, cold.stdout, cold.stderr)
+
+
 def test_a_warm_command_past_its_timeout_is_killed(warm: Guest) -> None:
     res = warm.run([str(warm.python_path), "-m", PROBE, "--sleep"], timeout=1, check=False,
                    cwd=warm.checkout, warm=PROBE)  # fmt: skip

@@ -161,6 +161,9 @@ def run_child(req: Request) -> int:
     if req.cwd is not None:
         os.chdir(req.cwd)
     sys.argv = [req.module, *req.args]
+    # python -m executes the module once, as __main__: the preloaded copy must not be
+    # found first (runpy would warn on stderr, and the program's state would be split)
+    sys.modules.pop(req.module, None)
     try:
         runpy.run_module(req.module, run_name="__main__", alter_sys=True)
     except SystemExit as e:
