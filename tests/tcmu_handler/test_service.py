@@ -115,6 +115,11 @@ def servable(tmp_path: Path) -> tuple[Path, Path, Path]:
     return sysfs, configfs, dev
 
 
+def lun_of(info: DeviceInfo) -> LunState:
+    return LunState(block_size=512, num_blocks=info.size // 512, serial="s",
+                    naa=bytes([0x60]) + bytes(15))  # fmt: skip
+
+
 def test_a_refused_device_is_tried_again_and_its_reason_logged_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -126,9 +131,7 @@ def test_a_refused_device_is_tried_again_and_its_reason_logged_once(
     def open_lun(cfg: object, info: DeviceInfo) -> tuple[object, object]:
         if missing:
             raise NotFound("no vdisk named 'db' in targetvirt")
-        lun = LunState(block_size=512, num_blocks=info.size // 512, serial="s",
-                       naa=bytes([0x60]) + bytes(15))  # fmt: skip
-        return RamBackend(info.size), lun
+        return RamBackend(info.size), lun_of(info)
 
     clock = FakeClock()
     service = TcmuService(open_lun, sysfs_root=sysfs, configfs_root=configfs,  # type: ignore[arg-type]
@@ -169,9 +172,7 @@ def test_a_vdisk_that_waits_on_the_network_gets_more_workers(
     sysfs, configfs, dev = servable(tmp_path)
 
     def open_lun(cfg: object, info: DeviceInfo) -> tuple[object, object]:
-        lun = LunState(block_size=512, num_blocks=info.size // 512, serial="s",
-                       naa=bytes([0x60]) + bytes(15))  # fmt: skip
-        return backend(info.size), lun
+        return backend(info.size), lun_of(info)
 
     service = TcmuService(open_lun, sysfs_root=sysfs, configfs_root=configfs,  # type: ignore[arg-type]
                           dev_root=dev, workers=2, network_workers=5)  # fmt: skip

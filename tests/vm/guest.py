@@ -415,18 +415,19 @@ class Guest:
         cwd: str | Path | None = None,
         env: Mapping[str, str] | None = None,
         input: str | bytes | None = None,
-        warm: str | None = None,
+        warm: bool = False,
     ) -> Result:
         """Run ``argv`` in the guest as root and wait for it (at most ``timeout`` s, then
         its process group is killed).  ``check`` raises CommandFailed unless it exited 0.
         The environment is the agent's (PATH with sbin, HOME=/run/home,
-        TARGETCLI_HOME) plus ``env``.  ``warm``: ``argv`` is ``python -m`` of that module,
-        which the warm interpreter may run instead (see ``start_warm``)."""
+        TARGETCLI_HOME) plus ``env``.  ``warm``: ``argv`` is ``python -m MODULE ARGS``, which
+        the warm interpreter may run instead (see ``start_warm``)."""
         argv = [str(a) for a in argv]
         spec: dict[str, Any] = {"argv": argv, "timeout": timeout}
-        if warm is not None and self.info.get("warm_socket"):
-            i = argv.index("-m") + 2
-            spec["warm"] = {"socket": self.info["warm_socket"], "module": warm, "args": argv[i:]}
+        if warm and self.info.get("warm_socket"):
+            i = argv.index("-m") + 1
+            spec["warm"] = {"socket": self.info["warm_socket"], "module": argv[i],
+                            "args": argv[i + 1 :]}  # fmt: skip
         if cwd is not None:
             spec["cwd"] = str(cwd)
         if env:
@@ -533,7 +534,7 @@ class Guest:
             check=check,
             cwd=self.checkout,
             env=full_env,
-            warm=module,
+            warm=True,
         )
 
     def lio(self, *args: str, timeout: float = 120.0) -> Any:

@@ -42,7 +42,7 @@ def warm(tmp_path: Path) -> Iterator[Guest]:
 def probe(g: Guest, *args: str, exit: int = 0, stdin: str = "") -> tuple[int | None, dict, str]:
     res = g.run(
         [str(g.python_path), "-m", PROBE, *args], input=stdin, check=False, cwd=g.checkout,
-        env={"PYTHONPATH": str(g.checkout), "PROBE_EXIT": str(exit)}, warm=PROBE,
+        env={"PYTHONPATH": str(g.checkout), "PROBE_EXIT": str(exit)}, warm=True,
     )  # fmt: skip
     report = json.loads(res.stdout) if res.stdout else {}
     return res.rc, report, res.stderr
@@ -82,7 +82,7 @@ def test_a_preloaded_module_runs_as_python_m_runs_it(warm: Guest) -> None:
     they must print exactly what a cold start prints (no runpy warning on stderr)."""
     argv = [str(warm.python_path), "-m", "tests.vm.lio", "no-such-command"]
     env = {"PYTHONPATH": str(warm.checkout)}
-    hot = warm.run(argv, check=False, cwd=warm.checkout, env=env, warm="tests.vm.lio")
+    hot = warm.run(argv, check=False, cwd=warm.checkout, env=env, warm=True)
     socket = warm.info.pop("warm_socket")
     cold = warm.run(argv, check=False, cwd=warm.checkout, env=env)
     warm.info["warm_socket"] = socket
@@ -92,7 +92,7 @@ def test_a_preloaded_module_runs_as_python_m_runs_it(warm: Guest) -> None:
 
 def test_a_warm_command_past_its_timeout_is_killed(warm: Guest) -> None:
     res = warm.run([str(warm.python_path), "-m", PROBE, "--sleep"], timeout=1, check=False,
-                   cwd=warm.checkout, warm=PROBE)  # fmt: skip
+                   cwd=warm.checkout, warm=True)  # fmt: skip
     assert res.timed_out and res.rc == -9
     assert probe(warm, exit=5)[0] == 5  # and the server goes on
 

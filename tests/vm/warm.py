@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 MAX_REQUEST = 1 << 20  # bytes of JSON: argv and environment
+REQUEST_TIMEOUT = 30.0  # seconds for a connected client to send its request
 
 
 @dataclass
@@ -100,6 +101,7 @@ class Server:
 
     def _accept(self) -> Request | None:
         conn, _ = self.listener.accept()
+        conn.settimeout(REQUEST_TIMEOUT)  # a client that never sends cannot stall the rest
         try:
             data, fds, _, _ = socket.recv_fds(conn, MAX_REQUEST, 3)
             req = Request.parse(data, fds)
@@ -154,8 +156,7 @@ def run_child(req: Request) -> int:
     for fd in req.fds:
         if fd > 2:
             os.close(fd)
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL if sig != signal.SIGINT else signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # undo the server's handler
     os.environ.clear()
     os.environ.update(req.env)
     if req.cwd is not None:
