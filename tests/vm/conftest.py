@@ -14,6 +14,9 @@ The guest boots on first use (about 20-40 s under TCG) and powers off at the end
 session.  After each test the guest is put back in its post-setup state (initiator
 logged out, LIO cleared, tcmu-runner stopped, /run/ram emptied) if the test left
 anything behind.  If the guest dies, every later test fails at once with the reason.
+Tests that boot guests of their own (the power-cut test resets its guests) run before
+every other test, so that the session guest is not booted yet: two TCG guests at once
+would share the host's two cores and slow both.
 Everything a run produced is under ``.vm-results/<date>-<pid>/`` in the checkout (or
 ``$TARGETVIRT_VM_RESULTS``); its ``guest.json`` has the boot time.
 """
@@ -76,6 +79,18 @@ def fileio_compliance(vm_guest: Guest) -> Results:
     """libiscsi's iscsi-test-cu over a kernel fileio LUN, run once per session: the
     yardstick other backstores are compared with (``Results.compare``)."""
     return run_compliance(vm_guest, fileio_backstore(), name="fileio")
+
+
+def boots_own_guests(item: pytest.Item) -> bool:
+    """A vm test that does not use the session guest boots guests of its own."""
+    return item.get_closest_marker("vm") is not None and "vm_guest" not in getattr(
+        item, "fixturenames", ()
+    )
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # A stable sort: the tests with their own guests first, each group in its own order.
+    items.sort(key=lambda item: not boots_own_guests(item))
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -52,7 +52,10 @@ def test_fileio_baseline(guest: Guest, fileio_compliance: Results) -> None:
     _against_reference(fileio_compliance, "fileio.json")
 
 
+# Recorded, not judged, so it gives its 2-5 minutes of CI to the power-cut test:
+# `tools/test -m long` runs it.
 @pytest.mark.vm
+@pytest.mark.long
 @pytest.mark.timeout(1800)
 def test_qcow_compliance(guest: Guest, fileio_compliance: Results) -> None:
     """The same suite against tcmu-runner's qcow handler (a userspace TCMU backstore, as

@@ -128,3 +128,19 @@ def test_hung_guest_is_killed_at_the_deadline(
 def test_find_kernel_honours_env(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TARGETVIRT_VM_KERNEL", "/boot/vmlinuz-x")
     assert guest_mod.find_kernel() == Path("/boot/vmlinuz-x")
+
+
+def test_tests_with_guests_of_their_own_are_collected_first() -> None:
+    """The power-cut test boots its own guests: it must run before the session guest is
+    up, even when pytest is given its file last (conftest's collection order)."""
+    top = Path(__file__).parent
+    res = subprocess.run(
+        [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+         "-m", "vm", str(top / "test_stack.py"), str(top / "test_powercut.py")],
+        capture_output=True, text=True, timeout=120, check=False, cwd=top.parent.parent,
+    )  # fmt: skip
+    ids = [line for line in res.stdout.splitlines() if "::" in line]
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert ids[0].startswith("tests/vm/test_powercut.py::"), ids
+    stack = [i for i in ids if i.startswith("tests/vm/test_stack.py::")]
+    assert stack == ids[1:] and stack[0].endswith("test_guest_basics"), ids  # order kept

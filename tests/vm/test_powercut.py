@@ -30,10 +30,9 @@ import pytest
 from tests.vm.guest import CHECKOUT, Guest, GuestDied, Result, default_workdir
 from tests.vm.powercut import recorded
 
-# ~17 minutes of six guest boots: beyond what CI's 90 minutes leave after the rest of the
-# VM suite (80 minutes in the TCG guest), so tools/test leaves it out by default; run it
-# with `tools/test -m long` (or `pytest -m long`).
-pytestmark = [pytest.mark.vm, pytest.mark.long]
+# 11-17 minutes of six guest boots.  It runs before the rest of the VM suite (conftest:
+# tests with guests of their own come first), so the session guest is not up beside it.
+pytestmark = pytest.mark.vm
 
 MIB = 1 << 20
 SLOW = 900.0  # seconds: a TCG guest on a loaded 2-core host is slow
