@@ -336,28 +336,11 @@ class AgentVDisk:
         no grant, ticket or extent list.  It waits on the network, so only a caller that
         may wait (a worker, never the ring thread) comes here.  False (nothing done, or a
         failure the slow path will name) when it does not apply."""
-        if len(bufs) != 1:
+        target = self._object_target(offset, bufs, write)
+        if target is None:
             return False
-        n = bufs[0].nbytes
-        intra = offset & self._mask
-        if intra + n > self._segment_size or offset < 0:
-            return False
-        if write and self._now() >= self._lease.until:
-            return False
-        lock = self._lock
-        with lock:
-            if offset + n > self.size or not (self._write_fast if write else self._read_open):
-                return False
-            e = self._entries[offset >> self._shift]
-            if e & (_WRITE_STOP if write else _READ_STOP) != _MAPPED:
-                return False
-            c = self._containers.get((e >> _CID_SHIFT) & _CID_MASK)
-            if c is None or c.fd >= 0:  # a file's fast path is the other one
-                return False
-            active, g = self._active, self._gen & 1
-            active[g] += 1  # in flight: a drain waits for it
+        c, coff, g = target
         try:
-            coff = c.offset_of(e & _PSEG_MASK) + intra
             if write:
                 c.writev(bufs, coff)
             else:
@@ -366,11 +349,64 @@ class AgentVDisk:
         except ContainerIOError:
             done = False  # the slow path does it again and names the error
         finally:
-            with lock:
-                active[g] -= 1
-                if self._draining:
-                    self._cond.notify_all()
+            self._landed(g)
         return done
+
+    def start_io(
+        self, offset: int, bufs: Sequence[memoryview], write: bool, done: Callable[[bool], None]
+    ) -> bool:
+        """The object fast path without waiting: start the container's asynchronous I/O
+        and return at once; ``done(ok)`` is called from the storage client's thread when
+        it ends (ok False: nothing is known, the slow path must do the command again and
+        name the error).  False, with nothing started, when the fast path does not apply
+        or the container has no asynchronous I/O.  The ring thread calls this."""
+        target = self._object_target(offset, bufs, write)
+        if target is None:
+            return False
+        c, coff, g = target
+
+        def landed(ok: bool) -> None:
+            self._landed(g)  # before the command completes: a drain covers the I/O
+            done(ok)
+
+        try:
+            started = c.start_io(bufs, coff, write, landed)
+        except BaseException:
+            self._landed(g)
+            raise
+        if not started:
+            self._landed(g)
+        return started
+
+    def _object_target(
+        self, offset: int, bufs: Sequence[memoryview], write: bool
+    ) -> tuple[Container, int, int] | None:
+        """For the object fast path: the container, its offset and the drain generation
+        the I/O is counted in (undo with :meth:`_landed`); None when it does not apply."""
+        n = bufs[0].nbytes if len(bufs) == 1 else _nbytes(bufs)
+        intra = offset & self._mask
+        if intra + n > self._segment_size or offset < 0:
+            return None
+        if write and self._now() >= self._lease.until:
+            return None
+        with self._lock:
+            if offset + n > self.size or not (self._write_fast if write else self._read_open):
+                return None
+            e = self._entries[offset >> self._shift]
+            if e & (_WRITE_STOP if write else _READ_STOP) != _MAPPED:
+                return None
+            c = self._containers.get((e >> _CID_SHIFT) & _CID_MASK)
+            if c is None or c.fd >= 0:  # a file's fast path is the other one
+                return None
+            g = self._gen & 1
+            self._active[g] += 1  # in flight: a drain waits for it
+        return c, c.offset_of(e & _PSEG_MASK) + intra, g
+
+    def _landed(self, g: int) -> None:
+        with self._lock:
+            self._active[g] -= 1
+            if self._draining:
+                self._cond.notify_all()
 
     def _write_slow(self, offset: int, bufs: Sequence[memoryview], fua: bool, mode: int) -> None:
         if self.readonly:

@@ -197,6 +197,15 @@ class Container:
     def offset_of(self, pseg: int) -> int:
         return DATA_OFFSET + pseg * self.segment_size
 
+    def start_io(
+        self, bufs: Sequence[memoryview], offset: int, write: bool, done: Callable[[bool], None]
+    ) -> bool:
+        """Start reading into (or writing from) ``bufs``, one range inside one segment,
+        without waiting; ``done(ok)`` is called from another thread when it ends.  False,
+        with nothing started, when this kind has no asynchronous I/O (a file's preadv is
+        already as quick as starting one) or cannot start this one now."""
+        return False
+
     def __repr__(self) -> str:
         return f"<Container {self.cid} {self.kind} {self.path} {self.nsegments} segments>"
 

@@ -31,7 +31,7 @@ import contextlib
 import errno
 import threading
 import uuid as uuidlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from targetvirt.ceph import Cluster, RadosLocation, describe, errno_of, import_rados
@@ -243,6 +243,33 @@ class RadosContainer(Container):
             data = b"".join(self._read_many(pieces))
         _scatter(bufs, data)
 
+    def start_io(
+        self, bufs: Sequence[memoryview], offset: int, write: bool, done: Callable[[bool], None]
+    ) -> bool:
+        """One asynchronous operation on one object; ``done`` runs in librados's
+        callback thread.  A failure reports ``done(False)`` and counts nothing: the
+        caller's slow path does the I/O again and names the error."""
+        n = bufs[0].nbytes if len(bufs) == 1 else sum(b.nbytes for b in bufs)
+        rel = offset - DATA_OFFSET
+        intra = rel & self._mask
+        if rel < 0 or intra + n > self.segment_size or rel + n > self._end:
+            return False
+        name = f"{self._prefix}{rel >> self._shift:012x}"
+        if self._pending and name in self._pending:
+            return False  # its removal must land first: a wait the caller cannot afford
+        try:
+            if not write:
+                self._ioctx.aio_read(name, n, intra, _read_into(bufs, done))
+                return True
+            data = bytes(bufs[0]) if len(bufs) == 1 else b"".join(bufs)
+            if n == self.segment_size:
+                self._ioctx.aio_write_full(name, data, oncomplete=_wrote(done))
+            else:
+                self._ioctx.aio_write(name, data, intra, oncomplete=_wrote(done))
+        except self._rados.Error:
+            return False
+        return True
+
     def _read_many(self, pieces: list[tuple[int, int, int]]) -> list[bytes]:
         """Every piece read with all reads in flight at once; short or absent: zeros."""
         results: list[bytes] = [b""] * len(pieces)
@@ -390,6 +417,37 @@ class RadosContainer(Container):
     def sync(self) -> None:
         """Writes are durable when acknowledged; wait for the removals in flight."""
         self._drain()
+
+
+def _wrote(done: Callable[[bool], None]) -> Callable[[Any], None]:
+    def cb(completion: Any) -> None:
+        done(completion.get_return_value() >= 0)
+
+    return cb
+
+
+def _read_into(
+    bufs: Sequence[memoryview], done: Callable[[bool], None]
+) -> Callable[[Any, Any], None]:
+    """An aio_read callback that fills ``bufs``: an absent object or the part past a
+    short one reads as zeros.  (python3-rados hands over its whole buffer when it read
+    nothing: only the return value says how much is data.)"""
+
+    def cb(completion: Any, data: bytes | None) -> None:
+        ret = completion.get_return_value()
+        if ret == -errno.ENOENT:
+            ret = 0
+        elif ret < 0 or (ret and data is None):
+            done(False)
+            return
+        mv = bufs[0]
+        if len(bufs) == 1 and ret == mv.nbytes and mv.format == "B":
+            mv[:] = data  # type: ignore[assignment]
+        else:
+            _scatter(bufs, data[:ret] if ret and data is not None else b"")
+        done(True)
+
+    return cb
 
 
 def _scatter(bufs: Sequence[memoryview | bytearray], data: bytes) -> None:

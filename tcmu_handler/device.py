@@ -9,6 +9,11 @@ they finish (out-of-order completion) and tells the kernel once per batch.
 
 Data moves between the backend and the ring's data area through memoryviews of the
 mmap: ``os.preadv``/``os.pwritev`` straight into the kernel's pages, no copy.
+
+A vdisk whose segments are RADOS objects waits a network round trip per command, which
+would hold a worker thread for each command in flight.  Its plain READs and WRITEs are
+started by the loop itself as asynchronous librados operations (:class:`Async`), and
+librados's callback thread hands the completion back like a worker would.
 """
 
 from __future__ import annotations
@@ -25,9 +30,9 @@ from typing import Any
 from tcmu_handler import abi
 from tcmu_handler.ring import Command, Ring
 from tcmu_handler.scsi import sense
-from tcmu_handler.scsi.backend import BlockBackend, WouldBlock
+from tcmu_handler.scsi.backend import BlockBackend, Started, WouldBlock
 from tcmu_handler.scsi.command import classify, handle
-from tcmu_handler.scsi.common import Completion, Kind
+from tcmu_handler.scsi.common import COMPLETED, Completion, Kind
 from tcmu_handler.scsi.lun import LunState
 from tcmu_handler.uio import UioHandle
 
@@ -70,6 +75,44 @@ class NoWait:
         raise WouldBlock  # every other backend operation may wait
 
 
+class Async:
+    """A view of a backend that starts a plain read or write and returns at once.
+
+    Armed by the loop for one command at a time (``length``: the command's data-in
+    bytes; ``done``: what completes it).  When the backend started the I/O it raises
+    :class:`Started`, and ``done(ok)`` comes later from the storage client's thread.  A
+    read of less than the whole data-in buffer (its completion would carry a residual),
+    a FUA write and every other operation raise :class:`WouldBlock` before doing
+    anything: a worker runs them.
+    """
+
+    __slots__ = ("_start", "done", "length", "size")
+
+    def __init__(self, backend: BlockBackend) -> None:
+        self._start = backend.start_io  # type: ignore[attr-defined]
+        self.size = backend.size
+        self.length = 0
+        self.done: Callable[[bool], None] = _unarmed
+
+    def read_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        n = bufs[0].nbytes if len(bufs) == 1 else sum(b.nbytes for b in bufs)
+        if n != self.length or not self._start(offset, bufs, False, self.done):
+            raise WouldBlock
+        raise Started
+
+    def write_from(self, offset: int, bufs: Sequence[memoryview], fua: bool) -> None:
+        if fua or not self._start(offset, bufs, True, self.done):
+            raise WouldBlock
+        raise Started
+
+    def __getattr__(self, name: str) -> Any:
+        raise WouldBlock
+
+
+def _unarmed(ok: bool) -> None:
+    raise AssertionError("Async view used before the loop armed it")
+
+
 class Device:
     """Serves one uio device until stopped; one loop thread plus ``workers`` threads."""
 
@@ -106,6 +149,9 @@ class Device:
         self.vdisk = ""  # the vdisk (or vdisk@snapshot) served, for lookups
         self.nowait = NoWait(backend) if hasattr(backend, "try_read_into") else None
         self.inline_hits = 0
+        has_aio = hasattr(backend, "start_io") and hasattr(backend, "waits_on_network")
+        self.aio = Async(backend) if has_aio else None
+        self.started = 0  # commands the loop started asynchronously
 
     # --- lifecycle -------------------------------------------------------------------
 
@@ -132,8 +178,8 @@ class Device:
         self.handle.close()
         os.close(self._wake)
         log.info(
-            "%s: completed %d commands (%d inline) in %d notifies",
-            self.name, self.completed, self.inline_hits, self.notifies,
+            "%s: completed %d commands (%d inline, %d started asynchronously) in %d notifies",
+            self.name, self.completed, self.inline_hits, self.started, self.notifies,
         )  # fmt: skip
 
     # --- the loop ------------------------------------------------------------------------
@@ -178,6 +224,8 @@ class Device:
                 self._done.append((cmd, self._execute(cmd, self.backend), False))
             elif self.nowait is not None and cmd.cdb[0] in _INLINE_IO and self._try_inline(cmd):
                 self.inline_hits += 1
+            elif self.aio is not None and cmd.cdb[0] in _INLINE_IO and self._try_async(cmd):
+                pass
             else:
                 self._submitted += 1
                 self._work.append(cmd)
@@ -209,17 +257,47 @@ class Device:
             return False
         return True
 
+    def _try_async(self, cmd: Command) -> bool:
+        """Start the command's I/O (see :class:`Async`); False: a worker must run it."""
+        if not self.backend.waits_on_network:  # type: ignore[attr-defined]
+            return False  # files: the inline path failed for a reason a worker handles
+        aio, views = self.aio, cmd.views()
+        assert aio is not None
+        aio.length = cmd.data_length
+        aio.done = lambda ok: self._io_ended(cmd, views, ok)
+        try:
+            comp = handle(self.lun, cmd.cdb, views, views, aio)
+        except Started:
+            self._submitted += 1  # returned when _io_ended's completion is reaped
+            self.started += 1
+            return True
+        except WouldBlock:
+            _release(views)
+            return False
+        _release(views)  # it ended without I/O (a range or protection error)
+        self._done.append((cmd, comp, False))
+        return True
+
+    def _io_ended(self, cmd: Command, views: list[memoryview], ok: bool) -> None:
+        """From the storage client's thread: complete the command, or when the I/O
+        failed have it run again the blocking way, which names the error in its sense.
+        (A thread of its own: failures are rare, and this thread must not wait.)"""
+        _release(views)
+        if ok:
+            self._done.append((cmd, COMPLETED, True))
+            os.eventfd_write(self._wake, 1)
+        else:
+            threading.Thread(target=self._run_blocking, args=(cmd,), daemon=True).start()
+
     def _execute(self, cmd: Command, backend: Any) -> Completion:
         views = cmd.views()
         data_in = cmd.bidi_views() if cmd.bidi_iovs else views
         try:
             return handle(self.lun, cmd.cdb, views, data_in, backend)
         finally:
-            for v in views:
-                v.release()
+            _release(views)
             if data_in is not views:
-                for v in data_in:
-                    v.release()
+                _release(data_in)
 
     def _worker(self) -> None:
         while True:
@@ -227,10 +305,18 @@ class Device:
             cmd = self._work.popleft()
             if cmd is _STOP:
                 return
-            try:
-                comp = self._execute(cmd, self.backend)
-            except BaseException:  # handle() never raises; this guards the guard
-                log.exception("%s: command %s crashed", self.name, cmd)
-                comp = Completion(abi.SAM_STAT_CHECK_CONDITION, _INTERNAL_FAILURE, 0)
-            self._done.append((cmd, comp, True))
-            os.eventfd_write(self._wake, 1)
+            self._run_blocking(cmd)
+
+    def _run_blocking(self, cmd: Command) -> None:
+        try:
+            comp = self._execute(cmd, self.backend)
+        except BaseException:  # handle() never raises; this guards the guard
+            log.exception("%s: command %s crashed", self.name, cmd)
+            comp = Completion(abi.SAM_STAT_CHECK_CONDITION, _INTERNAL_FAILURE, 0)
+        self._done.append((cmd, comp, True))
+        os.eventfd_write(self._wake, 1)
+
+
+def _release(views: list[memoryview]) -> None:
+    for v in views:
+        v.release()

@@ -22,6 +22,11 @@ class WouldBlock(Exception):
     """
 
 
+class Started(WouldBlock):
+    """A non-blocking attempt started the I/O instead of finishing it: the command
+    completes later, when the I/O ends (see ``tcmu_handler.device.Async``)."""
+
+
 class BlockBackend(Protocol):
     """Byte-addressed, synchronous block I/O on one vdisk.
 

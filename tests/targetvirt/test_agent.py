@@ -197,6 +197,77 @@ def test_a_failed_object_io_is_done_again_and_named_by_the_slow_path(
     assert read(vd, 0, 4096) == b"a" * 4096
 
 
+class Ended:
+    """A ``done`` callback for start_io: remembers what it was told, once."""
+
+    def __init__(self) -> None:
+        self.oks: list[bool] = []
+        self.event = threading.Event()
+
+    def __call__(self, ok: bool) -> None:
+        self.oks.append(ok)
+        self.event.set()
+
+    def wait(self) -> bool:
+        assert self.event.wait(30.0), "start_io never called done"
+        (ok,) = self.oks
+        return ok
+
+
+@pytest.mark.ceph
+def test_started_object_io_reads_and_writes_without_waiting(rados_cluster: Cluster) -> None:
+    """start_io (the ring thread's path on RADOS) does what read/write do, calling
+    back from librados's thread; it declines, starting nothing, where the fast path
+    does not apply (an unmapped segment, a range across two segments, FUA's caller)."""
+    vd, _ = written_segment(rados_cluster)
+    data = os.urandom(8192)
+    ended = Ended()
+    assert vd.start_io(4096, [memoryview(data[:4096]), memoryview(data[4096:])], True, ended)
+    assert ended.wait() and read(vd, 4096, 8192) == data
+    buf = bytearray(b"?" * 12288)
+    ended = Ended()
+    assert vd.start_io(0, [memoryview(buf)], False, ended)
+    assert ended.wait() and bytes(buf) == b"a" * 4096 + data
+    ended = Ended()
+    assert not vd.start_io(SEG, [memoryview(bytearray(4096))], False, ended)  # unmapped
+    assert not vd.start_io(SEG - 512, [memoryview(bytearray(1024))], False, ended)  # two
+    assert ended.oks == [] and vd.in_flight == 0
+
+
+@pytest.mark.ceph
+def test_a_freeze_waits_for_started_object_io(
+    rados_cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Started I/O counts as in flight until librados calls back: a freeze acks after."""
+    vd, container = written_segment(rados_cluster)
+    landed: list[tuple[Callable[[bool], None], bool]] = []
+    arrived = threading.Event()
+    real = container.start_io
+
+    def held_back(
+        bufs: list[memoryview], offset: int, write: bool, done: Callable[[bool], None]
+    ) -> bool:
+        def hold(ok: bool) -> None:  # librados is done; the agent is told when the test says
+            landed.append((done, ok))
+            arrived.set()
+
+        return real(bufs, offset, write, hold)
+
+    monkeypatch.setattr(container, "start_io", held_back)
+    ended = Ended()
+    assert vd.start_io(4096, [memoryview(b"b" * 4096)], True, ended)
+    assert arrived.wait(30.0)
+    assert vd.in_flight == 1 and ended.oks == []
+    freezing = Background(lambda: rados_cluster.controller.freeze(["v"]))
+    assert freezing.still_running()  # the agent's drain waits for the write
+    done, ok = landed[0]
+    done(ok)
+    assert ended.oks == [True]
+    freezing.result()
+    assert rados_cluster.catalog.vdisk("v").read(4096, 4096) == b"b" * 4096
+    rados_cluster.controller.thaw(["v"])
+
+
 def test_a_write_faults_once_then_goes_straight_through(cluster: Cluster) -> None:
     calls = CountingCalls(cluster, 1)
     vd = cluster.vd(1)

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import threading
 import uuid
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from targetvirt import container_rados
 from targetvirt.catalog import Catalog
 from targetvirt.ceph import RadosLocation
 from targetvirt.check import check
@@ -70,6 +74,82 @@ def test_segments_are_objects_absent_until_written(ceph: CephCluster, rados_loca
         assert c.segments_holding_data(range(8)) == [3]
     finally:
         c.close()
+
+
+def started(c: RadosContainer, bufs: list[Any], offset: int, write: bool) -> bool:
+    """start_io, waited for: True when it started and called back ok."""
+    oks: list[bool] = []
+    ended = threading.Event()
+
+    def done(ok: bool) -> None:
+        oks.append(ok)
+        ended.set()
+
+    if not c.start_io([memoryview(b) for b in bufs], offset, write, done):
+        return False
+    assert ended.wait(30.0), "no callback from librados"
+    assert oks == [True]
+    return True
+
+
+def test_started_io_does_what_readv_and_writev_do(rados_location: str) -> None:
+    """The asynchronous path: zeros for an absent object and past a short one's end,
+    several buffers, a whole segment by write_full; it starts nothing outside one
+    segment, nor on an object whose removal is still in flight."""
+    c = new_container(rados_location)
+    try:
+        junk = bytearray(b"?" * 100)
+        assert started(c, [junk], c.offset_of(3) + 10, False)
+        assert junk == bytes(100)  # absent object: zeros
+        assert started(c, [b"abc", b"defg"], c.offset_of(3) + 10, True)
+        first, second = bytearray(b"?" * 12), bytearray(b"?" * 5)
+        assert started(c, [first, second], c.offset_of(3) + 8, False)
+        assert bytes(first) == b"\0\0abcdefg\0\0\0" and second == bytes(5)  # short object
+        whole = os.urandom(SEG)
+        assert started(c, [whole], c.offset_of(5), True)
+        back = bytearray(SEG)
+        c.readv([back], c.offset_of(5))
+        assert back == whole
+        out = bytearray(4096)
+        assert started(c, [out], c.offset_of(5) + 4096, False)
+        assert out == whole[4096:8192]
+        buf = bytearray(1024)
+        assert not started(c, [buf], c.offset_of(5) + SEG - 512, False)  # two segments
+        assert not started(c, [buf], c.offset_of(8), False)  # past the last one
+        c._pending[c.name_of(5)] = object()  # a removal in flight: the caller would wait
+        assert not started(c, [buf], c.offset_of(5), False)
+        del c._pending[c.name_of(5)]
+    finally:
+        c.close()
+
+
+class FakeCompletion:
+    def __init__(self, ret: int) -> None:
+        self.ret = ret
+
+    def get_return_value(self) -> int:
+        return self.ret
+
+
+def test_started_io_callbacks_report_failures_and_fill_only_what_was_read() -> None:
+    """librados's answers as python3-rados hands them over: an error is not ok (the
+    caller's slow path names it); a read of nothing hands over the whole uninitialised
+    buffer, which must not reach the caller's."""
+    oks: list[bool] = []
+    wrote = container_rados._wrote(oks.append)
+    wrote(FakeCompletion(0))
+    wrote(FakeCompletion(-errno.EIO))
+    assert oks == [True, False]
+    oks.clear()
+    buf = bytearray(b"?" * 8)
+    read = container_rados._read_into([memoryview(buf)], oks.append)
+    read(FakeCompletion(0), b"garbage!")
+    assert (oks, buf) == ([True], bytearray(8))
+    read(FakeCompletion(-errno.ENOENT), None)
+    read(FakeCompletion(3), b"abc")
+    assert (oks, buf) == ([True, True, True], bytearray(b"abc\0\0\0\0\0"))
+    read(FakeCompletion(-errno.EIO), None)
+    assert oks[-1] is False and buf == bytearray(b"abc\0\0\0\0\0")  # untouched
 
 
 def test_ranges_across_segments_and_zeroing(rados_location: str) -> None:

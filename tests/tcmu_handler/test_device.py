@@ -15,15 +15,18 @@ import select
 import struct
 import threading
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
 
+from targetvirt.errors import ContainerIOError
 from tcmu_handler.device import Device
 from tcmu_handler.ring import Ring
 from tcmu_handler.scsi.backend import RamBackend
 from tcmu_handler.scsi.lun import LunState
-from tests.targetvirt.engine_model import open_catalog
+from tests.targetvirt.cluster import Cluster
+from tests.targetvirt.engine_model import SEG, open_catalog
 from tests.tcmu_handler.kernel_emulator import KernelCompletion, KernelEmulator
 
 BLOCK = 512
@@ -165,6 +168,148 @@ def test_serves_an_engine_vdisk_through_its_table(tmp_path: Path) -> None:
     finally:
         device.stop()
         catalog.close()
+
+
+class Network(RamBackend):
+    """A vdisk on RADOS, as the loop sees it: plain reads and writes are started
+    (``start_io``) and end later, when the test says, in any order and from another
+    thread, as librados calls back.  Everything else runs the blocking way."""
+
+    waits_on_network = True
+
+    def __init__(self, size: int) -> None:
+        super().__init__(size)
+        self.lock = threading.Lock()
+        self.started: list[tuple[int, list[memoryview], bool, Callable[[bool], None]]] = []
+        self.blocking: list[int] = []  # offsets of reads and writes done the blocking way
+
+    def start_io(
+        self, offset: int, bufs: list[memoryview], write: bool, done: Callable[[bool], None]
+    ) -> bool:
+        with self.lock:
+            self.started.append((offset, list(bufs), write, done))
+        return True
+
+    def read_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        self.blocking.append(offset)
+        super().read_into(offset, bufs)
+
+    def write_from(self, offset: int, bufs: Sequence[memoryview], fua: bool) -> None:
+        self.blocking.append(offset)
+        super().write_from(offset, bufs, fua)
+
+    def wait_started(self, n: int) -> None:
+        deadline = time.monotonic() + 30
+        while len(self.started) < n:
+            assert time.monotonic() < deadline, f"{len(self.started)} of {n} started"
+            time.sleep(0.01)
+
+    def end_all(self, rng: random.Random, failed: int | None = None) -> None:
+        """End every started I/O in a random order; the one at ``failed`` reports a
+        failure, and the blocking retry that follows meets a medium error."""
+        with self.lock:
+            ios, self.started = self.started, []
+        rng.shuffle(ios)
+        ios.sort(key=lambda io: io[0] == failed)  # the failure last: fail_next is for it
+        for offset, bufs, write, done in ios:
+            if offset == failed:
+                self.fail_next(ContainerIOError("injected: the OSD is gone"))
+                done(False)
+                continue
+            if write:
+                RamBackend.write_from(self, offset, bufs, False)
+            else:
+                RamBackend.read_into(self, offset, bufs)
+            done(True)
+
+
+def test_a_vdisk_on_the_network_has_its_reads_and_writes_started_by_the_loop() -> None:
+    """Plain READs and WRITEs of a RADOS-backed vdisk hold no worker: the loop starts
+    them and they complete in the order they end.  A failed one is run again the
+    blocking way, which names the error; FUA and range errors never start."""
+    blocks = 2048
+    backend = Network(blocks * BLOCK)
+    device, uio = make_device(backend, blocks)
+    device.start()
+    rng = random.Random(5)
+    try:
+        datas = {lba: rng.randbytes(8 * BLOCK) for lba in range(0, 16 * 64, 64)}
+        tags = [uio.submit(write10(lba, 8), data_out=d) for lba, d in datas.items()]
+        backend.wait_started(len(tags))
+        assert not any(t in uio.done for t in tags)  # none complete before its I/O ends
+        backend.end_all(rng)
+        assert all(c.status == 0 for c in uio.wait_all(tags))
+        for lba, d in datas.items():
+            assert backend.data[lba * BLOCK : (lba + 8) * BLOCK] == d
+        reads = list(datas)
+        tags = [uio.submit(read10(lba, 8), data_in=8 * BLOCK) for lba in reads]
+        backend.wait_started(len(tags))
+        backend.end_all(rng, failed=reads[3] * BLOCK)
+        for lba, c in zip(reads, uio.wait_all(tags), strict=True):
+            if lba == reads[3]:
+                assert c.status == 2 and c.sense is not None
+                assert (c.sense[2] & 0xF, c.sense[12]) == (3, 0x11)  # MEDIUM ERROR
+            else:
+                assert (c.status, c.data_in) == (0, datas[lba])
+        assert backend.blocking == [reads[3] * BLOCK]  # only the failure was done again
+        fua = struct.pack(">BBIBHB", 0x2A, 0x08, 0, 0, 1, 0)
+        (c,) = uio.wait_all([uio.submit(fua, data_out=b"f" * BLOCK)])
+        (r,) = uio.wait_all([uio.submit(read10(blocks, 1), data_in=BLOCK)])
+        assert c.status == 0 and backend.blocking[-1] == 0  # FUA: the blocking way
+        assert r.status == 2 and not backend.started  # out of range: nothing started
+        assert device.started == 2 * len(datas)
+        tag = uio.submit(read10(7, 1), data_in=BLOCK)
+        backend.wait_started(1)
+        stopper = threading.Thread(target=device.stop)
+        stopper.start()
+        stopper.join(0.2)
+        assert stopper.is_alive()  # stop waits for what is started
+        backend.end_all(rng)
+        stopper.join(10)
+        assert not stopper.is_alive() and uio.wait_all([tag])[0].status == 0
+    finally:
+        if device._threads and device._threads[-1].is_alive():
+            backend.end_all(rng)
+            device.stop()
+    assert uio.kernel.broken is None and not uio.kernel.commands
+
+
+@pytest.mark.ceph
+def test_an_agent_vdisk_on_rados_is_served_by_started_io(
+    tmp_path: Path, rados_location: str
+) -> None:
+    """The real thing: the agent's copy of a vdisk whose segments are RADOS objects,
+    librados calling back into the ring's pages.  Random 4 KiB writes and reads at
+    queue depth 16 read back what was written, and the loop started them itself."""
+    cluster = Cluster(str(tmp_path), vdisks={"v": 4 * SEG}, agents=1,
+                      location=lambda i: rados_location)  # fmt: skip
+    vd = cluster.vd(0)
+    for i in range(4):
+        vd.write_from(i * SEG, [memoryview(b"\0" * 4096)], False)  # map every segment
+    blocks = 4 * SEG // BLOCK
+    device, uio = make_device(vd, blocks)
+    device.start()
+    rng = random.Random(9)
+    model = bytearray(4 * SEG)
+    try:
+        for _ in range(8):
+            lbas = rng.sample(range(0, blocks, 8), 16)
+            datas = [rng.randbytes(4096) for _ in lbas]
+            tags = [
+                uio.submit(write10(lba, 8), data_out=d) for lba, d in zip(lbas, datas, strict=True)
+            ]
+            assert all(c.status == 0 for c in uio.wait_all(tags))
+            for lba, d in zip(lbas, datas, strict=True):
+                model[lba * BLOCK : lba * BLOCK + 4096] = d
+            lbas = rng.sample(range(0, blocks, 8), 16)
+            tags = [uio.submit(read10(lba, 8), data_in=4096) for lba in lbas]
+            for lba, c in zip(lbas, uio.wait_all(tags), strict=True):
+                assert (c.status, c.data_in) == (0, bytes(model[lba * BLOCK : lba * BLOCK + 4096]))
+        assert device.started == 8 * 32
+    finally:
+        device.stop()
+        cluster.close()
+    assert uio.kernel.broken is None and not uio.kernel.commands
 
 
 def test_stop_completes_in_flight_commands() -> None:
