@@ -188,6 +188,15 @@ class RadosContainer(Container):
             length -= n
         return out
 
+    def _one_object(self, offset: int, n: int) -> tuple[str, int] | None:
+        """The object and the offset in it of ``n`` bytes at ``offset``, when they lie
+        inside one segment (the data path's case); None otherwise."""
+        rel = offset - DATA_OFFSET
+        intra = rel & self._mask
+        if rel < 0 or intra + n > self.segment_size or rel + n > self._end:
+            return None
+        return f"{self._prefix}{rel >> self._shift:012x}", intra
+
     def _settle(self, name: str) -> None:
         """Wait for a removal of ``name`` still in flight (ops on it must come after)."""
         if self._pending:
@@ -210,10 +219,10 @@ class RadosContainer(Container):
     def readv(self, bufs: Sequence[memoryview | bytearray], offset: int) -> None:
         if len(bufs) == 1:  # the data path's case: one buffer within one segment
             mv = memoryview(bufs[0])
-            n, rel = mv.nbytes, offset - DATA_OFFSET
-            intra = rel & self._mask
-            if rel >= 0 and intra + n <= self.segment_size and rel + n <= self._end:
-                name = f"{self._prefix}{rel >> self._shift:012x}"
+            n = mv.nbytes
+            one = self._one_object(offset, n)
+            if one is not None:
+                name, intra = one
                 if self._pending:
                     self._settle(name)
                 try:
@@ -221,7 +230,8 @@ class RadosContainer(Container):
                 except self._rados.ObjectNotFound:
                     data = b""
                 except self._rados.Error as e:
-                    raise self._error(e, f"read of segment {rel >> self._shift}", False) from None
+                    what = f"read of segment {(offset - DATA_OFFSET) >> self._shift}"
+                    raise self._error(e, what, False) from None
                 if len(data) == n and mv.format == "B":
                     mv[:] = data
                 else:
@@ -250,11 +260,10 @@ class RadosContainer(Container):
         callback thread.  A failure reports ``done(False)`` and counts nothing: the
         caller's slow path does the I/O again and names the error."""
         n = bufs[0].nbytes if len(bufs) == 1 else sum(b.nbytes for b in bufs)
-        rel = offset - DATA_OFFSET
-        intra = rel & self._mask
-        if rel < 0 or intra + n > self.segment_size or rel + n > self._end:
+        one = self._one_object(offset, n)
+        if one is None:
             return False
-        name = f"{self._prefix}{rel >> self._shift:012x}"
+        name, intra = one
         if self._pending and name in self._pending:
             return False  # its removal must land first: a wait the caller cannot afford
         try:
