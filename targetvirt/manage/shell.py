@@ -19,16 +19,20 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
+import readline
 import sys
 import time
 from collections.abc import Callable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack, contextmanager, suppress
 from datetime import datetime
 from functools import partial
 from typing import IO, Any, NoReturn
 
 from configshell_fb import ConfigNode, ConfigShell, ExecutionError
+from configshell_fb.log import Log
+from configshell_fb.prefs import Prefs
 from pyparsing import ParseBaseException
 
 from targetvirt import __version__
@@ -120,19 +124,101 @@ class ProgressBar:
 # --- the shell ------------------------------------------------------------------------------
 
 
+class QuietDebugLog(Log):  # type: ignore[misc]
+    """configshell's log, but ``debug`` walks the stack only when debug output is wanted.
+
+    configshell's ``Log.debug`` calls ``inspect.stack()`` (which reads every caller's
+    source file) before it looks at the level, a dozen times a command: about 10 ms on a
+    host, seconds on a slow machine such as a TCG guest.  A one-shot has no log file and
+    logs ``info`` to the console, so it never wants them."""
+
+    def debug(self, msg: str) -> None:
+        console = str(self.prefs["loglevel_console"])
+        to_file = bool(self.prefs["logfile"]) and str(self.prefs["loglevel_file"])
+        if console.startswith("debug") or (to_file and to_file.startswith("debug")):
+            super().debug(msg)
+
+
+class JsonPrefs(Prefs):  # type: ignore[misc]
+    """The interactive shell's preferences (``set global``, bookmarks, path history) in a
+    JSON file.  configshell keeps them as a pickle, which would run whatever code a
+    planted ``prefs.bin`` holds at every start: JSON holds only data."""
+
+    filename: str | None  # configshell's attributes, kept in its shared (Borg) state
+    autosave: bool
+
+    def save(self, filename: str | None = None) -> None:
+        path = filename or self.filename
+        if path is None:
+            return
+        tmp = f"{path}.tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            json.dump(self._prefs, f, indent=1, sort_keys=True)
+        os.replace(tmp, path)  # whole or not at all: a crash leaves the old file
+
+    def load(self, filename: str | None = None) -> None:
+        path = filename or self.filename
+        if path is None or not os.path.exists(path):
+            return
+        try:
+            with open(path) as f:
+                prefs = json.load(f)
+            if not isinstance(prefs, dict):
+                raise ValueError("not a JSON object")
+        except (OSError, ValueError) as e:
+            # leave the file for the user to look at; this session keeps its own settings
+            self.filename, self.autosave = None, False
+            raise InvalidArgument(
+                f"ignoring the shell preferences in {path} ({_one_line(str(e))}); "
+                "fix or remove the file to keep settings between sessions"
+            ) from None
+        self._prefs.update(prefs)
+
+
 class TvShell(ConfigShell):  # type: ignore[misc]
-    """configshell's shell, with the client and streams of this run."""
+    """configshell's shell, with the client and streams of this run.
+
+    With ``prefs_dir`` (interactive use) it keeps history, preferences and a debug log
+    there; without, it starts from the defaults and writes nothing."""
 
     default_prefs = {**ConfigShell.default_prefs, "tree_round_nodes": True}
 
     def __init__(self, client: Any, prefs_dir: str | None, out: IO[str], err: IO[str]) -> None:
-        super().__init__(prefs_dir)
+        # configshell's preferences are shared by every shell in the process (a Borg):
+        # start each shell from the defaults, and never let configshell read its pickle
+        shared = Prefs()
+        shared._prefs, shared.filename, shared.autosave = {}, None, False
+        super().__init__(None)
         self.tv_client = client
         self.tv_out = out
         self.tv_err = err
         self.tv_interactive = False
+        if prefs_dir is not None:
+            self._keep_in(os.path.expanduser(prefs_dir), err)
         self.prefs["color_mode"] = out.isatty()
+        self.log = QuietDebugLog()  # before the console is pointed: both are shared (Borg)
         self.con._stdout = out  # configshell's console writes (ls, help) go where ours go
+
+    def _keep_in(self, folder: str, err: IO[str]) -> None:
+        """History, preferences and the debug log of an interactive shell, in ``folder``."""
+        os.makedirs(folder, mode=0o700, exist_ok=True)
+        self.prefs = JsonPrefs(os.path.join(folder, "prefs.json"))
+        try:
+            self.prefs.load()
+        except InvalidArgument as e:
+            err.write(f"{PROG}: {e}\n")
+        for pref, value in self.default_prefs.items():
+            if pref not in self.prefs:
+                self.prefs[pref] = value
+        if self.prefs["logfile"] is None:
+            self.prefs["logfile"] = os.path.join(folder, "log.txt")
+        self.prefs.autosave = self.prefs.filename is not None
+        self._cmd_history = os.path.join(folder, "history.txt")
+        self._save_history = True
+        if os.path.isfile(self._cmd_history) and sys.stdin.isatty():
+            with suppress(OSError):
+                readline.read_history_file(self._cmd_history)
 
     def run_cmdline(self, cmdline: str) -> None:
         if cmdline.strip():

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from targetvirt.manage.api import _dump
 from targetvirt.manage.common import AGENT_FILE, BUS_FILE
 from targetvirt.manage.manager import Manager
-from targetvirt.manage.shell import ProgressBar, main, render, wait_job
+from targetvirt.manage.shell import ProgressBar, TvShell, main, render, wait_job
 from tests.fuzzing import fuzz_settings
 from tests.targetvirt.manage.conftest import MIB, Shell, open_manager
 from tests.targetvirt.manage.fakes import FakeLio
@@ -590,3 +590,71 @@ def test_on_an_agent_host_the_shell_says_where_management_is(tmp_path: Path) -> 
         "targetvirt: targetvirt-handler on this host is an agent of the controller at "
         "unix:/run/targetvirt/ctl.sock: manage targetvirt where the controller runs\n"
     )
+
+
+def test_one_shot_does_not_walk_the_stack_for_debug_lines(
+    tv: Shell, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """configshell's debug lines cost an ``inspect.stack()`` each (seconds a command in a
+    slow guest); a one-shot, which shows none, must not pay for them."""
+    import configshell_fb.log  # noqa: PLC0415
+
+    walks: list[int] = []
+    real = configshell_fb.log.inspect.stack
+
+    def stack(*a: Any) -> Any:
+        walks.append(1)
+        return real(*a)
+
+    monkeypatch.setattr(configshell_fb.log.inspect, "stack", stack)
+    run = tv("/pools", "create", "name=p9", f"path={tmp_path / 'p9.img'}", "size=8M")
+    assert run.rc == 0, run.err
+    assert tv("ls").rc == 0
+    assert walks == []
+    # with a log file at debug level (an interactive shell's default) they are written
+    shell = TvShell(None, str(tmp_path / "prefs"), io.StringIO(), io.StringIO())
+    shell.log.debug("kept")
+    assert walks == [1]
+    assert "kept" in (tmp_path / "prefs" / "log.txt").read_text()
+
+
+def test_interactive_preferences_are_json_and_never_unpickled(
+    tv: Shell, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, bus: str
+) -> None:
+    """``set global`` survives the session in prefs.json; a pickle planted where configshell
+    would read one is never loaded; a damaged prefs.json costs one warning, not the file."""
+    import pickle  # noqa: PLC0415
+
+    home = tmp_path / "home"
+    home.mkdir()
+    planted = tmp_path / "ran"
+    (home / "prefs.bin").write_bytes(
+        pickle.dumps(type("Boom", (), {"__reduce__": lambda s: (open, (str(planted), "w"))})())
+    )
+
+    def session(*lines: str) -> tuple[str, str]:
+        feed = iter([*lines, "exit"])
+        monkeypatch.setattr("six.moves.input", lambda prompt="": next(feed))
+        out, err = io.StringIO(), io.StringIO()
+        assert main(["--bus-address", bus], out=out, err=err) == 0
+        return out.getvalue(), err.getvalue()
+
+    monkeypatch.setenv("TARGETVIRT_HOME", str(home))
+    session("set global tree_max_depth=1")
+    assert not planted.exists()
+    saved = json.loads((home / "prefs.json").read_text())
+    assert saved["tree_max_depth"] == 1
+    assert (home / "prefs.json").stat().st_mode & 0o077 == 0
+    out, _ = session("get global tree_max_depth")
+    assert "tree_max_depth=1" in out
+    # a one-shot in the same process starts from the defaults, and writes nothing
+    before = (home / "prefs.json").read_text()
+    assert tv("/pools", "create", "name=p9", f"path={tmp_path / 'p9.img'}", "size=8M").rc == 0
+    assert "o- p9 " in tv("ls").out  # the whole tree, not tree_max_depth=1
+    assert (home / "prefs.json").read_text() == before
+
+    (home / "prefs.json").write_text("{not json")
+    out, err = session("get global tree_max_depth")
+    assert err.startswith(f"targetvirt: ignoring the shell preferences in {home}/prefs.json")
+    assert err.count("\n") == 1 and "tree_max_depth=0" in out
+    assert (home / "prefs.json").read_text() == "{not json"
