@@ -41,6 +41,8 @@ from itertools import count
 from pathlib import Path
 from typing import Any
 
+from tests.vm import warm
+
 HERE = Path(__file__).resolve().parent
 CHECKOUT = HERE.parents[1]  # tests/vm/guest.py -> the checkout being tested
 AGENT = HERE / "agent.py"
@@ -48,9 +50,11 @@ SETUP = HERE / "guest-setup.sh"
 
 #: What the warm interpreter (tests/vm/warm.py) imports once for every ``module()`` call:
 #: the shell's one-shot form and the harness's helpers, run a few hundred times a suite.
+#: And the daemon, which tests/vm/tvlun.py has it fork (22 handler starts a suite).
 WARM_MODULES = ("targetvirt.manage.shell", "targetvirt.manage.client", "targetvirt.catalog",
-                "tests.vm.lio", "tests.vm.tvlun", "rtslib_fb")  # fmt: skip
-WARM_SOCKET = "/run/warm.sock"
+                "tests.vm.lio", "tests.vm.tvlun", "rtslib_fb",
+                "targetvirt.manage.daemon")  # fmt: skip
+WARM_SOCKET = warm.SOCKET
 
 #: Seconds added to a command's own timeout before the host gives up on the guest:
 #: the agent needs up to 10 s to kill a process group, plus polling and 9p latency.

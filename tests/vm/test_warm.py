@@ -14,12 +14,14 @@ import json
 import os
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests.vm import warm as warm_mod
 from tests.vm.guest import Guest
 from tests.vm.test_harness import _agent_guest
 
@@ -122,6 +124,30 @@ def test_a_bad_request_gets_an_error_and_the_server_goes_on(
         answer = s.recv(4096).decode()
     assert answer.startswith("error bad request") and why in answer, answer
     assert probe(warm, exit=6)[0] == 6
+
+
+def test_a_spawned_daemon_behaves_as_popen_does(warm: Guest, tmp_path: Path) -> None:
+    """tests/vm/tvlun.py starts targetvirt-handler through ``spawn``: output to the log, a
+    session of its own, polled, signalled and waited for as a Popen would be."""
+    sock = warm.info["warm_socket"]
+    log = tmp_path / "daemon.log"
+    env = {"PYTHONPATH": str(warm.checkout), "PROBE_EXIT": "7"}
+    proc = warm_mod.spawn(PROBE, ["--sleep", "x"], log=log, cwd=warm.checkout, env=env,
+                          socket_path=sock)  # fmt: skip
+    assert proc is not None and proc.poll() is None
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc.wait(0.2)
+    assert os.getsid(proc.pid) == proc.pid
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == -signal.SIGTERM and proc.poll() == -signal.SIGTERM
+    proc.kill()  # reaped: nothing to signal, no error
+    done = warm_mod.spawn(PROBE, ["y"], log=log, cwd=warm.checkout, env=env, socket_path=sock)
+    assert done is not None and done.wait(30) == 7
+    report = json.loads(log.read_text().splitlines()[-1])
+    assert report["argv"] == ["y"] and report["warm"] and report["env"]["PROBE_EXIT"] == "7"
+    assert "to stderr" in log.read_text()  # stderr goes to the log too
+    assert warm_mod.spawn(PROBE, [], log=log, cwd=warm.checkout, env=env,
+                          socket_path=str(tmp_path / "none.sock")) is None  # fmt: skip
 
 
 def _probe_main() -> int:

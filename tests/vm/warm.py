@@ -33,12 +33,14 @@ import runpy
 import selectors
 import signal
 import socket
+import subprocess
 import sys
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+SOCKET = "/run/warm.sock"  # where the harness starts it (tests/vm/guest.py)
 MAX_REQUEST = 1 << 20  # bytes of JSON: argv and environment
 REQUEST_TIMEOUT = 30.0  # seconds for a connected client to send its request
 
@@ -146,6 +148,75 @@ class Server:
     def close(self) -> None:
         if os.getpid() == self.pid:
             self.path.unlink(missing_ok=True)
+
+
+class Spawned:
+    """A ``python -m MODULE`` process forked by the warm interpreter for a client in the
+    guest, with the part of :class:`subprocess.Popen` the guest helpers use.  Its parent
+    is the warm interpreter, which reaps it and reports its exit on our connection."""
+
+    def __init__(self, sock: socket.socket, pid: int, args: list[str]) -> None:
+        self._sock = sock
+        self.pid = pid
+        self.args = args
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._sock.setblocking(False)
+            try:
+                self._ended(self._sock.recv(64))
+            except BlockingIOError:
+                return None
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self._sock.settimeout(timeout)
+            try:
+                self._ended(self._sock.recv(64))
+            except TimeoutError:
+                raise subprocess.TimeoutExpired(self.args, timeout or 0.0) from None
+        assert self.returncode is not None
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.returncode is None:  # not reaped yet: the pid is still this process's
+            os.kill(self.pid, sig)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+    def _ended(self, msg: bytes) -> None:
+        text = msg.decode(errors="replace")
+        self._sock.close()
+        if not text.startswith("exit "):
+            raise RuntimeError(f"warm interpreter: {text or 'lost the process'}")
+        self.returncode = int(text.split()[1])
+
+
+def spawn(
+    module: str, args: list[str], *, log: Path, cwd: Path, env: dict[str, str],
+    socket_path: str = SOCKET,
+) -> Spawned | None:  # fmt: skip
+    """``python -m MODULE ARGS`` in its own session, forked by the warm interpreter, output
+    appended to ``log``; None when no warm interpreter listens (start it the usual way)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        sock.connect(socket_path)
+    except OSError:
+        sock.close()
+        return None
+    req = {"module": module, "args": args, "cwd": str(cwd), "env": env}
+    with open(os.devnull, "rb") as stdin, open(log, "ab") as out:
+        socket.send_fds(sock, [json.dumps(req).encode()], [stdin.fileno(), out.fileno(),
+                                                           out.fileno()])  # fmt: skip
+    sock.settimeout(REQUEST_TIMEOUT)
+    first = sock.recv(4096).decode(errors="replace")
+    if not first.startswith("pid "):
+        sock.close()
+        raise RuntimeError(f"warm interpreter: {first or 'no answer'}")
+    return Spawned(sock, int(first.split()[1]), [module, *args])
 
 
 def run_child(req: Request) -> int:
