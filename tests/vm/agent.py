@@ -119,16 +119,18 @@ class Agent:
         try:
             if spec.get("background"):
                 log = spec.get("log") or str(SPOOL / f"{cid}.log")
-                with open(log, "ab") as logf:
-                    proc = subprocess.Popen(
-                        argv,
-                        stdin=subprocess.DEVNULL,
-                        stdout=logf,
-                        stderr=subprocess.STDOUT,
-                        cwd=spec.get("cwd"),
-                        env=env,
-                        start_new_session=True,
-                    )
+                proc = self._spawn_warm(spec, env, log)
+                if proc is None:
+                    with open(log, "ab") as logf:
+                        proc = subprocess.Popen(
+                            argv,
+                            stdin=subprocess.DEVNULL,
+                            stdout=logf,
+                            stderr=subprocess.STDOUT,
+                            cwd=spec.get("cwd"),
+                            env=env,
+                            start_new_session=True,
+                        )
                 threading.Thread(target=proc.wait, daemon=True).start()  # reap it
                 self._result(cid, {"rc": 0, "pid": proc.pid, "log": log, "duration": 0.0})
                 return
@@ -176,6 +178,21 @@ class Agent:
                 shutil.copyfile(p, self.channel / p.name)
                 p.unlink()
         self._result(cid, res)
+
+    def _spawn_warm(self, spec: dict[str, Any], env: dict[str, str], log: str) -> Any:
+        """A background ``python -m`` command forked by the warm interpreter (a
+        ``warm.Spawned``), when the spec asks for it and one is listening; else None."""
+        warm = spec.get("warm")
+        if not warm:
+            return None
+        import warm as server  # noqa: PLC0415 - tests/vm/warm.py, beside this file
+
+        cwd = Path(spec.get("cwd") or os.getcwd())
+        try:
+            return server.spawn(warm["module"], warm["args"], log=Path(log), cwd=cwd, env=env,
+                                socket_path=warm["socket"])  # fmt: skip
+        except (OSError, RuntimeError):
+            return None  # the warm interpreter is going away: start it the usual way
 
     def _run_warm(
         self,

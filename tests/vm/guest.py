@@ -429,9 +429,7 @@ class Guest:
         argv = [str(a) for a in argv]
         spec: dict[str, Any] = {"argv": argv, "timeout": timeout}
         if warm and self.info.get("warm_socket"):
-            i = argv.index("-m") + 1
-            spec["warm"] = {"socket": self.info["warm_socket"], "module": argv[i],
-                            "args": argv[i + 1 :]}  # fmt: skip
+            spec["warm"] = _warm_spec(self.info["warm_socket"], argv)
         if cwd is not None:
             spec["cwd"] = str(cwd)
         if env:
@@ -470,15 +468,20 @@ class Guest:
         log: str | Path,
         cwd: str | Path | None = None,
         env: Mapping[str, str] | None = None,
+        warm: bool = False,
     ) -> int:
         """Start a background process (its own session) in the guest; stdout and stderr
-        go to ``log`` (a guest path, e.g. under ``results``).  Returns its guest pid."""
+        go to ``log`` (a guest path, e.g. under ``results``).  Returns its guest pid.
+        ``warm``: ``argv`` is ``python -m MODULE ARGS``, which the warm interpreter may
+        fork instead (see ``start_warm``)."""
         spec: dict[str, Any] = {
             "argv": [str(a) for a in argv],
             "background": True,
             "log": str(log),
             "timeout": 30,
         }
+        if warm and self.info.get("warm_socket"):
+            spec["warm"] = _warm_spec(self.info["warm_socket"], spec["argv"])
         if cwd is not None:
             spec["cwd"] = str(cwd)
         if env:
@@ -550,6 +553,12 @@ class Guest:
 
     def __exit__(self, *exc: object) -> None:
         self.shutdown()
+
+
+def _warm_spec(socket: str, argv: list[str]) -> dict[str, Any]:
+    """What the agent needs to ask the warm interpreter for ``python -m MODULE ARGS``."""
+    i = argv.index("-m") + 1
+    return {"socket": socket, "module": argv[i], "args": argv[i + 1 :]}
 
 
 def _precompile() -> None:

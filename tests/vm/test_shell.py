@@ -62,7 +62,7 @@ class Stack:
             [str(self.guest.python_path), "-m", "targetvirt.manage.daemon", "--state-dir", STATE,
              "--run-dir", RUN, "--lun-timeout", str(self.lun_timeout), *extra],
             log=self.log.with_name(f"{self.log.stem}-{self.daemons}.log"),
-            cwd=CHECKOUT, env={"PYTHONPATH": str(CHECKOUT)},
+            cwd=CHECKOUT, env={"PYTHONPATH": str(CHECKOUT)}, warm=True,
         )  # fmt: skip
         deadline = t0 + SLOW
         while time.monotonic() < deadline:

@@ -16,6 +16,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -150,10 +151,23 @@ def test_a_spawned_daemon_behaves_as_popen_does(warm: Guest, tmp_path: Path) -> 
                           socket_path=str(tmp_path / "none.sock")) is None  # fmt: skip
 
 
+def test_a_background_command_is_forked_warm_when_asked(warm: Guest, tmp_path: Path) -> None:
+    """``Guest.spawn(..., warm=True)`` (the shell tests' handler): the agent has the warm
+    interpreter fork it; its output still goes to the log."""
+    log = tmp_path / "bg.log"
+    argv = [str(warm.python_path), "-m", PROBE, "z"]
+    pid = warm.spawn(argv, log=log, cwd=warm.checkout,
+                     env={"PYTHONPATH": str(warm.checkout)}, warm=True)  # fmt: skip
+    deadline = time.monotonic() + 30
+    while not (log.exists() and log.read_text().endswith("}\n")):
+        assert time.monotonic() < deadline, log.read_text() if log.exists() else "no log"
+        time.sleep(0.05)
+    report = json.loads(log.read_text().splitlines()[-1])
+    assert report["warm"] and report["pid"] == pid and report["argv"] == ["z"]
+
+
 def _probe_main() -> int:
     if "--sleep" in sys.argv:
-        import time  # noqa: PLC0415
-
         time.sleep(60)
     print("to stderr", file=sys.stderr, flush=True)
     if "--raise" in sys.argv:
