@@ -157,7 +157,9 @@ class JsonPrefs(Prefs):  # type: ignore[misc]
             json.dump(self._prefs, f, indent=1, sort_keys=True)
         os.replace(tmp, path)  # whole or not at all: a crash leaves the old file
 
-    def load(self, filename: str | None = None) -> None:
+    def load(self, filename: str | None = None, defaults: dict[str, Any] | None = None) -> None:
+        """Read the file; with ``defaults``, a setting whose value is not of its default's
+        type makes the whole file rejected (InvalidArgument), as a damaged one does."""
         path = filename or self.filename
         if path is None or not os.path.exists(path):
             return
@@ -166,6 +168,13 @@ class JsonPrefs(Prefs):  # type: ignore[misc]
                 prefs = json.load(f)
             if not isinstance(prefs, dict):
                 raise ValueError("not a JSON object")
+            wrong = sorted(
+                k
+                for k, v in (defaults or {}).items()
+                if v is not None and k in prefs and type(prefs[k]) is not type(v)
+            )
+            if wrong:
+                raise ValueError(f"wrong type for {', '.join(wrong)}")
         except (OSError, ValueError) as e:
             # leave the file for the user to look at; this session keeps its own settings
             self.filename, self.autosave = None, False
@@ -205,7 +214,7 @@ class TvShell(ConfigShell):  # type: ignore[misc]
         os.makedirs(folder, mode=0o700, exist_ok=True)
         self.prefs = JsonPrefs(os.path.join(folder, "prefs.json"))
         try:
-            self.prefs.load()
+            self.prefs.load(defaults=self.default_prefs)
         except InvalidArgument as e:
             err.write(f"{PROG}: {e}\n")
         for pref, value in self.default_prefs.items():

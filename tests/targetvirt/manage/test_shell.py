@@ -658,3 +658,9 @@ def test_interactive_preferences_are_json_and_never_unpickled(
     assert err.startswith(f"targetvirt: ignoring the shell preferences in {home}/prefs.json")
     assert err.count("\n") == 1 and "tree_max_depth=0" in out
     assert (home / "prefs.json").read_text() == "{not json"
+    (home / "prefs.json").write_text('{"tree_max_depth": "deep", "color_mode": 1}')
+    out, err = session("ls")
+    assert err == (f"targetvirt: ignoring the shell preferences in {home}/prefs.json (wrong "
+                   "type for color_mode, tree_max_depth); fix or remove the file to keep "
+                   "settings between sessions\n")  # fmt: skip
+    assert "o- p9 " in out and "Traceback" not in out
