@@ -31,7 +31,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -206,37 +205,31 @@ class Agent:
         warm = spec.get("warm")
         if not warm:
             return None
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        import warm as server  # noqa: PLC0415 - tests/vm/warm.py, beside this file
+
+        fds = (files[0].fileno(), files[1].fileno(), files[2].fileno())
         try:
-            sock.connect(warm["socket"])
-        except OSError:
-            sock.close()
+            proc = server.start(warm["module"], warm["args"], files=fds, cwd=spec.get("cwd"),
+                                env=env, socket_path=warm["socket"])  # fmt: skip
+        except RuntimeError as e:
+            return {"rc": None, "error": str(e)}
+        if proc is None:
             return None
-        with sock:
-            req = {"module": warm["module"], "args": warm["args"], "cwd": spec.get("cwd"),
-                   "env": env}  # fmt: skip
-            socket.send_fds(sock, [json.dumps(req).encode()], [f.fileno() for f in files])
-            sock.settimeout(timeout)
-            first = sock.recv(4096).decode()
-            if not first.startswith("pid "):
-                return {"rc": None, "error": f"warm interpreter: {first or 'no answer'}"}
-            res: dict[str, Any] = {"pid": int(first.split()[1]), "warm": True}
+        res: dict[str, Any] = {"pid": proc.pid, "warm": True}
+        try:
             try:
-                last = sock.recv(64).decode()
-            except TimeoutError:
+                res["rc"] = proc.wait(timeout)
+            except subprocess.TimeoutExpired:
                 res["timed_out"] = True
                 with contextlib.suppress(ProcessLookupError):
-                    os.killpg(res["pid"], signal.SIGKILL)
-                sock.settimeout(KILL_GRACE)
+                    os.killpg(proc.pid, signal.SIGKILL)
                 try:
-                    last = sock.recv(64).decode()
-                except TimeoutError:
+                    res["rc"] = proc.wait(KILL_GRACE)
+                except subprocess.TimeoutExpired:
                     res.update(rc=None, stuck=True)
-                    return res
-            if not last.startswith("exit "):
-                return {**res, "rc": None, "error": "warm interpreter: lost the command"}
-            res["rc"] = int(last.split()[1])
-            return res
+        except RuntimeError:
+            return {**res, "rc": None, "error": "warm interpreter: lost the command"}
+        return res
 
 
 def main() -> int:

@@ -195,28 +195,42 @@ class Spawned:
         self.returncode = int(text.split()[1])
 
 
-def spawn(
-    module: str, args: list[str], *, log: Path, cwd: Path, env: dict[str, str],
-    socket_path: str = SOCKET,
+def start(
+    module: str, args: list[str], *, files: tuple[int, int, int], cwd: str | Path | None,
+    env: dict[str, str], socket_path: str = SOCKET,
 ) -> Spawned | None:  # fmt: skip
-    """``python -m MODULE ARGS`` in its own session, forked by the warm interpreter, output
-    appended to ``log``; None when no warm interpreter listens (start it the usual way)."""
+    """``python -m MODULE ARGS`` in its own session, forked by the warm interpreter with
+    ``files`` as its stdin, stdout and stderr; None when no warm interpreter listens (start
+    it the usual way); RuntimeError when one listens but does not run it."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     try:
         sock.connect(socket_path)
     except OSError:
         sock.close()
         return None
-    req = {"module": module, "args": args, "cwd": str(cwd), "env": env}
-    with open(os.devnull, "rb") as stdin, open(log, "ab") as out:
-        socket.send_fds(sock, [json.dumps(req).encode()], [stdin.fileno(), out.fileno(),
-                                                           out.fileno()])  # fmt: skip
-    sock.settimeout(REQUEST_TIMEOUT)
-    first = sock.recv(4096).decode(errors="replace")
+    try:
+        req = {"module": module, "args": args, "cwd": None if cwd is None else str(cwd),
+               "env": env}  # fmt: skip
+        socket.send_fds(sock, [json.dumps(req).encode()], list(files))
+        sock.settimeout(REQUEST_TIMEOUT)
+        first = sock.recv(4096).decode(errors="replace")
+    except OSError as e:
+        sock.close()
+        raise RuntimeError(f"warm interpreter: {e}") from None
     if not first.startswith("pid "):
         sock.close()
         raise RuntimeError(f"warm interpreter: {first or 'no answer'}")
     return Spawned(sock, int(first.split()[1]), [module, *args])
+
+
+def spawn(
+    module: str, args: list[str], *, log: Path, cwd: Path, env: dict[str, str],
+    socket_path: str = SOCKET,
+) -> Spawned | None:  # fmt: skip
+    """``start`` for a daemon: no input, its output appended to ``log``."""
+    with open(os.devnull, "rb") as stdin, open(log, "ab") as out:
+        files = (stdin.fileno(), out.fileno(), out.fileno())
+        return start(module, args, files=files, cwd=cwd, env=env, socket_path=socket_path)
 
 
 def run_child(req: Request) -> int:
