@@ -84,6 +84,11 @@ class Command:
         mv = self._mv
         return [mv[off : off + length] for off, length in self.iovs]
 
+    def view(self, offset: int, length: int) -> memoryview:
+        """A zero-copy view of ``length`` bytes at ``offset`` of the ring's buffer (one of
+        this command's iovecs)."""
+        return self._mv[offset : offset + length]
+
     def bidi_views(self) -> list[memoryview]:
         """Zero-copy views of ``bidi_iovs`` (Data-In of a bidirectional command)."""
         mv = self._mv

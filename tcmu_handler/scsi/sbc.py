@@ -87,6 +87,43 @@ def _contiguous(bufs: Buffers, length: int) -> memoryview:
 # --- READ / WRITE: the hot path ----------------------------------------------------------
 
 
+def plain_transfer(lun: LunState, cdb: bytes, length: int) -> int:
+    """The byte offset of a READ or WRITE (10)/(16) whose answer can only be GOOD once its
+    data has moved; -1 for every other command.
+
+    Plain means: no unit attention or long operation pending, no protection bits, no FUA
+    on a write, at least one block and all of them in range, a data buffer of exactly
+    ``length`` bytes = the transfer, and for a write a writable LUN with its write cache
+    on.  The device loop moves such a command's data itself (one backend call), skipping
+    :func:`~tcmu_handler.scsi.command.handle`, which answers everything else -- so this
+    function may say -1 for anything it is unsure of, never 0+ for a command ``handle``
+    would answer differently.
+    """
+    if lun.gate:
+        return -1
+    lba: int
+    op = cdb[0]
+    if op in {0x28, 0x2A}:  # READ (10), WRITE (10)
+        if len(cdb) < 10:
+            return -1
+        _, flags, lba, _, blocks, _ = _CDB10.unpack_from(cdb)
+    elif op in {0x88, 0x8A}:  # READ (16), WRITE (16)
+        if len(cdb) < 16:
+            return -1
+        _, flags, lba, blocks, _, _ = _CDB16.unpack_from(cdb)
+    else:
+        return -1
+    write = op & 2
+    if flags & (0xE0 | FUA if write else 0xE0) or not blocks or lba + blocks > lun.num_blocks:
+        return -1
+    bs = lun.block_size
+    if blocks * bs != length:
+        return -1
+    if write and (lun.read_only or lun.swp or not lun.write_cache_enabled):
+        return -1
+    return lba * bs
+
+
 def _read(
     lun: LunState, lba: int, blocks: int, data_in: Buffers, backend: BlockBackend
 ) -> Completion:

@@ -1,8 +1,15 @@
 import struct
+from collections.abc import Sequence
 
 import pytest
+from hypothesis import event, given, settings
+from hypothesis import strategies as st
 
 from targetvirt.errors import ContainerIOError, LeaseExpired, PoolFull
+from tcmu_handler.scsi import LunState, handle
+from tcmu_handler.scsi import sense as sn
+from tcmu_handler.scsi.common import COMPLETED
+from tcmu_handler.scsi.sbc import FUA, plain_transfer
 
 from .helpers import (
     INVALID_FIELD_IN_CDB,
@@ -634,3 +641,114 @@ def test_read_defect_data_is_an_empty_list(dev: Device) -> None:
     assert r.data == bytes((0, 0x1D, 0, 0))
     r = dev.run(struct.pack(">BBIIBB", 0xB7, 0x10, 0, 32, 0, 0), in_len=32)
     assert r.data == bytes((0, 0x10)) + bytes(6)
+
+
+# --- plain_transfer: the device loop's shortcut ------------------------------------------
+
+
+class Recorder:
+    """A backend that records the data calls ``handle`` makes and refuses any other."""
+
+    size = 64 * 4096
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int, int, bool]] = []
+
+    def read_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
+        self.calls.append(("read", offset, sum(b.nbytes for b in bufs), False))
+
+    def write_from(self, offset: int, bufs: Sequence[memoryview], fua: bool) -> None:
+        self.calls.append(("write", offset, sum(b.nbytes for b in bufs), fua))
+
+    def __getattr__(self, name: str) -> object:
+        raise AssertionError(f"a READ or WRITE called {name}")
+
+
+def rw_cdb(op: int, flags: int, lba: int, blocks: int, group: int = 0) -> bytes:
+    if op < 0x80:
+        return struct.pack(">BBIBHB", op, flags, lba & 0xFFFFFFFF, group, blocks & 0xFFFF, 0)
+    return struct.pack(">BBQIBB", op, flags, lba, blocks & 0xFFFFFFFF, group, 0)
+
+
+# One everyday command and LUN, then at most one thing that may spoil it.
+SPOILERS = [
+    "none",
+    "fua",
+    "protect",
+    "flags",
+    "ua",
+    "cut",
+    "length",
+    "read_only",
+    "swp",
+    "wce",
+    "range",
+    "zero",
+]
+
+
+@settings(max_examples=500)
+@given(
+    op=st.sampled_from([0x28, 0x2A, 0x88, 0x8A]),
+    lba=st.integers(0, 60),
+    blocks=st.integers(1, 8),
+    block_size=st.sampled_from([512, 4096]),
+    spare=st.integers(0, 8),
+    spoil=st.sampled_from(SPOILERS),
+    amount=st.integers(1, 2**32 - 1),
+    flags=st.sampled_from(range(256)),
+)
+def test_a_plain_transfer_is_exactly_what_handle_would_do(
+    op: int,
+    lba: int,
+    blocks: int,
+    block_size: int,
+    spare: int,
+    spoil: str,
+    amount: int,
+    flags: int,
+) -> None:
+    """Whenever plain_transfer names an offset, handle() answers GOOD after one data call
+    of the whole buffer at that offset, without FUA, and consumes nothing (so the loop may
+    skip it); the shortcut may decline anything, but never the everyday command."""
+    lun = LunState(
+        block_size=block_size, num_blocks=lba + blocks + spare, serial="s", naa=b"\x60" + bytes(15)
+    )
+    length = blocks * block_size
+    flags = {"fua": FUA, "protect": 0x20 << flags % 3, "flags": flags}.get(spoil, 0)
+    cdb = rw_cdb(op, flags, lba, blocks, amount & 0x1F)
+    if spoil == "ua":
+        lun.queue_unit_attention(sn.CAPACITY_DATA_CHANGED)
+    elif spoil == "cut":  # a truncated CDB is declined, never misread
+        cdb = cdb[: max(1, len(cdb) - amount % len(cdb))]
+    elif spoil == "length":
+        length = max(0, length + (amount % 9 - 4) * (1 if amount & 1 else 512))
+    elif spoil in ("read_only", "swp"):
+        setattr(lun, spoil, True)
+    elif spoil == "wce":
+        lun.write_cache_enabled = False
+    elif spoil == "range":
+        cdb = rw_cdb(op, 0, lba + spare + 1 + (amount if op >= 0x80 else amount % 1000), blocks)
+    elif spoil == "zero":
+        cdb, length = rw_cdb(op, 0, lba, 0), 0
+    offset = plain_transfer(lun, cdb, length)
+    event(f"{spoil}: {'plain' if offset >= 0 else 'declined'}")
+    if spoil == "none":
+        assert offset == lba * block_size, "an everyday READ/WRITE missed the shortcut"
+    if offset < 0:
+        return
+    backend = Recorder()
+    buf = memoryview(bytearray(length))
+    comp = handle(lun, cdb, [buf], [buf], backend)  # type: ignore[arg-type]
+    assert comp == COMPLETED
+    kind = "write" if cdb[0] & 2 else "read"
+    assert backend.calls == [(kind, offset, length, False)]
+    assert not lun.pending_unit_attentions and not lun.gate
+
+
+@pytest.mark.parametrize("op", [0x28, 0x2A, 0x88, 0x8A])
+@pytest.mark.parametrize("bit", range(8))
+def test_plain_transfer_declines_protection_bits_and_a_write_fua(op: int, bit: int) -> None:
+    lun = LunState(block_size=512, num_blocks=64, serial="s", naa=b"\x60" + bytes(15))
+    declined = bit >= 5 or (bit == 3 and op in (0x2A, 0x8A))  # xPROTECT; FUA on a write
+    assert (plain_transfer(lun, rw_cdb(op, 1 << bit, 8, 2), 1024) < 0) == declined
