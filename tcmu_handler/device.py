@@ -3,17 +3,21 @@
 The loop thread owns the ring.  Each wake-up it drains every ready entry: commands that
 are pure emulation (INQUIRY, MODE SENSE...) run inline, everything that touches the
 backend goes to a small pool of worker threads, so a slow command (a COW fault, a write
-held by a freeze) never stalls the fast ones behind it.  Workers hand completions back
-through a deque and an eventfd; the loop writes them into the ring in whatever order
-they finish (out-of-order completion) and tells the kernel once per batch.
+held by a freeze) never stalls the fast ones behind it.  The everyday command, a plain
+READ or WRITE of privately mapped segments (``sbc.plain_transfer`` says which), is one
+``preadv``/``pwritev`` done by the loop itself, without the emulation's dispatch.
+Workers hand completions back through a deque and an eventfd; the loop writes them into
+the ring in whatever order they finish (out-of-order completion) and tells the kernel
+once per batch.
 
 Data moves between the backend and the ring's data area through memoryviews of the
 mmap: ``os.preadv``/``os.pwritev`` straight into the kernel's pages, no copy.
 
 A vdisk whose segments are RADOS objects waits a network round trip per command, which
 would hold a worker thread for each command in flight.  Its plain READs and WRITEs are
-started by the loop itself as asynchronous librados operations (:class:`Async`), and
-librados's callback thread hands the completion back like a worker would.
+started by the loop itself as asynchronous librados operations (directly, or through
+:class:`Async` for what the emulation must look at first), and librados's callback
+thread hands the completion back like a worker would.
 """
 
 from __future__ import annotations
@@ -264,22 +268,20 @@ class Device:
             self.handle.notify()
 
     def _try_plain(self, cmd: Command) -> int:
-        """A plain READ/WRITE (see :func:`plain_transfer`) in one iovec: move its data
-        with one non-blocking backend call and complete it GOOD (or, on RADOS, start it),
-        skipping the emulation's dispatch -- the common command in the fewest steps.
+        """A plain READ/WRITE (see :func:`plain_transfer`): move its data with one
+        non-blocking backend call and complete it GOOD (or, on RADOS, start it), skipping
+        the emulation's dispatch -- the common command in the fewest steps.
 
         Returns _PLAIN_DONE, _PLAIN_STARTED, _PLAIN_WAITS (plain, but the backend must
         wait: a worker runs it) or _NOT_PLAIN (the emulation must look at it)."""
         iovs = cmd.iovs
-        if len(iovs) != 1:
-            return _NOT_PLAIN
-        at, length = iovs[0]
-        offset = plain_transfer(self.lun, cmd.cdb, length)
+        one = len(iovs) == 1
+        offset = plain_transfer(self.lun, cmd.cdb, iovs[0][1] if one else cmd.data_length)
         if offset < 0:
             return _NOT_PLAIN
         write = cmd.cdb[0] & 2  # WRITE (10)/(16)
-        views = [cmd.view(at, length)]
-        if (self._try_write if write else self._try_read)(offset, views):  # type: ignore[misc]
+        views = [cmd.view(*iovs[0])] if one else cmd.views()
+        if one and (self._try_write if write else self._try_read)(offset, views):  # type: ignore[misc]
             views[0].release()
             self._done.append((cmd, COMPLETED, False))
             return _PLAIN_DONE
@@ -289,7 +291,7 @@ class Device:
                 self._submitted += 1  # returned when _io_ended's completion is reaped
                 self.started += 1
                 return _PLAIN_STARTED
-        views[0].release()
+        _release(views)
         return _PLAIN_WAITS
 
     def _try_inline(self, cmd: Command) -> bool:

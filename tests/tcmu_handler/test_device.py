@@ -227,12 +227,26 @@ class Network(RamBackend):
             done(True)
 
 
-def test_a_vdisk_on_the_network_has_its_reads_and_writes_started_by_the_loop() -> None:
+class NetworkAgent(Network):
+    """Network as an agent's vdisk on RADOS has it: with the non-blocking file calls,
+    which never apply (its segments have no file descriptor)."""
+
+    def try_read_into(self, offset: int, bufs: Sequence[memoryview]) -> bool:
+        return False
+
+    def try_write_from(self, offset: int, bufs: Sequence[memoryview]) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("kind", [Network, NetworkAgent])
+def test_a_vdisk_on_the_network_has_its_reads_and_writes_started_by_the_loop(
+    kind: type[Network],
+) -> None:
     """Plain READs and WRITEs of a RADOS-backed vdisk hold no worker: the loop starts
     them and they complete in the order they end.  A failed one is run again the
     blocking way, which names the error; FUA and range errors never start."""
     blocks = 2048
-    backend = Network(blocks * BLOCK)
+    backend = kind(blocks * BLOCK)
     device, uio = make_device(backend, blocks)
     device.start()
     rng = random.Random(5)
