@@ -27,6 +27,7 @@ import ctypes
 import ctypes.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -77,6 +78,10 @@ def _free_port_range(width: int) -> int:
             for sock in socks:
                 sock.close()
     raise RuntimeError("no free range of TCP ports for a test Ceph cluster")
+
+
+#: log lines that tell why a Ceph daemon died
+_DEATH = re.compile(r"abort|assert|FAILED|Caught signal|terminate called|error", re.IGNORECASE)
 
 
 class CephError(RuntimeError):
@@ -289,7 +294,22 @@ class CephCluster:
     def _check_alive(self) -> None:
         for name, proc in (("ceph-mon", self.mon), ("ceph-osd", self.osd)):
             if proc is not None and proc.poll() is not None:
-                raise CephError(f"{name} exited with {proc.returncode}; see {self.dir}/log")
+                raise CephError(
+                    f"{name} exited with {proc.returncode}; see {self.dir}/log"
+                    + self._last_words(name)
+                )
+
+    def _last_words(self, name: str) -> str:
+        """The lines of a dead daemon's logs that say why (an abort, a failed assert):
+        the folder is removed when the cluster stops, so the error must carry them."""
+        logs = [f"{name}.out", "mon.a.log" if name == "ceph-mon" else f"osd.{self.osd_id}.log"]
+        found: list[str] = []
+        for log in logs:
+            with contextlib.suppress(OSError):
+                text = (self.dir / "log" / log).read_text(errors="replace")
+                lines = text.splitlines()[-400:]
+                found += [ln for ln in lines if _DEATH.search(ln)][-8:]
+        return "".join(f"\n  {ln.strip()[:300]}" for ln in dict.fromkeys(found))
 
     # --- the OSD ---------------------------------------------------------------------------
 
