@@ -52,6 +52,8 @@ _INTERNAL_FAILURE = sense.build(sense.INTERNAL_TARGET_FAILURE)
 _INLINE_IO = frozenset({0x28, 0x2A, 0x88, 0x8A})
 # what Device._try_plain found
 _NOT_PLAIN, _PLAIN_WAITS, _PLAIN_DONE, _PLAIN_STARTED = 0, 1, 2, 3
+# a backend's non-blocking read or write: False when it did nothing (it would wait)
+_TryIO = Callable[[int, Sequence[memoryview]], bool]
 
 
 class NoWait:
@@ -64,19 +66,20 @@ class NoWait:
     command to a worker.
     """
 
-    __slots__ = ("_read", "_write", "size")
+    __slots__ = ("size", "try_read", "try_write")
 
     def __init__(self, backend: BlockBackend) -> None:
-        self._read = backend.try_read_into  # type: ignore[attr-defined]
-        self._write = backend.try_write_from  # type: ignore[attr-defined]
+        # the backend's own calls, also used directly by Device._try_plain
+        self.try_read: _TryIO = backend.try_read_into  # type: ignore[attr-defined]
+        self.try_write: _TryIO = backend.try_write_from  # type: ignore[attr-defined]
         self.size = backend.size
 
     def read_into(self, offset: int, bufs: Sequence[memoryview]) -> None:
-        if not self._read(offset, bufs):
+        if not self.try_read(offset, bufs):
             raise WouldBlock
 
     def write_from(self, offset: int, bufs: Sequence[memoryview], fua: bool) -> None:
-        if fua or not self._write(offset, bufs):
+        if fua or not self.try_write(offset, bufs):
             raise WouldBlock
 
     def __getattr__(self, name: str) -> Any:
@@ -156,8 +159,6 @@ class Device:
         self.broken: str | None = None
         self.vdisk = ""  # the vdisk (or vdisk@snapshot) served, for lookups
         self.nowait = NoWait(backend) if hasattr(backend, "try_read_into") else None
-        self._try_read = getattr(backend, "try_read_into", None)
-        self._try_write = getattr(backend, "try_write_from", None)
         self.inline_hits = 0
         has_aio = hasattr(backend, "start_io") and hasattr(backend, "waits_on_network")
         self.aio = Async(backend) if has_aio else None
@@ -280,17 +281,23 @@ class Device:
         if offset < 0:
             return _NOT_PLAIN
         write = cmd.cdb[0] & 2  # WRITE (10)/(16)
-        views = [cmd.view(*iovs[0])] if one else cmd.views()
-        if one and (self._try_write if write else self._try_read)(offset, views):  # type: ignore[misc]
+        nowait = self.nowait
+        assert nowait is not None  # the loop asks only when the backend has these calls
+        views = [cmd.view(*iovs[0])] if one else []  # the file calls take one buffer
+        if one and (nowait.try_write if write else nowait.try_read)(offset, views):
             views[0].release()
             self._done.append((cmd, COMPLETED, False))
             return _PLAIN_DONE
-        if self.aio is not None and self.backend.waits_on_network:  # type: ignore[attr-defined]
-            done = functools.partial(self._io_ended, cmd, views)
-            if self.backend.start_io(offset, views, bool(write), done):  # type: ignore[attr-defined]
-                self._submitted += 1  # returned when _io_ended's completion is reaped
-                self.started += 1
-                return _PLAIN_STARTED
+        # not done at once: on RADOS the loop starts it, on files a worker waits for it
+        if self.aio is None or not self.backend.waits_on_network:  # type: ignore[attr-defined]
+            _release(views)
+            return _PLAIN_WAITS
+        views = views or cmd.views()
+        done = functools.partial(self._io_ended, cmd, views)
+        if self.backend.start_io(offset, views, bool(write), done):  # type: ignore[attr-defined]
+            self._submitted += 1  # returned when _io_ended's completion is reaped
+            self.started += 1
+            return _PLAIN_STARTED
         _release(views)
         return _PLAIN_WAITS
 
