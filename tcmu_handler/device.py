@@ -5,7 +5,9 @@ are pure emulation (INQUIRY, MODE SENSE...) run inline, everything that touches 
 backend goes to a small pool of worker threads, so a slow command (a COW fault, a write
 held by a freeze) never stalls the fast ones behind it.  The everyday command, a plain
 READ or WRITE of privately mapped segments (``sbc.plain_transfer`` says which), is one
-``preadv``/``pwritev`` done by the loop itself, without the emulation's dispatch.
+``preadv``/``pwritev`` done by the loop itself, without the emulation's dispatch; those of
+one wake-up are handed to the backend together, so its lock and in-flight count are paid
+once per batch, not per command.
 Workers hand completions back through a deque and an eventfd; the loop writes them into
 the ring in whatever order they finish (out-of-order completion) and tells the kernel
 once per batch.
@@ -50,10 +52,10 @@ _INTERNAL_FAILURE = sense.build(sense.INTERNAL_TARGET_FAILURE)
 
 # READ/WRITE (10) and (16): the commands worth trying inline before handing them off
 _INLINE_IO = frozenset({0x28, 0x2A, 0x88, 0x8A})
-# what Device._try_plain found
-_NOT_PLAIN, _PLAIN_WAITS, _PLAIN_DONE, _PLAIN_STARTED = 0, 1, 2, 3
 # a backend's non-blocking read or write: False when it did nothing (it would wait)
 _TryIO = Callable[[int, Sequence[memoryview]], bool]
+# several of them at once, each (write, offset, buffer): which were done
+_TryBatch = Callable[[Sequence[tuple[bool, int, memoryview]]], list[bool]]
 
 
 class NoWait:
@@ -69,7 +71,6 @@ class NoWait:
     __slots__ = ("size", "try_read", "try_write")
 
     def __init__(self, backend: BlockBackend) -> None:
-        # the backend's own calls, also used directly by Device._try_plain
         self.try_read: _TryIO = backend.try_read_into  # type: ignore[attr-defined]
         self.try_write: _TryIO = backend.try_write_from  # type: ignore[attr-defined]
         self.size = backend.size
@@ -159,6 +160,7 @@ class Device:
         self.broken: str | None = None
         self.vdisk = ""  # the vdisk (or vdisk@snapshot) served, for lookups
         self.nowait = NoWait(backend) if hasattr(backend, "try_read_into") else None
+        self._try_batch: _TryBatch = getattr(backend, "try_batch", self._one_by_one)
         self.inline_hits = 0
         has_aio = hasattr(backend, "start_io") and hasattr(backend, "waits_on_network")
         self.aio = Async(backend) if has_aio else None
@@ -202,7 +204,9 @@ class Device:
         self._drain_ring()  # commands queued before we opened raise no event
         self._reap()  # nor would their inline completions until the first poll timed out
         while not self._stopping.is_set():
-            ready = poller.poll(1000)
+            # no timeout: stop() wakes us through the eventfd, and a poll with a timeout
+            # reads the clock, a system call where the clock source has no vDSO
+            ready = poller.poll()
             for fd, _ in ready:
                 if fd == self._wake:
                     with contextlib.suppress(BlockingIOError):
@@ -229,20 +233,34 @@ class Device:
 
     def _drain_ring(self) -> None:
         fetched = self.ring.fetch()
+        plain: list[tuple[Command, int]] = []  # (command, offset): one-buffer plain I/O
         for cmd in fetched.commands:
             opcode = cmd.cdb[0]
             if opcode in _INLINE_IO and self.nowait is not None:
-                plain = self._try_plain(cmd)
-                if plain == _PLAIN_WAITS:
-                    self._to_worker(cmd)
+                iovs = cmd.iovs
+                one = len(iovs) == 1
+                offset = plain_transfer(self.lun, cmd.cdb, iovs[0][1] if one else cmd.data_length)
+                if offset >= 0 and one:
+                    plain.append((cmd, offset))  # done together below
                     continue
-                if plain != _NOT_PLAIN or self._try_inline(cmd):
-                    self.inline_hits += plain != _PLAIN_STARTED
+                if plain:  # what the loop does itself, it does in ring order
+                    self._run_plain(plain)
+                    plain = []
+                if offset >= 0:
+                    self._plain_waits(cmd, offset)
                     continue
+                if self._try_inline(cmd):
+                    self.inline_hits += 1
+                    continue
+            elif plain:
+                self._run_plain(plain)
+                plain = []
             if classify(cmd.cdb) is Kind.INLINE:
                 self._done.append((cmd, self._execute(cmd, self.backend), False))
             elif self.aio is None or opcode not in _INLINE_IO or not self._try_async(cmd):
                 self._to_worker(cmd)
+        if plain:
+            self._run_plain(plain)
         if fetched.broken is not None:
             self.broken = fetched.broken
             log.error("%s: the ring is broken: %s", self.name, fetched.broken)
@@ -268,38 +286,42 @@ class Device:
             self.notifies += 1
             self.handle.notify()
 
-    def _try_plain(self, cmd: Command) -> int:
-        """A plain READ/WRITE (see :func:`plain_transfer`): move its data with one
-        non-blocking backend call and complete it GOOD (or, on RADOS, start it), skipping
-        the emulation's dispatch -- the common command in the fewest steps.
+    def _run_plain(self, plain: list[tuple[Command, int]]) -> None:
+        """Plain READs/WRITEs of one buffer each (see :func:`plain_transfer`): move their
+        data with one non-blocking backend call for them all and complete them GOOD,
+        skipping the emulation's dispatch -- the common command in the fewest steps.  Those
+        the backend would have to wait for go on by :meth:`_plain_waits`."""
+        batch = [(bool(cmd.cdb[0] & 2), offset, cmd.view(*cmd.iovs[0])) for cmd, offset in plain]
+        ok = self._try_batch(batch)
+        done = self._done
+        for (cmd, offset), (_, _, view), moved in zip(plain, batch, ok, strict=True):
+            view.release()
+            if moved:
+                done.append((cmd, COMPLETED, False))
+                self.inline_hits += 1
+            else:
+                self._plain_waits(cmd, offset)
 
-        Returns _PLAIN_DONE, _PLAIN_STARTED, _PLAIN_WAITS (plain, but the backend must
-        wait: a worker runs it) or _NOT_PLAIN (the emulation must look at it)."""
-        iovs = cmd.iovs
-        one = len(iovs) == 1
-        offset = plain_transfer(self.lun, cmd.cdb, iovs[0][1] if one else cmd.data_length)
-        if offset < 0:
-            return _NOT_PLAIN
-        write = cmd.cdb[0] & 2  # WRITE (10)/(16)
-        nowait = self.nowait
-        assert nowait is not None  # the loop asks only when the backend has these calls
-        views = [cmd.view(*iovs[0])] if one else []  # the file calls take one buffer
-        if one and (nowait.try_write if write else nowait.try_read)(offset, views):
-            views[0].release()
-            self._done.append((cmd, COMPLETED, False))
-            return _PLAIN_DONE
-        # not done at once: on RADOS the loop starts it, on files a worker waits for it
+    def _plain_waits(self, cmd: Command, offset: int) -> None:
+        """A plain READ/WRITE the backend cannot do at once: on RADOS the loop starts it
+        (librados calls back when it ends), on files a worker waits for it."""
         if self.aio is None or not self.backend.waits_on_network:  # type: ignore[attr-defined]
-            _release(views)
-            return _PLAIN_WAITS
-        views = views or cmd.views()
+            self._to_worker(cmd)
+            return
+        views = cmd.views()
         done = functools.partial(self._io_ended, cmd, views)
-        if self.backend.start_io(offset, views, bool(write), done):  # type: ignore[attr-defined]
+        if self.backend.start_io(offset, views, bool(cmd.cdb[0] & 2), done):  # type: ignore[attr-defined]
             self._submitted += 1  # returned when _io_ended's completion is reaped
             self.started += 1
-            return _PLAIN_STARTED
-        _release(views)
-        return _PLAIN_WAITS
+        else:
+            _release(views)
+            self._to_worker(cmd)
+
+    def _one_by_one(self, batch: Sequence[tuple[bool, int, memoryview]]) -> list[bool]:
+        """``try_batch`` for a backend that has only the single calls."""
+        nowait = self.nowait
+        assert nowait is not None  # the loop asks only when the backend has these calls
+        return [(nowait.try_write if w else nowait.try_read)(off, (buf,)) for w, off, buf in batch]
 
     def _try_inline(self, cmd: Command) -> bool:
         try:

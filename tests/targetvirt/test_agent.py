@@ -4,11 +4,15 @@ COMPARE AND WRITE, zeroing and unmapping, flush."""
 from __future__ import annotations
 
 import os
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from targetvirt import agent as agent_module
 from targetvirt import protocol as p
@@ -107,6 +111,75 @@ def test_the_fast_path_tries_a_syscall_only_on_containers_with_a_file(
         calls.clear()
         write(vd, i * SEG, b"c" * 4096)
         assert read(vd, i * SEG, 4096) == b"c" * 4096
+
+
+class CountedLock:
+    """A lock that counts its acquisitions (wraps the vdisk's own)."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+        self.acquired = 0
+
+    def acquire(self, *a: Any) -> bool:
+        self.acquired += 1
+        return bool(self.inner.acquire(*a))
+
+    def release(self) -> None:
+        self.inner.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+transfer = st.tuples(
+    st.booleans(),  # write
+    st.integers(0, 6 * SEG // 512).map(lambda b: b * 512) | st.integers(-600, 6 * SEG + 600),
+    st.sampled_from([4096, 4096, 512, 8192, SEG, 2 * SEG]) | st.integers(1, SEG + 1),
+)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(batch=st.lists(transfer, max_size=12))
+def test_a_batch_does_exactly_the_transfers_the_fast_path_may_do(
+    batch: list[tuple[bool, int, int]],
+) -> None:
+    """``try_batch`` against a byte model: a transfer is done (True, data moved, in batch
+    order) exactly when it lies in one mapped segment of the vdisk and, for a write, a
+    private one; the others touch nothing.  The whole batch takes the lock twice."""
+    with tempfile.TemporaryDirectory() as tmp:
+        c = Cluster(tmp, vdisks={"v": 6 * SEG}, agents=1)
+        try:
+            vd = c.vd(0)
+            model = bytearray(6 * SEG)
+            for i in range(4):  # 0, 1 shared with a snapshot; 2, 3 private; 4, 5 unmapped
+                if i == 2:
+                    c.controller.snapshot("v", "s")
+                model[i * SEG : (i + 1) * SEG] = data_for(i, SEG)
+                write(vd, i * SEG, data_for(i, SEG))
+            items = []
+            for n, (is_write, offset, length) in enumerate(batch):
+                buf = data_for(100 + n, length) if is_write else b"\xee" * length
+                items.append((is_write, offset, memoryview(bytearray(buf))))
+            lock = vd._lock = CountedLock(vd._lock)  # type: ignore[assignment]
+            ok = vd.try_batch(items)
+            want = []
+            for is_write, offset, buf in items:
+                end, seg = offset + buf.nbytes, offset // SEG
+                fast = offset >= 0 and end <= 6 * SEG and (end - 1) // SEG == seg
+                fast = fast and seg in ((2, 3) if is_write else (0, 1, 2, 3))
+                want.append(fast)
+                if is_write and fast:
+                    model[offset:end] = buf
+                elif not is_write:  # what it read then, or untouched
+                    assert bytes(buf) == (model[offset:end] if fast else b"\xee" * buf.nbytes)
+            assert ok == want
+            assert lock.acquired == (2 if any(want) else 1)
+            assert read(vd, 0, 6 * SEG) == bytes(model)
+        finally:
+            c.close()
 
 
 def test_io_needing_nothing_from_the_controller_takes_no_grant(
