@@ -150,6 +150,7 @@ class Device:
         self._work_ready = threading.Semaphore(0)
         # (command, completion, ran in a worker); appended by workers, popped by the loop
         self._done: deque[tuple[Command, Completion, bool]] = deque()
+        self._good: list[int] = []  # ids the loop itself completes GOOD (loop thread only)
         self._wake = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -274,7 +275,10 @@ class Device:
 
     def _reap(self) -> None:
         """Write finished commands into the ring and tell the kernel, once."""
-        n = 0
+        n = len(self._good)
+        if n:
+            self.ring.complete_good(self._good)
+            self._good.clear()
         done = self._done
         while done:
             cmd, comp, from_worker = done.popleft()
@@ -293,11 +297,11 @@ class Device:
         the backend would have to wait for go on by :meth:`_plain_waits`."""
         batch = [(bool(cmd.cdb[0] & 2), offset, cmd.view(*cmd.iovs[0])) for cmd, offset in plain]
         ok = self._try_batch(batch)
-        done = self._done
+        good = self._good
         for (cmd, offset), (_, _, view), moved in zip(plain, batch, ok, strict=True):
             view.release()
             if moved:
-                done.append((cmd, COMPLETED, False))
+                good.append(cmd.cmd_id)
                 self.inline_hits += 1
             else:
                 self._plain_waits(cmd, offset)

@@ -315,6 +315,20 @@ def test_complete_of_unknown_or_completed_id_raises_and_changes_nothing() -> Non
     assert len(emu.notify()) == 2 and emu.broken is None
 
 
+def test_complete_good_stops_at_an_unknown_id_with_the_ones_before_it_published() -> None:
+    emu, ring = fresh()
+    for _ in range(3):
+        emu.submit(TUR)
+    a, b, c = fetch_all(ring)
+    with pytest.raises(RingError, match="command 999: it is not outstanding"):
+        ring.complete_good([b.cmd_id, 999, a.cmd_id])
+    assert ring.outstanding_ids() == [a.cmd_id, c.cmd_id]
+    assert ring.cmd_tail == emu.cmd_tail  # b's response is visible to the kernel
+    assert [d.status for d in emu.notify()] == [GOOD]
+    ring.complete_good([c.cmd_id, a.cmd_id])
+    assert len(emu.notify()) == 2 and emu.broken is None and not emu.commands
+
+
 def test_fail_outstanding_completes_everything_with_busy() -> None:
     emu, ring = fresh()
     for _ in range(5):

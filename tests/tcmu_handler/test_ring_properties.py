@@ -116,6 +116,8 @@ class RingMachine(RuleBasedStateMachine):
     def handler_completes_some(self, data: st.DataObject) -> None:
         order = data.draw(st.permutations(range(len(self.held))))
         count = data.draw(st.integers(1, len(self.held)))
+        together = data.draw(st.booleans())  # GOOD ones through complete_good, at the end
+        good: list[int] = []
         for i in sorted(order[:count], reverse=True):
             cmd, k = self.held.pop(i)
             status = data.draw(st.sampled_from([GOOD, CHECK, BUSY]))
@@ -129,7 +131,12 @@ class RingMachine(RuleBasedStateMachine):
                 view[:] = written[pos : pos + len(view)]
                 pos += len(view)
             self.expected[k.tag] = expected_completion(k, status, sense, read_len, written)
-            self.ring.complete(cmd.cmd_id, status, sense, read_len)
+            if together and status == GOOD and read_len is None:
+                good.append(cmd.cmd_id)
+            else:
+                self.ring.complete(cmd.cmd_id, status, sense, read_len)
+        if good:
+            self.ring.complete_good(good)
 
     @rule()
     def kernel_reaps(self) -> None:
