@@ -203,7 +203,7 @@ class Device:
         poller.register(self.handle.fileno(), select.POLLIN)
         poller.register(self._wake, select.POLLIN)
         self._drain_ring()  # commands queued before we opened raise no event
-        self._reap()  # nor would their inline completions until the first poll timed out
+        self._reap()  # nor would their inline completions: the poll below never times out
         while not self._stopping.is_set():
             # no timeout: stop() wakes us through the eventfd, and a poll with a timeout
             # reads the clock, a system call where the clock source has no vDSO
