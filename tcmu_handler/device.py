@@ -299,20 +299,25 @@ class Device:
         ok = self._try_batch(batch)
         good = self._good
         for (cmd, offset), (_, _, view), moved in zip(plain, batch, ok, strict=True):
-            view.release()
             if moved:
+                view.release()
                 good.append(cmd.cmd_id)
                 self.inline_hits += 1
             else:
-                self._plain_waits(cmd, offset)
+                self._plain_waits(cmd, offset, [view])
 
-    def _plain_waits(self, cmd: Command, offset: int) -> None:
+    def _plain_waits(
+        self, cmd: Command, offset: int, views: list[memoryview] | None = None
+    ) -> None:
         """A plain READ/WRITE the backend cannot do at once: on RADOS the loop starts it
-        (librados calls back when it ends), on files a worker waits for it."""
+        (librados calls back when it ends), on files a worker waits for it.  ``views``:
+        the command's views if already built (this takes them over); otherwise they are
+        built only when librados will take them."""
         if self.aio is None or not self.backend.waits_on_network:  # type: ignore[attr-defined]
+            _release(views or [])
             self._to_worker(cmd)
             return
-        views = cmd.views()
+        views = views or cmd.views()
         done = functools.partial(self._io_ended, cmd, views)
         if self.backend.start_io(offset, views, bool(cmd.cdb[0] & 2), done):  # type: ignore[attr-defined]
             self._submitted += 1  # returned when _io_ended's completion is reaped
