@@ -249,12 +249,11 @@ class AgentVDisk:
         system call where the clock source has no vDSO, as in a TCG guest.)
         """
         ok = [False] * len(batch)
-        may_write = any(write for write, _, _ in batch) and self._now() < self._lease.until
         plan: list[tuple[int, bool, int, int, memoryview]] = []
         lock = self._lock
         with lock:
             g = self._gen & 1
-            self._plan(batch, may_write and self._write_fast, plan)
+            self._plan(batch, plan)
             if not plan:
                 return ok
             self._active[g] += len(plan)  # in flight: a drain waits for them
@@ -275,19 +274,24 @@ class AgentVDisk:
     def _plan(
         self,
         batch: Sequence[tuple[bool, int, memoryview]],
-        writable: bool,
         plan: list[tuple[int, bool, int, int, memoryview]],
     ) -> None:
         """Under the lock: append ``(index, write, fd, file offset, buffer)`` for each
-        transfer of ``batch`` the fast path can do (``writable``: writes may go)."""
+        transfer of ``batch`` the fast path can do."""
         seg, mask, shift, size = self._segment_size, self._mask, self._shift, self.size
         entries, fds, readable = self._entries, self._fds, self._read_open
+        writable: bool | None = None  # known at the first write: reads need no clock
         for i, (write, offset, buf) in enumerate(batch):
             n = buf.nbytes
             intra = offset & mask
             if intra + n > seg or offset < 0 or offset + n > size:
                 continue
-            if not (writable if write else readable):
+            if write:
+                if writable is None:
+                    writable = self._write_fast and self._now() < self._lease.until
+                if not writable:
+                    continue
+            elif not readable:
                 continue
             e = entries[offset >> shift]
             cid = (e >> _CID_SHIFT) & _CID_MASK

@@ -234,19 +234,23 @@ class Device:
 
     def _drain_ring(self) -> None:
         fetched = self.ring.fetch()
-        plain: list[tuple[Command, int]] = []  # (command, offset): one-buffer plain I/O
+        lun, nowait = self.lun, self.nowait
+        plain: list[Command] = []  # one-buffer plain I/O, done together below
+        batch: list[tuple[bool, int, memoryview]] = []  # and their transfers
         for cmd in fetched.commands:
-            opcode = cmd.cdb[0]
-            if opcode in _INLINE_IO and self.nowait is not None:
+            cdb = cmd.cdb
+            opcode = cdb[0]
+            if opcode in _INLINE_IO and nowait is not None:
                 iovs = cmd.iovs
                 one = len(iovs) == 1
-                offset = plain_transfer(self.lun, cmd.cdb, iovs[0][1] if one else cmd.data_length)
+                offset = plain_transfer(lun, cdb, iovs[0][1] if one else cmd.data_length)
                 if offset >= 0 and one:
-                    plain.append((cmd, offset))  # done together below
+                    plain.append(cmd)
+                    batch.append((opcode & 2 != 0, offset, cmd.view(*iovs[0])))
                     continue
                 if plain:  # what the loop does itself, it does in ring order
-                    self._run_plain(plain)
-                    plain = []
+                    self._run_plain(plain, batch)
+                    plain, batch = [], []
                 if offset >= 0:
                     self._plain_waits(cmd, offset)
                     continue
@@ -254,14 +258,14 @@ class Device:
                     self.inline_hits += 1
                     continue
             elif plain:
-                self._run_plain(plain)
-                plain = []
-            if classify(cmd.cdb) is Kind.INLINE:
+                self._run_plain(plain, batch)
+                plain, batch = [], []
+            if classify(cdb) is Kind.INLINE:
                 self._done.append((cmd, self._execute(cmd, self.backend), False))
             elif self.aio is None or opcode not in _INLINE_IO or not self._try_async(cmd):
                 self._to_worker(cmd)
         if plain:
-            self._run_plain(plain)
+            self._run_plain(plain, batch)
         if fetched.broken is not None:
             self.broken = fetched.broken
             log.error("%s: the ring is broken: %s", self.name, fetched.broken)
@@ -290,18 +294,21 @@ class Device:
             self.notifies += 1
             self.handle.notify()
 
-    def _run_plain(self, plain: list[tuple[Command, int]]) -> None:
-        """Plain READs/WRITEs of one buffer each (see :func:`plain_transfer`): move their
-        data with one non-blocking backend call for them all and complete them GOOD,
-        skipping the emulation's dispatch -- the common command in the fewest steps.  Those
-        the backend would have to wait for go on by :meth:`_plain_waits`."""
-        batch = [(bool(cmd.cdb[0] & 2), offset, cmd.view(*cmd.iovs[0])) for cmd, offset in plain]
+    def _run_plain(self, plain: list[Command], batch: list[tuple[bool, int, memoryview]]) -> None:
+        """Plain READs/WRITEs of one buffer each (see :func:`plain_transfer`) and their
+        transfers: move their data with one non-blocking backend call for them all and
+        complete them GOOD, skipping the emulation's dispatch -- the common command in
+        the fewest steps.  Those the backend would have to wait for go on by
+        :meth:`_plain_waits`.  (The views of the others are released when ``batch``
+        goes.)"""
         ok = self._try_batch(batch)
-        good = self._good
-        for (cmd, offset), (_, _, view), moved in zip(plain, batch, ok, strict=True):
+        if False not in ok:  # the everyday case: every one done
+            self._good += [cmd.cmd_id for cmd in plain]
+            self.inline_hits += len(plain)
+            return
+        for cmd, (_, offset, view), moved in zip(plain, batch, ok, strict=True):
             if moved:
-                view.release()
-                good.append(cmd.cmd_id)
+                self._good.append(cmd.cmd_id)
                 self.inline_hits += 1
             else:
                 self._plain_waits(cmd, offset, [view])

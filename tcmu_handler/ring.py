@@ -26,6 +26,7 @@ from __future__ import annotations
 import mmap
 import struct
 from collections import deque
+from collections.abc import Sequence
 from enum import IntEnum
 from typing import Final, NamedTuple
 
@@ -162,6 +163,9 @@ UNBLOCK: Final = RecoveryStep("action/block_dev", "0", "accept commands again")
 # iov_cnt, iov_bidi_cnt, iov_dif_cnt, hole, cdb_off, 16 pad bytes, iov[0]: one unpack
 # for the common command (fields from abi: REQ at +8, IOV at +48).
 _REQ_IOV0: Final = struct.Struct("=III4xQ16xQQ")
+# the entry header and the same: a whole command's fixed part in one unpack
+_CMD_HEAD: Final = struct.Struct("=IHBBIII4xQ16xQQ")
+_CMD_HEAD_SIZE: Final = 64
 
 _iov_structs: dict[int, struct.Struct] = {}
 
@@ -295,19 +299,43 @@ class Ring:
             return Fetched(commands, tmrs, self._break(f"cmd_head {head} is not a slot offset"))
         slots_append = self._slots.append
         hdr_unpack = abi.ENTRY_HDR.unpack_from
+        head_unpack = _CMD_HEAD.unpack_from
+        outstanding = self._outstanding
+        lo, hi = self._data_lo, self._data_hi
         nxt = self._next
         try:
             while nxt != head:
                 ent = base + nxt
-                len_op, cmd_id, _kflags, uflags = hdr_unpack(mv, ent)
-                length = len_op & ~7
-                op = len_op & 7
                 # An entry never wraps and never runs past what the kernel published.
                 limit = (head if head > nxt else size) - nxt
+                if limit < _CMD_HEAD_SIZE:  # a short PAD at the ring end: its header only
+                    len_op, cmd_id, _kflags, uflags = hdr_unpack(mv, ent)
+                    iov_cnt = -1
+                else:  # the ring area past an entry is mapped too, so reading it is safe
+                    len_op, cmd_id, _kflags, uflags, iov_cnt, bidi_cnt, _dif, cdb_off, b0, n0 = (
+                        head_unpack(mv, ent)
+                    )
+                length = len_op & ~7
+                op = len_op & 7
                 if length == 0 or length > limit:
                     raise _Malformed(f"entry at ring offset {nxt} has length {length}")
                 if op == abi.OP_CMD:
-                    commands.append(self._parse_cmd(ent, length, cmd_id))
+                    end = ent + length
+                    if (  # the everyday command, one iovec: parsed here, checks and all
+                        iov_cnt == 1
+                        and not bidi_cnt
+                        and length >= abi.CMD_ENTRY_SIZE
+                        and ent + _CMD_HEAD_SIZE <= cdb_off < end
+                        and cmd_id
+                        and cmd_id not in outstanding
+                        and lo <= b0
+                        and b0 + n0 <= hi
+                    ):
+                        cmd = Command(cmd_id, mv[cdb_off:end].tobytes(), ((b0, n0),), (), mv)
+                        outstanding[cmd_id] = cmd
+                        commands.append(cmd)
+                    else:  # the same checks in full, naming what is wrong
+                        commands.append(self._parse_cmd(ent, length, cmd_id))
                     slots_append(length)
                 elif op == abi.OP_PAD:
                     slots_append(-length)
@@ -430,8 +458,7 @@ class Ring:
                 wire_read_len = min(read_len, _U32_MAX)
             else:
                 self._zero_data_in(cmd, read_len)
-        del self._outstanding[cmd_id]
-        self._post(cmd_id, uflags, status, wire_read_len, sense)
+        self._post((cmd_id,), uflags, status, wire_read_len, sense)
 
     def complete_good(self, cmd_ids: list[int]) -> None:
         """:meth:`complete` with GOOD status, no sense and all data, for several
@@ -439,15 +466,7 @@ class Ring:
         completion without the general one's checks.  An id that is not outstanding
         raises :class:`RingError` after the ids before it were completed (and
         published), the ring still consistent."""
-        outstanding = self._outstanding
-        post = self._post
-        try:
-            for cmd_id in cmd_ids:
-                if outstanding.pop(cmd_id, None) is None:
-                    raise _not_outstanding(cmd_id)
-                post(cmd_id, 0, abi.SAM_STAT_GOOD, 0, b"", publish=False)
-        finally:
-            abi.CMD_TAIL.pack_into(self._mv, abi.CMD_TAIL_OFF, self._tail)
+        self._post(cmd_ids, 0, abi.SAM_STAT_GOOD, 0, b"")
 
     def _zero_data_in(self, cmd: Command, keep: int) -> None:
         """Zero the Data-In bytes past the first ``keep`` (only inside the command's
@@ -463,52 +482,58 @@ class Ring:
 
     def _post(
         self,
-        cmd_id: int,
+        cmd_ids: Sequence[int],
         uflags: int,
         status: int,
         read_len: int,
         sense: bytes,
-        *,
-        publish: bool = True,
     ) -> None:
-        """Write one response into the slot at the tail and move the tail past it (and
-        past PAD/TMR slots behind it); ``publish``: store the tail for the kernel too."""
+        """Write one response for each of ``cmd_ids`` (the same for all) into the slots
+        at the tail, moving the tail past them (and past PAD/TMR slots between them),
+        then publish the tail once.  An id that is not outstanding raises after the
+        ones before it were posted and published."""
+        outstanding = self._outstanding
         slots = self._slots
         size = self._size
-        tail = self._tail
-        # Skip PAD/TMR/unknown slots to the first fetched CMD slot (normally already
-        # done); one must exist, since every outstanding command owns one slot.
-        length = slots.popleft()
-        while length < 0:
-            tail -= length
-            if tail >= size:
-                tail -= size
-            length = slots.popleft()
-        ent = self._base + tail
+        base = self._base
         mv = self._mv
-        abi.HDR_CMD_ID.pack_into(mv, ent + abi.HDR_CMD_ID_OFF, cmd_id)
-        abi.RSP_UFLAGS_STATUS_READ_LEN.pack_into(
-            mv, ent + abi.RSP_UFLAGS_STATUS_READ_LEN_OFF, uflags, status, read_len
-        )
-        if sense or status == abi.SAM_STAT_CHECK_CONDITION:
-            # The kernel passes all 96 bytes on; pad so no request bytes leak out.
-            sense_at = ent + abi.RSP_SENSE_OFF
-            mv[sense_at : sense_at + len(sense)] = sense
-            mv[sense_at + len(sense) : sense_at + abi.SENSE_BUFFERSIZE] = _ZEROS[len(sense) :]
-        tail += length
-        if tail >= size:
-            tail -= size
-        self._tail = tail
-        if slots and slots[0] < 0:
-            self._skip_leading()  # publishes the tail
-        elif publish:
+        pack_id = abi.HDR_CMD_ID.pack_into
+        pack_rsp = abi.RSP_UFLAGS_STATUS_READ_LEN.pack_into
+        # the kernel passes all 96 sense bytes on: pad, so no request bytes leak out
+        check = status == abi.SAM_STAT_CHECK_CONDITION
+        padded = sense + _ZEROS[len(sense) :] if sense or check else b""
+        tail = self._tail
+        try:
+            for cmd_id in cmd_ids:
+                if outstanding.pop(cmd_id, None) is None:
+                    raise _not_outstanding(cmd_id)
+                # Skip PAD/TMR/unknown slots to the first fetched CMD slot (normally
+                # already done); one exists, since every outstanding command owns one.
+                length = slots.popleft()
+                while length < 0:
+                    tail -= length
+                    if tail >= size:
+                        tail -= size
+                    length = slots.popleft()
+                ent = base + tail
+                pack_id(mv, ent + abi.HDR_CMD_ID_OFF, cmd_id)
+                pack_rsp(mv, ent + abi.RSP_UFLAGS_STATUS_READ_LEN_OFF, uflags, status, read_len)
+                if padded:
+                    sense_at = ent + abi.RSP_SENSE_OFF
+                    mv[sense_at : sense_at + abi.SENSE_BUFFERSIZE] = padded
+                tail += length
+                if tail >= size:
+                    tail -= size
+        finally:
+            self._tail = tail
             # Last: the kernel may act on the tail as soon as it sees it.
-            abi.CMD_TAIL.pack_into(mv, abi.CMD_TAIL_OFF, tail)
+            self._skip_leading()
 
     def _skip_leading(self) -> None:
         """Move the tail over fetched PAD/TMR/unknown slots at its front, so their ring
         space (e.g. a PAD at the ring end, a TMR with nothing behind it) is reclaimed
-        at the kernel's next reap instead of waiting for a later completion."""
+        at the kernel's next reap instead of waiting for a later completion.  Publishes
+        the tail."""
         slots = self._slots
         size = self._size
         tail = self._tail

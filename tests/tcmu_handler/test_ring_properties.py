@@ -270,3 +270,78 @@ def test_corrupted_ring_never_escapes_or_writes_outside_its_slots(
     allowed = allowed_changes(snapshot, ring, start, got.commands + again.commands)
     changed = {i for i in range(len(after)) if after[i] != snapshot[i]}
     assert changed <= allowed, sorted(changed - allowed)[:10]
+
+
+# --- the one-iovec command, parsed on the fast path -------------------------------------
+
+
+@settings(max_examples=examples(300), deadline=None)
+@given(
+    # each field mostly right, sometimes out of line, so that about half are valid
+    id_kind=st.sampled_from(["fresh"] * 6 + ["zero", "outstanding"]),
+    length=st.sampled_from([112, 120, 128, 400] * 3 + [64, 104]),
+    cdb_at=st.one_of(st.just(112), st.just(64), st.integers(-16, 136)),
+    iov_cnt=st.sampled_from([1] * 6 + [0, 2]),
+    bidi=st.sampled_from([0] * 6 + [1]),
+    base_delta=st.one_of(st.just(0), st.integers(-24, 24)),
+    base_at=st.sampled_from(["lo", "hi"]),
+    iov_len=st.sampled_from([0, 8, 512, 4096]),
+)
+def test_one_iovec_commands_follow_the_abi_rules(
+    id_kind: str,
+    length: int,
+    cdb_at: int,
+    iov_cnt: int,
+    bidi: int,
+    base_delta: int,
+    base_at: str,
+    iov_len: int,
+) -> None:
+    """A command entry built byte by byte with one field or another out of line: the
+    ring takes it (id, CDB, iovec as written) exactly when the ABI's rules hold, and
+    otherwise reports the ring broken without taking it.  The everyday one-iovec command
+    has a parser of its own (:meth:`Ring.fetch`); this holds it to the same rules as
+    every other entry."""
+    emu = KernelEmulator(cmdr_size=4096 - 128, data_blocks=64)
+    ring = Ring(emu.buf)
+    held = emu.submit(bytes(6))  # a TEST UNIT READY left outstanding
+    assert held is not None
+    (first,) = ring.fetch().commands
+    lo, hi = ring.data_area
+    base = (lo if base_at == "lo" else hi - iov_len) + base_delta
+    cmd_id = {"fresh": first.cmd_id + 1, "zero": 0, "outstanding": first.cmd_id}[id_kind]
+    cdb = bytes.fromhex("28000000000000000800") + bytes(6)
+
+    def build(ent: int) -> bytes:
+        raw = bytearray(max(length, 128))
+        struct.pack_into("=IHBB", raw, 0, length | abi.OP_CMD, cmd_id, 0, 0)
+        struct.pack_into("=IIIxxxxQ", raw, 8, iov_cnt, bidi, 0, ent + cdb_at)
+        struct.pack_into("=QQ", raw, 48, base % 2**64, iov_len)
+        raw[112:128] = cdb
+        return bytes(raw[:length])
+
+    ent = 128 + emu.inject(length, build)
+    got = ring.fetch()
+    count = iov_cnt + bidi
+    valid = (
+        length >= 112
+        and cmd_id != 0
+        and id_kind != "outstanding"
+        and 48 + 16 * count <= length
+        and 48 + 16 * count <= cdb_at < length
+        and (count == 0 or (lo <= base and base + iov_len <= hi))
+        and count <= 1  # a second iovec is zeros: offset 0, outside the data area
+    )
+    event("taken" if valid else "refused")
+    if not valid:
+        assert got.broken is not None and got.commands == []
+        return
+    assert got.broken is None, got.broken
+    (cmd,) = got.commands
+    assert cmd.cmd_id == cmd_id
+    assert cmd.cdb == bytes(emu.buf[ent + cdb_at : ent + length])
+    iovs = ((base, iov_len),) if count else ()
+    assert (cmd.iovs, cmd.bidi_iovs) == ((iovs, ()) if not bidi else ((), iovs))
+    ring.complete(cmd.cmd_id, abi.SAM_STAT_GOOD)
+    ring.complete(first.cmd_id, abi.SAM_STAT_GOOD)
+    assert ring.outstanding == 0 and ring.cmd_tail == ring.fetch_cursor
