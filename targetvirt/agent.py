@@ -245,8 +245,9 @@ class AgentVDisk:
 
         The lookups share one hold of the lock and the transfers one in-flight count, so
         a batch takes the lock twice instead of each transfer twice, and reads the clock
-        once for the lease.  (On Python 3.11 every lock acquisition reads the clock, a
-        system call where the clock source has no vDSO, as in a TCG guest.)
+        for the lease once, at its first write (a batch of reads reads none).  (On
+        Python 3.11 every lock acquisition reads the clock, a system call where the
+        clock source has no vDSO, as in a TCG guest.)
         """
         ok = [False] * len(batch)
         plan: list[tuple[int, bool, int, int, memoryview]] = []

@@ -165,7 +165,7 @@ UNBLOCK: Final = RecoveryStep("action/block_dev", "0", "accept commands again")
 _REQ_IOV0: Final = struct.Struct("=III4xQ16xQQ")
 # the entry header and the same: a whole command's fixed part in one unpack
 _CMD_HEAD: Final = struct.Struct("=IHBBIII4xQ16xQQ")
-_CMD_HEAD_SIZE: Final = 64
+_CMD_HEAD_SIZE: Final = _CMD_HEAD.size  # 64: iov[0] ends there
 
 _iov_structs: dict[int, struct.Struct] = {}
 
