@@ -42,7 +42,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.ceph_lun import bench_lun
+from bench import cputime
+from bench.ceph_lun import CPU, bench_lun
 from bench.notify import p99, round_trips
 from bench.report import Row, print_json, print_table
 from targetvirt.catalog import Catalog
@@ -149,8 +150,14 @@ def main() -> None:
     parser.add_argument(
         "--workers", type=int, default=16, help="the handler's --network-workers (--lun)"
     )
+    parser.add_argument(
+        "--cpu", action="store_true",
+        help="with --lun: also show CPU time per operation by process and thread, each side",
+    )  # fmt: skip
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
+    if args.cpu and not args.lun:
+        parser.error("--cpu needs --lun")
     with cluster_location(args) as (location, client):
         rows = (bench_lun if args.lun else bench)(location, client, args)
         if args.agents > 0:
@@ -167,6 +174,10 @@ def main() -> None:
             "notify_rtt_p99_ms": rtt[1].value if rtt[1] else None,
             "through": "LUN (tcm_loop, fio)" if args.lun else "vdisk API",
             "rows": [r.__dict__ for r in rows],
+            **({"cpu_us_per_op": {
+                row: {side: cputime.as_json(t.per_op()) for side, t in sides.items()}
+                for row, sides in CPU.items()
+            }} if CPU else {}),
         })  # fmt: skip
     else:
         print_table(
@@ -174,6 +185,9 @@ def main() -> None:
             f"(qd {args.qd}, 1 MiB objects, same run, same cluster)",
             rows,
         )
+        for row, sides in CPU.items():
+            columns = {side: t.per_op() for side, t in sides.items()}
+            print(f"\nCPU per operation, {row}:\n{cputime.render(columns)}")
 
 
 def bench(location: str, client: Any, args: argparse.Namespace) -> list[Row]:

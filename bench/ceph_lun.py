@@ -15,6 +15,7 @@ Needs LIO (configfs, tcm_loop, target_core_user): run it in the guest::
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import shutil
 import subprocess
@@ -23,6 +24,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from bench import cputime
 from bench.common import FioJob, run_fio
 from bench.report import Row
 
@@ -38,17 +40,34 @@ def best_rates(
     sync: Callable[[int], None],
     qd: int,
     rounds: int,
+    cpu: dict[str, cputime.Tally] | None = None,
 ) -> tuple[float, float, str]:
-    """(our best rate, direct librados's best rate in operations/s, how), interleaved."""
+    """(our best rate, direct librados's best rate in operations/s, how), interleaved.
+    With ``cpu`` (``--cpu``), each side's CPU per operation is added to ``cpu[side]``."""
     from bench.ceph import run_aio, run_threads  # noqa: PLC0415 - bench.ceph imports us
+
+    def tally(side: str) -> cputime.Tally | None:
+        return None if cpu is None else cpu.setdefault(side, cputime.Tally())
 
     r_ours, t_aio, t_sync = [], [], []
     for _ in range(rounds):
-        r_ours.append(ours())
-        t_aio.append(run_aio(qd, n, aio))
-        t_sync.append(run_threads(qd, n, sync))
+        r_ours.append(cputime.run_counted(tally("LUN"), LABELS, ours, lambda r, s: r * s))
+        t_aio.append(
+            cputime.run_counted(
+                tally("librados aio"), LABELS, lambda: run_aio(qd, n, aio), lambda _r, _s: n
+            )
+        )
+        t_sync.append(cputime.run_counted(
+            tally(f"librados {qd} threads"), LABELS, lambda: run_threads(qd, n, sync),
+            lambda _r, _s: n))  # fmt: skip
     direct, how = min((min(t_aio), "aio"), (min(t_sync), f"{qd} threads"))
     return max(r_ours), n / direct, how
+
+
+#: with --cpu: per row, per side, CPU per operation over the rounds
+CPU: dict[str, dict[str, cputime.Tally]] = {}
+#: pid -> name in the --cpu tables (the handler and this process both run as "python")
+LABELS: dict[int, str] = {os.getpid(): "bench"}
 
 
 class Lun:
@@ -67,6 +86,8 @@ class Lun:
         finally:
             cat.close()
         self.handler.start("--no-dbus", "--network-workers", str(workers), timeout=300)
+        if self.handler.proc is not None:
+            LABELS[self.handler.proc.pid] = "targetvirt-handler"
         create_lun(SO_NAME, "v", size)
         self.dev = str(lio.export_loopback(SO_NAME)["dev"])
 
@@ -128,12 +149,12 @@ def sequential(dev: str, ioctx: Any, args: argparse.Namespace, nseg: int) -> lis
          lambda i, cb: ioctx.aio_read(names[i], MiB, 0, cb),
          lambda i: ioctx.read(names[i], MiB, 0)),
     ):  # fmt: skip
-        job = FioJob(f"seq{name}", rw, "1M", qd, "mib_s")
+        job, row = FioJob(f"seq{name}", rw, "1M", qd, "mib_s"), f"1 MiB sequential {name}"
         ours, direct, how = best_rates(
             lambda job=job: fio_rate(dev, job, runtime, nseg * MiB),  # type: ignore[misc]
-            nseg, aio, sync, qd, args.io_rounds,
+            nseg, aio, sync, qd, args.io_rounds, CPU.setdefault(row, {}) if args.cpu else None,
         )  # fmt: skip
-        rows.append(Row(f"1 MiB sequential {name}", ours, "MiB/s",
+        rows.append(Row(row, ours, "MiB/s",
                         f"librados {name} ({how})", direct, ours / direct, ">= 0.7"))  # fmt: skip
     return rows
 
@@ -153,11 +174,11 @@ def rand(dev: str, ioctx: Any, args: argparse.Namespace, nseg: int) -> list[Row]
          lambda i, cb: ioctx.aio_read(objs[i], KiB4, offsets[i] % MiB, cb),
          lambda i: ioctx.read(objs[i], KiB4, offsets[i] % MiB)),
     ):  # fmt: skip
-        job = FioJob(rw, rw, "4k", qd, "iops")
+        job, row = FioJob(rw, rw, "4k", qd, "iops"), f"4 KiB random {name}"
         ours, direct, how = best_rates(
             lambda job=job: fio_rate(dev, job, runtime, nseg * MiB),  # type: ignore[misc]
-            ops, aio, sync, qd, args.io_rounds,
+            ops, aio, sync, qd, args.io_rounds, CPU.setdefault(row, {}) if args.cpu else None,
         )  # fmt: skip
-        rows.append(Row(f"4 KiB random {name}", ours, "IOPS", f"librados {name} ({how})",
+        rows.append(Row(row, ours, "IOPS", f"librados {name} ({how})",
                         direct, ours / direct, ">= 0.5"))  # fmt: skip
     return rows

@@ -18,12 +18,19 @@ The table shows IOPS and MiB/s and the ratios of each contender to fileio and to
 
 Absolute numbers from a TCG guest are an order of magnitude below real hardware: compare
 only ratios from the same run.
+
+``--cpu`` adds, per job, where the CPU went per operation in each contender's runs: every
+thread's CPU time (bench/cputime.py) summed by process and thread name, the kernel's
+kworkers as one group, over all rounds.  Operations are estimated as fio's IOPS times the
+wall time between the two readings (fio's start and ramp included), the same way for
+every contender.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import os
 import shutil
 import subprocess
@@ -34,6 +41,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench import cputime
 from bench.common import MIB, FioJob, FioResult, NotAvailable, dumps, fmt, run_fio, table
 from tests.vm import lio
 from tests.vm.stack import QCOW_CREATE_OPTS
@@ -66,6 +74,7 @@ class Ctx:
     size: int
     cleanups: list[Callable[[], None]] = field(default_factory=list)
     log: Callable[[str], None] = print
+    labels: dict[int, str] = field(default_factory=dict)  # pid -> name in --cpu tables
 
     def cleanup(self) -> None:
         while self.cleanups:
@@ -110,6 +119,8 @@ def contender_targetvirt(ctx: Ctx, name: str) -> None:
     handler = Handler(ctx.dir / f"{name}-tv")
     handler.provision(name, ctx.size, pool_bytes=ctx.size + (64 << 20))
     handler.start()
+    if handler.proc is not None:  # it runs as "python": name it in --cpu tables
+        ctx.labels[handler.proc.pid] = "targetvirt-handler"
     ctx.cleanups.append(lambda: shutil.rmtree(handler.dir, ignore_errors=True))
     ctx.cleanups.append(lambda: ctx.log(f"targetvirt-handler exited {handler.stop()}"))
     create_lun(name, name, ctx.size)
@@ -235,17 +246,24 @@ def measure_all(
     why: dict[str, str] = {}
     with contextlib.ExitStack() as stack:
         devs: dict[str, str] = {}
+        labels = {os.getpid(): "bench"}  # pid -> name in --cpu tables
         for name in names:
+            ctx = Ctx(dir=args.dir, size=args.size, log=log)
             try:
-                devs[name] = prepare(name, args, Ctx(dir=args.dir, size=args.size, log=log), stack)
+                devs[name] = prepare(name, args, ctx, stack)
             except NotAvailable as e:
                 raw[name], why[name] = None, str(e)
                 log(f"{name}: not available: {e}")
+            labels.update(ctx.labels)
         runs: dict[str, dict[str, list[FioResult]]] = {n: {} for n in devs}
         for job in JOBS:
             for r in range(args.rounds):
                 for name, dev in devs.items():
-                    res = run_fio(dev, job, runtime=args.runtime, ramp=args.ramp)
+                    tally = None
+                    if args.cpu:
+                        tally = CPU.setdefault(job.name, {}).setdefault(name, cputime.Tally())
+                    run = functools.partial(run_fio, dev, job, runtime=args.runtime, ramp=args.ramp)
+                    res = cputime.run_counted(tally, labels, run, lambda r, sec: r.iops * sec)
                     runs[name].setdefault(job.name, []).append(res)
                     log(f"{name}: {job.name} round {r + 1}: {res.iops:,.0f} IOPS "
                         f"{res.mib_s:,.1f} MiB/s")  # fmt: skip
@@ -259,6 +277,8 @@ def measure_all(
 
 #: every round's result, per contender and job (filled by measure_all)
 ROUNDS: dict[str, dict[str, list[FioResult]]] = {}
+#: with --cpu: per job, per contender, CPU time per operation over the rounds
+CPU: dict[str, dict[str, cputime.Tally]] = {}
 
 
 def round_ratio(a: str, b: str, job: FioJob) -> float | None:
@@ -352,6 +372,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--contenders", default=",".join(CONTENDERS),
                     help=f"comma-separated subset of {','.join(CONTENDERS)}")  # fmt: skip
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--cpu", action="store_true",
+                    help="also show CPU time per operation by process and thread")  # fmt: skip
     args = ap.parse_args(argv)
 
     if os.geteuid() != 0 or not Path("/sys/kernel/config/target").is_dir():
@@ -371,10 +393,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.lun: {msg}", file=sys.stderr, flush=True)
 
     raw, why = measure_all(names, args, log)
+    cpu = {job: {name: t.per_op() for name, t in tallies.items()} for job, tallies in CPU.items()}
     if args.json:
-        print(dumps(report(raw, why, args)))
+        data = report(raw, why, args)
+        if cpu:
+            data["cpu_us_per_op"] = {
+                job: {name: cputime.as_json(costs) for name, costs in cols.items()}
+                for job, cols in cpu.items()
+            }
+        print(dumps(data))
     else:
         print(render(raw, why))
+        for job, columns in cpu.items():
+            print(f"\nCPU per operation, {job}:\n{cputime.render(columns)}")
     return 0
 
 

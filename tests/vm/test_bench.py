@@ -14,7 +14,7 @@ from tests.vm.guest import Guest
 def test_bench_lun_smoke(guest: Guest, results_dir: Path) -> None:
     res = guest.module(
         "bench.lun", "--runtime", "2", "--ramp", "0", "--rounds", "1", "--size", "32M", "--json",
-        timeout=900,
+        "--cpu", timeout=900,
     )  # fmt: skip
     (results_dir / "bench-lun.json").write_text(res.stdout)
     (results_dir / "bench-lun.log").write_text(res.stderr)
@@ -33,6 +33,12 @@ def test_bench_lun_smoke(guest: Guest, results_dir: Path) -> None:
         raw = data["raw"][contender]
         assert raw is not None
         assert all(raw[job]["iops"] > 0 for job in ("randread", "randwrite", "seqread", "seqwrite"))
+    # --cpu: each contender's CPU per operation, the handlers' own threads named
+    cpu = data["cpu_us_per_op"]["randwrite"]
+    assert any(
+        g.startswith("targetvirt-handler / ") and us > 0 for g, us in cpu["targetvirt"].items()
+    )
+    assert any(g.startswith("tcmu-runner / ") and us > 0 for g, us in cpu["qcow"].items())
 
 
 @pytest.mark.vm
