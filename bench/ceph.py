@@ -167,27 +167,25 @@ def main() -> None:
         rtt = by.get("command round trip, median"), by.get("command round trip, p99")
         seq = min(by["1 MiB sequential write"].ratio or 0, by["1 MiB sequential read"].ratio or 0)
         rand = min(by["4 KiB random write"].ratio or 0, by["4 KiB random read"].ratio or 0)
-        print_json({
+        figures: dict[str, object] = {
             "seq_vs_librados": seq,
             "rand_vs_librados": rand,
             "notify_rtt_median_ms": rtt[0].value if rtt[0] else None,
             "notify_rtt_p99_ms": rtt[1].value if rtt[1] else None,
             "through": "LUN (tcm_loop, fio)" if args.lun else "vdisk API",
             "rows": [r.__dict__ for r in rows],
-            **({"cpu_us_per_op": {
-                row: {side: cputime.as_json(t.per_op()) for side, t in sides.items()}
-                for row, sides in CPU.items()
-            }} if CPU else {}),
-        })  # fmt: skip
+        }  # fmt: skip
+        if CPU:
+            figures["cpu_us_per_op"] = cputime.to_json(CPU)
+        print_json(figures)
     else:
         print_table(
             f"targetvirt on Ceph: {'LUN' if args.lun else 'vdisk'} vs direct librados "
             f"(qd {args.qd}, 1 MiB objects, same run, same cluster)",
             rows,
         )
-        for row, sides in CPU.items():
-            columns = {side: t.per_op() for side, t in sides.items()}
-            print(f"\nCPU per operation, {row}:\n{cputime.render(columns)}")
+        if CPU:
+            print(cputime.tables(CPU))
 
 
 def bench(location: str, client: Any, args: argparse.Namespace) -> list[Row]:

@@ -46,20 +46,18 @@ def best_rates(
     With ``cpu`` (``--cpu``), each side's CPU per operation is added to ``cpu[side]``."""
     from bench.ceph import run_aio, run_threads  # noqa: PLC0415 - bench.ceph imports us
 
-    def tally(side: str) -> cputime.Tally | None:
-        return None if cpu is None else cpu.setdefault(side, cputime.Tally())
+    def counted(side: str, run: Callable[[], float], ops: Callable[[float, float], float]) -> float:
+        tally = None if cpu is None else cpu.setdefault(side, cputime.Tally())
+        return cputime.run_counted(tally, LABELS, run, ops)
+
+    def n_ops(_seconds: float, _elapsed: float) -> float:
+        return n
 
     r_ours, t_aio, t_sync = [], [], []
     for _ in range(rounds):
-        r_ours.append(cputime.run_counted(tally("LUN"), LABELS, ours, lambda r, s: r * s))
-        t_aio.append(
-            cputime.run_counted(
-                tally("librados aio"), LABELS, lambda: run_aio(qd, n, aio), lambda _r, _s: n
-            )
-        )
-        t_sync.append(cputime.run_counted(
-            tally(f"librados {qd} threads"), LABELS, lambda: run_threads(qd, n, sync),
-            lambda _r, _s: n))  # fmt: skip
+        r_ours.append(counted("LUN", ours, lambda rate, elapsed: rate * elapsed))
+        t_aio.append(counted("librados aio", lambda: run_aio(qd, n, aio), n_ops))
+        t_sync.append(counted(f"librados {qd} threads", lambda: run_threads(qd, n, sync), n_ops))
     direct, how = min((min(t_aio), "aio"), (min(t_sync), f"{qd} threads"))
     return max(r_ours), n / direct, how
 

@@ -151,9 +151,22 @@ def total(costs: Mapping[tuple[str, str], float]) -> float:
     return sum(costs.values())
 
 
-def as_json(costs: Mapping[tuple[str, str], float]) -> dict[str, float]:
-    """``{"process / thread": µs}``, rounded to 0.1 µs."""
-    return {_name(g): round(us, 1) for g, us in costs.items()}
+def to_json(tallies: Mapping[str, Mapping[str, Tally]]) -> dict[str, dict[str, dict[str, float]]]:
+    """``{kind: {side: {"process / thread": µs per operation}}}``, rounded to 0.1 µs, for
+    tallies kept per kind of run (a job, a row) and per side (a contender)."""
+    return {
+        kind: {side: {_name(g): round(us, 1) for g, us in t.per_op().items()}
+               for side, t in sides.items()}
+        for kind, sides in tallies.items()
+    }  # fmt: skip
+
+
+def tables(tallies: Mapping[str, Mapping[str, Tally]]) -> str:
+    """:func:`render` for each kind of run, one column per side."""
+    return "\n".join(
+        f"\nCPU per operation, {kind}:\n{render({s: t.per_op() for s, t in sides.items()})}"
+        for kind, sides in tallies.items()
+    )
 
 
 def _name(group: tuple[str, str]) -> str:

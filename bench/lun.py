@@ -393,19 +393,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench.lun: {msg}", file=sys.stderr, flush=True)
 
     raw, why = measure_all(names, args, log)
-    cpu = {job: {name: t.per_op() for name, t in tallies.items()} for job, tallies in CPU.items()}
     if args.json:
         data = report(raw, why, args)
-        if cpu:
-            data["cpu_us_per_op"] = {
-                job: {name: cputime.as_json(costs) for name, costs in cols.items()}
-                for job, cols in cpu.items()
-            }
+        if CPU:
+            data["cpu_us_per_op"] = cputime.to_json(CPU)
         print(dumps(data))
     else:
         print(render(raw, why))
-        for job, columns in cpu.items():
-            print(f"\nCPU per operation, {job}:\n{cputime.render(columns)}")
+        if CPU:
+            print(cputime.tables(CPU))
     return 0
 
 

@@ -149,7 +149,13 @@ def test_render_shows_the_largest_groups_of_any_column_and_each_total() -> None:
     assert lines[3].split() == ["targetvirt-handler", "/", "python", "0", "540"]
     assert lines[4].split() == ["total", "(all", "threads)", "750", "1,684"]
     assert len(lines) == 5  # top=2: tcmu-runner (300) is left out, but counts in the total
-    assert cputime.as_json({("a", "b"): 1.26, ("k", "k"): 2.0}) == {"a / b": 1.3, "k": 2.0}
+    tally = Tally()
+    tally.add({("a", "b"): 1.26, ("k", "k"): 2.0}, 1)
+    tallies = {"randwrite": {"targetvirt": tally}}
+    assert cputime.to_json(tallies) == {"randwrite": {"targetvirt": {"k": 2.0, "a / b": 1.3}}}
+    assert cputime.tables(tallies).splitlines()[:3] == [
+        "", "CPU per operation, randwrite:", "CPU µs per operation  targetvirt"
+    ]  # fmt: skip
 
 
 def test_the_real_proc_shows_this_threads_cpu_time_growing() -> None:
