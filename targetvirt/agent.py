@@ -81,6 +81,7 @@ from targetvirt.errors import (
     TargetvirtError,
     lba_out_of_range,
 )
+from targetvirt.threads import name_this_thread
 from targetvirt.transport import ControllerLink
 from targetvirt.vdisk import Cursor, check_synced
 
@@ -1392,6 +1393,7 @@ class Agent:
             self._keeper.start()
 
     def _keep(self) -> None:
+        name_this_thread("tv-lease")
         while not self._closed:
             with self._keeper_cond:
                 interval = self.lease_seconds / 3 if self.lease_seconds else 1.0

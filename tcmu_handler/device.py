@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from targetvirt.threads import name_this_thread
 from tcmu_handler import abi
 from tcmu_handler.ring import Command, Ring
 from tcmu_handler.scsi import sense
@@ -199,6 +200,7 @@ class Device:
     # --- the loop ------------------------------------------------------------------------
 
     def _run(self) -> None:
+        name_this_thread("tv-ring")
         poller = select.poll()
         poller.register(self.handle.fileno(), select.POLLIN)
         poller.register(self._wake, select.POLLIN)
@@ -389,6 +391,7 @@ class Device:
                 _release(data_in)
 
     def _worker(self) -> None:
+        name_this_thread("tv-io")
         while True:
             self._work_ready.acquire()
             cmd = self._work.popleft()

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from targetvirt.clock import Clock, MonotonicClock
 from targetvirt.errors import TargetvirtError
+from targetvirt.threads import name_this_thread
 from tcmu_handler import alua, config, netlink, uio
 from tcmu_handler.device import Device
 from tcmu_handler.modestate import ModeStore
@@ -239,6 +240,7 @@ class TcmuService:
     # --- netlink -------------------------------------------------------------------------
 
     def _events(self) -> None:
+        name_this_thread("tv-netlink")
         assert self._channel is not None
         poller = select.poll()
         poller.register(self._channel.fileno(), select.POLLIN)

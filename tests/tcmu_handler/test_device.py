@@ -137,6 +137,26 @@ def test_random_reads_and_writes_complete_with_the_right_data() -> None:
     assert not uio.kernel.commands  # everything fetched was completed
 
 
+def test_the_loop_and_its_workers_carry_kernel_names_while_they_run() -> None:
+    """So that ``top -H`` and ``bench --cpu`` tell the ring loop from the workers."""
+    device, _ = make_device(RamBackend(64 * BLOCK), 64)
+    device.start()
+    want = ["tv-io", "tv-io", "tv-io", "tv-ring"]
+    deadline = time.monotonic() + 10
+    try:
+        while True:  # each thread names itself once it runs
+            names = sorted(
+                Path(f"/proc/self/task/{t.native_id}/comm").read_text().strip()
+                for t in device._threads
+            )
+            if names == want or time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+    finally:
+        device.stop()
+    assert names == want
+
+
 def test_errors_come_back_as_check_condition_with_sense() -> None:
     device, uio = make_device(RamBackend(64 * BLOCK), 64)
     device.start()
