@@ -204,8 +204,9 @@ class Device:
         poller = select.poll()
         poller.register(self.handle.fileno(), select.POLLIN)
         poller.register(self._wake, select.POLLIN)
-        self._drain_ring()  # commands queued before we opened raise no event
-        self._reap()  # nor would their inline completions: the poll below never times out
+        # commands queued before we opened raise no event, nor would their inline
+        # completions: the poll below never times out
+        self.serve_ready()
         while not self._stopping.is_set():
             # no timeout: stop() wakes us through the eventfd, and a poll with a timeout
             # reads the clock, a system call where the clock source has no vDSO
@@ -216,13 +217,20 @@ class Device:
                         os.eventfd_read(self._wake)
                 elif not self._take_event():
                     self._stopping.set()  # the kernel removed the device
-            if self.broken is None:
-                self._drain_ring()
-            self._reap()
+            self.serve_ready()
         # stopping: wait for what the workers hold, so every fetched command completes
         while self._submitted != self._returned or self._done:
             poller.poll(100)
             self._reap()
+
+    def serve_ready(self) -> None:
+        """One turn of the loop's work, without waiting: fetch every ready command and
+        do or start it, then complete what has finished and tell the kernel once.  The
+        loop thread's; ``bench.ringloop`` calls it directly, with no threads started, to
+        time the loop's own work."""
+        if self.broken is None:
+            self._drain_ring()
+        self._reap()
 
     def _take_event(self) -> bool:
         """Consume the uio event; False once the device is gone (uio answers EIO as soon
