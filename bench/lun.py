@@ -22,9 +22,9 @@ only ratios from the same run.
 ``--cpu`` adds, per job, where the CPU went per operation in each contender's runs: every
 thread's CPU time (bench/cputime.py) summed by process and thread name, the kernel's
 kworkers as one group, over all rounds, each cell with its system time (the part spent in
-the kernel) beside it.  Operations are estimated as fio's IOPS times the
-wall time between the two readings (fio's start and ramp included), the same way for
-every contender.
+the kernel) beside it.  Operations are estimated as fio's IOPS times the wall time
+between the two readings (fio's start and ramp included), the same way for every
+contender.
 """
 
 from __future__ import annotations
